@@ -1,0 +1,1 @@
+"""hps node agent: the data plane (cache, tiers, lookup path, gRPC server, loader, updates, client)."""

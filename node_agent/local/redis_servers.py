@@ -1,0 +1,200 @@
+"""Starts and stops real ``redis-server`` processes on free loopback ports: one standalone server, or a
+Redis Cluster of several masters. Used by ``hps local up`` and by the tests' fixtures alike."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from node_agent.errors import UnavailableError
+
+_START_TIMEOUT_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the kernel's pick; racy, so callers retry on EADDRINUSE)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise UnavailableError(
+            "redis-server is not installed; run scripts/setup.sh (it installs the OS package redis-server)"
+        )
+    return path
+
+
+@dataclass
+class RedisProcess:
+    """One ``redis-server`` we started; ``stop()`` ends it (SIGKILL with ``hard=True``)."""
+
+    host: str
+    port: int
+    workdir: Path
+    password: str | None
+    pid: int
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=5)
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        return self.process is None or self.process.poll() is None
+
+    def stop(self, *, hard: bool = False, timeout: float = 10.0) -> None:
+        """Ends the server and waits for it; ``hard`` kills it like a crash would (no save)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL if hard else signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            if self.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=0.05)
+            else:
+                time.sleep(0.05)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def start_redis(
+    workdir: str | Path,
+    *,
+    port: int | None = None,
+    password: str | None = None,
+    cluster: bool = False,
+    maxmemory: str | None = None,
+    host: str = "127.0.0.1",
+    detach: bool = False,
+) -> RedisProcess:
+    """Starts ``redis-server`` bound to ``host`` and waits until it answers PING.
+
+    ``detach`` puts it in its own session so it outlives the caller (``hps local up`` returns while
+    the stack keeps running); otherwise it is the caller's child. Persistence is off: the volatile
+    tier is a cache of the persistent one.
+    """
+    binary = redis_server_binary()
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    last_error = ""
+    for _ in range(5):
+        chosen = port or free_port(host)
+        args = [
+            binary, "--bind", host, "--port", str(chosen), "--dir", str(wd),
+            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--logfile", str(wd / f"redis-{chosen}.log"), "--daemonize", "no",
+        ]  # fmt: skip
+        if password:
+            args += ["--requirepass", password, "--masterauth", password]
+        if cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(wd / f"nodes-{chosen}.conf"),
+                     "--cluster-node-timeout", "2000"]  # fmt: skip
+        if maxmemory:
+            args += ["--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=detach,
+        )  # fmt: skip
+        server = RedisProcess(host, chosen, wd, password, proc.pid, proc)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                if server.client().ping():
+                    return server
+            except redis.RedisError as exc:
+                last_error = str(exc)
+            time.sleep(0.02)
+        server.stop(hard=True)
+        log = wd / f"redis-{chosen}.log"
+        last_error = log.read_text()[-500:] if log.exists() else last_error
+        if port is not None:
+            break
+    raise UnavailableError(f"redis-server did not start in {wd}: {last_error.strip()}")
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of ``len(nodes)`` masters covering all 16384 hash slots."""
+
+    nodes: list[RedisProcess]
+    password: str | None
+
+    @property
+    def addresses(self) -> list[str]:
+        return [n.address for n in self.nodes]
+
+    def client(self) -> redis.RedisCluster:
+        first = self.nodes[0]
+        return redis.RedisCluster(host=first.host, port=first.port, password=self.password, socket_timeout=5)
+
+    def stop(self, *, hard: bool = False) -> None:
+        for node in self.nodes:
+            node.stop(hard=hard)
+
+
+def start_cluster(
+    workdir: str | Path,
+    *,
+    masters: int = 3,
+    password: str | None = None,
+    host: str = "127.0.0.1",
+    detach: bool = False,
+) -> RedisCluster:
+    """Starts ``masters`` cluster-enabled servers, splits the slots evenly with ``CLUSTER ADDSLOTSRANGE``,
+    joins them with ``CLUSTER MEET`` and waits for ``cluster_state:ok`` on every node."""
+    if masters < 1:
+        raise ValueError("a Redis Cluster needs at least one master")
+    wd = Path(workdir)
+    nodes: list[RedisProcess] = []
+    try:
+        for i in range(masters):
+            nodes.append(
+                start_redis(wd / f"node-{i}", password=password, cluster=True, host=host, detach=detach)
+            )
+        clients = [n.client() for n in nodes]
+        per = 16384 // masters
+        for i, c in enumerate(clients):
+            lo = i * per
+            hi = 16383 if i == masters - 1 else (i + 1) * per - 1
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+        for c in clients[1:]:
+            c.execute_command("CLUSTER", "MEET", nodes[0].host, nodes[0].port)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [c.execute_command("CLUSTER", "INFO") for c in clients]
+            texts = [s.decode() if isinstance(s, bytes) else str(s) for s in states]
+            if all("cluster_state:ok" in t and f"cluster_known_nodes:{masters}" in t for t in texts):
+                return RedisCluster(nodes, password)
+            time.sleep(0.05)
+        raise UnavailableError(f"Redis Cluster of {masters} nodes in {wd} did not reach cluster_state:ok")
+    except BaseException:
+        for n in nodes:
+            n.stop(hard=True)
+        raise

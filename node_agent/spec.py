@@ -1,0 +1,439 @@
+"""Parses and validates an ``EmbeddingModel`` (a manifest dict or a YAML file) into typed, frozen specs.
+
+Pure: no I/O beyond :func:`load_model_file`. Every rejection is an :class:`InvalidSpecError` naming
+the field path (``spec.tables[2].dim``), so the operator can put it in a ``Ready=False`` condition
+and the CLI can print it in one line. Field names follow DESIGN.md's contract (camelCase in YAML).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from node_agent.errors import InvalidSpecError
+
+API_GROUP = "hps.dev"
+API_VERSION = "v1alpha1"
+KIND = "EmbeddingModel"
+
+DTYPES: dict[str, int] = {"float32": 4, "float16": 2}
+CACHE_POLICIES = ("lru", "lfu")
+PLACEMENT_STRATEGIES = ("auto", "replicate", "table", "row")
+VOLATILE_TYPES = ("redis", "hashmap", "none")
+PERSISTENT_TYPES = ("rocksdb", "none")
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_QUANTITY_FACTORS = {
+    None: 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def parse_quantity(value: str | int | float, *, field: str) -> int:
+    """Kubernetes resource quantity (``16Gi``, ``500M``, ``1024``) → bytes."""
+    if isinstance(value, bool):
+        raise InvalidSpecError(field, f"expected a quantity such as 16Gi, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise InvalidSpecError(field, f"must not be negative, got {value!r}")
+        return int(value)
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise InvalidSpecError(field, f"expected a quantity such as 16Gi or 500M, got {value!r}")
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+def format_quantity(num_bytes: int) -> str:
+    """Bytes → the shortest exact binary quantity (``17179869184`` → ``16Gi``)."""
+    for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+        factor = _QUANTITY_FACTORS[suffix]
+        if num_bytes and num_bytes % factor == 0:
+            return f"{num_bytes // factor}{suffix}"
+    return str(num_bytes)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    rows: int
+    dim: int
+    dtype: str = "float32"
+    source: str | None = None
+    #: share of lookups as given by the user; ``None`` means "proportional to rows"
+    hotness: float | None = None
+    default_value: float = 0.0
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    memory_per_gpu: int = 16 * 2**30
+    policy: str = "lru"
+    hit_rate_threshold: float = 0.9
+    #: slots per set of the set-associative cache (HPS: slab size)
+    associativity: int = 32
+
+
+@dataclass(frozen=True)
+class RedisSpec:
+    shards: int = 1
+    replicas_per_shard: int = 0
+    memory: int = 2**30
+    #: run the shards as a Redis Cluster (hash slots) instead of client-side sharding
+    cluster: bool = False
+    #: name of a Secret key holding the AUTH password; the operator generates one when empty
+    password_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class VolatileStoreSpec:
+    type: str = "redis"
+    redis: RedisSpec = field(default_factory=RedisSpec)
+
+
+@dataclass(frozen=True)
+class PersistentStoreSpec:
+    type: str = "rocksdb"
+    storage: int = 10 * 2**30
+    read_only: bool = False
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    strategy: str = "auto"
+    max_imbalance: float = 1.05
+    #: hash buckets per table for row sharding; ``0`` lets the planner choose
+    bucket_count: int = 0
+
+
+@dataclass(frozen=True)
+class UpdatesSpec:
+    enabled: bool = True
+    stream: str | None = None
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    min_replicas: int = 1
+    max_replicas: int = 8
+    target_qps_per_replica: int = 20000
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    image: str | None = None
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    #: extended resource name of a GPU; e.g. ``nvidia.com/mig-1g.10gb`` on MIG nodes
+    gpu_resource_name: str = "nvidia.com/gpu"
+    #: largest number of keys one Lookup may carry (RESOURCE_EXHAUSTED above it)
+    max_batch_keys: int = 1 << 20
+    port: int = 50051
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    tables: tuple[TableSpec, ...]
+    namespace: str = "default"
+    replicas: int = 1
+    gpus_per_pod: int = 1
+    partitions: int = 1
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    volatile_store: VolatileStoreSpec = field(default_factory=VolatileStoreSpec)
+    persistent_store: PersistentStoreSpec = field(default_factory=PersistentStoreSpec)
+    placement: PlacementSpec = field(default_factory=PlacementSpec)
+    updates: UpdatesSpec = field(default_factory=UpdatesSpec)
+    autoscaling: AutoscalingSpec | None = None
+    agent: AgentSpec = field(default_factory=AgentSpec)
+
+    def table(self, name: str) -> TableSpec:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.total_bytes for t in self.tables)
+
+    def hotness(self) -> dict[str, float]:
+        """Each table's share of lookups, summing to 1.
+
+        Tables with an explicit ``hotness`` keep it; the others share what is left (or, when the
+        explicit ones already sum to 1 or more, a share as if unspecified) in proportion to rows.
+        """
+        given = {t.name: t.hotness for t in self.tables if t.hotness is not None}
+        rest = [t for t in self.tables if t.hotness is None]
+        weights: dict[str, float] = {name: float(h) for name, h in given.items() if h is not None}
+        if rest:
+            total_rows = sum(t.rows for t in self.tables)
+            remaining = 1.0 - sum(weights.values())
+            rest_rows = sum(t.rows for t in rest)
+            for t in rest:
+                if remaining > 0:
+                    weights[t.name] = remaining * t.rows / rest_rows
+                else:
+                    weights[t.name] = t.rows / total_rows
+        total = sum(weights.values())
+        if total <= 0:  # every table explicitly 0: treat them as equally hot
+            return {t.name: 1.0 / len(self.tables) for t in self.tables}
+        return {t.name: weights[t.name] / total for t in self.tables}
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidSpecError(field, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, field: str, default: int, *, minimum: int = 0,
+         maximum: int | None = None) -> int:  # fmt: skip
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSpecError(f"{field}.{key}", f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidSpecError(f"{field}.{key}", f"must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidSpecError(f"{field}.{key}", f"must be at most {maximum}, got {value}")
+    return value
+
+
+def _float(obj: Mapping[str, Any], key: str, field: str, default: float, *, minimum: float,
+           maximum: float | None = None) -> float:  # fmt: skip
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidSpecError(f"{field}.{key}", f"expected a number, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise InvalidSpecError(f"{field}.{key}", f"must be in {bounds}, got {value}")
+    return float(value)
+
+
+def _enum(obj: Mapping[str, Any], key: str, field: str, default: str, allowed: Sequence[str]) -> str:
+    value = obj.get(key, default)
+    if value not in allowed:
+        raise InvalidSpecError(f"{field}.{key}", f"must be one of {', '.join(allowed)}; got {value!r}")
+    return str(value)
+
+
+def _bool(obj: Mapping[str, Any], key: str, field: str, default: bool) -> bool:
+    value = obj.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidSpecError(f"{field}.{key}", f"expected true or false, got {value!r}")
+    return value
+
+
+def _name(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidSpecError(field, "is required and must be a non-empty string")
+    if len(value) > 63 or not _DNS1123_LABEL.match(value):
+        raise InvalidSpecError(
+            field,
+            f"{value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters)",
+        )
+    return value
+
+
+def parse_table(raw: Any, field: str) -> TableSpec:
+    obj = _mapping(raw, field)
+    hotness = obj.get("hotness")
+    if hotness is not None:
+        hotness = _float(obj, "hotness", field, 0.0, minimum=0.0)
+    default_value = obj.get("defaultValue", 0.0)
+    if isinstance(default_value, bool) or not isinstance(default_value, int | float):
+        raise InvalidSpecError(f"{field}.defaultValue", f"expected a number, got {default_value!r}")
+    source = obj.get("source")
+    if source is not None and (not isinstance(source, str) or not source):
+        raise InvalidSpecError(f"{field}.source", f"expected a file:// URI or a path, got {source!r}")
+    return TableSpec(
+        name=_name(obj.get("name"), f"{field}.name"),
+        rows=_int(obj, "rows", field, 0, minimum=1),
+        dim=_int(obj, "dim", field, 0, minimum=1, maximum=16384),
+        dtype=_enum(obj, "dtype", field, "float32", tuple(DTYPES)),
+        source=source,
+        hotness=hotness,
+        default_value=float(default_value),
+    )
+
+
+def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> ModelSpec:
+    """Validates ``spec`` (the ``.spec`` of an EmbeddingModel) and returns a :class:`ModelSpec`."""
+    name = _name(name, "metadata.name")
+    s = _mapping(spec, "spec")
+    raw_tables = s.get("tables")
+    if not isinstance(raw_tables, list) or not raw_tables:
+        raise InvalidSpecError("spec.tables", "at least one table is required")
+    tables = tuple(parse_table(t, f"spec.tables[{i}]") for i, t in enumerate(raw_tables))
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tables):
+        if t.name in seen:
+            raise InvalidSpecError(
+                f"spec.tables[{i}].name",
+                f"duplicate table name {t.name!r} (also spec.tables[{seen[t.name]}])",
+            )
+        seen[t.name] = i
+
+    c = _mapping(s.get("cache"), "spec.cache")
+    cache = CacheSpec(
+        memory_per_gpu=parse_quantity(c.get("memoryPerGPU", "16Gi"), field="spec.cache.memoryPerGPU"),
+        policy=_enum(c, "policy", "spec.cache", "lru", CACHE_POLICIES),
+        hit_rate_threshold=_float(c, "hitRateThreshold", "spec.cache", 0.9, minimum=0.0, maximum=1.0),
+        associativity=_int(c, "associativity", "spec.cache", 32, minimum=1, maximum=1024),
+    )
+    if cache.memory_per_gpu <= 0:
+        raise InvalidSpecError("spec.cache.memoryPerGPU", "must be greater than zero")
+
+    v = _mapping(s.get("volatileStore"), "spec.volatileStore")
+    r = _mapping(v.get("redis"), "spec.volatileStore.redis")
+    secret = r.get("passwordSecret")
+    volatile = VolatileStoreSpec(
+        type=_enum(v, "type", "spec.volatileStore", "redis", VOLATILE_TYPES),
+        redis=RedisSpec(
+            shards=_int(r, "shards", "spec.volatileStore.redis", 1, minimum=1, maximum=1000),
+            replicas_per_shard=_int(r, "replicasPerShard", "spec.volatileStore.redis", 0, maximum=5),
+            memory=parse_quantity(r.get("memory", "1Gi"), field="spec.volatileStore.redis.memory"),
+            cluster=_bool(r, "cluster", "spec.volatileStore.redis", False),
+            password_secret=str(secret) if secret else None,
+        ),
+    )
+
+    p = _mapping(s.get("persistentStore"), "spec.persistentStore")
+    storage_class = p.get("storageClassName")
+    persistent = PersistentStoreSpec(
+        type=_enum(p, "type", "spec.persistentStore", "rocksdb", PERSISTENT_TYPES),
+        storage=parse_quantity(p.get("storage", "10Gi"), field="spec.persistentStore.storage"),
+        read_only=_bool(p, "readOnly", "spec.persistentStore", False),
+        storage_class=str(storage_class) if storage_class else None,
+    )
+
+    pl = _mapping(s.get("placement"), "spec.placement")
+    placement = PlacementSpec(
+        strategy=_enum(pl, "strategy", "spec.placement", "auto", PLACEMENT_STRATEGIES),
+        max_imbalance=_float(pl, "maxImbalance", "spec.placement", 1.05, minimum=1.0),
+        bucket_count=_int(pl, "bucketCount", "spec.placement", 0, maximum=1 << 20),
+    )
+
+    u = _mapping(s.get("updates"), "spec.updates")
+    stream = u.get("stream")
+    updates = UpdatesSpec(enabled=_bool(u, "enabled", "spec.updates", True),
+                          stream=str(stream) if stream else None)  # fmt: skip
+
+    autoscaling = None
+    if s.get("autoscaling") is not None:
+        a = _mapping(s.get("autoscaling"), "spec.autoscaling")
+        autoscaling = AutoscalingSpec(
+            min_replicas=_int(a, "minReplicas", "spec.autoscaling", 1, minimum=1),
+            max_replicas=_int(a, "maxReplicas", "spec.autoscaling", 8, minimum=1),
+            target_qps_per_replica=_int(a, "targetQPSPerReplica", "spec.autoscaling", 20000, minimum=1),
+        )
+        if autoscaling.max_replicas < autoscaling.min_replicas:
+            raise InvalidSpecError(
+                "spec.autoscaling.maxReplicas",
+                f"must be at least minReplicas ({autoscaling.min_replicas}), got {autoscaling.max_replicas}",
+            )
+
+    ag = _mapping(s.get("agent"), "spec.agent")
+    image = ag.get("image")
+    tolerations = ag.get("tolerations") or []
+    if not isinstance(tolerations, list):
+        raise InvalidSpecError("spec.agent.tolerations", "expected a list of tolerations")
+    agent = AgentSpec(
+        image=str(image) if image else None,
+        resources=dict(_mapping(ag.get("resources"), "spec.agent.resources")),
+        node_selector={
+            str(k): str(v) for k, v in _mapping(ag.get("nodeSelector"), "spec.agent.nodeSelector").items()
+        },
+        tolerations=tuple(
+            dict(_mapping(t, f"spec.agent.tolerations[{i}]")) for i, t in enumerate(tolerations)
+        ),
+        affinity=dict(_mapping(ag.get("affinity"), "spec.agent.affinity")),
+        gpu_resource_name=str(ag.get("gpuResourceName", "nvidia.com/gpu")),
+        max_batch_keys=_int(ag, "maxBatchKeys", "spec.agent", 1 << 20, minimum=1),
+        port=_int(ag, "port", "spec.agent", 50051, minimum=1, maximum=65535),
+    )
+
+    return ModelSpec(
+        name=name,
+        namespace=namespace,
+        tables=tables,
+        replicas=_int(s, "replicas", "spec", 1, minimum=0, maximum=10000),
+        gpus_per_pod=_int(s, "gpusPerPod", "spec", 1, minimum=1, maximum=64),
+        partitions=_int(s, "partitions", "spec", 1, minimum=0, maximum=10000),
+        cache=cache,
+        volatile_store=volatile,
+        persistent_store=persistent,
+        placement=placement,
+        updates=updates,
+        autoscaling=autoscaling,
+        agent=agent,
+    )
+
+
+def parse_model(manifest: Any) -> ModelSpec:
+    """Validates a whole ``EmbeddingModel`` manifest (apiVersion, kind, metadata, spec)."""
+    m = _mapping(manifest, "<root>")
+    api_version = m.get("apiVersion", f"{API_GROUP}/{API_VERSION}")
+    if api_version != f"{API_GROUP}/{API_VERSION}":
+        raise InvalidSpecError("apiVersion", f"expected {API_GROUP}/{API_VERSION}, got {api_version!r}")
+    kind = m.get("kind", KIND)
+    if kind != KIND:
+        raise InvalidSpecError("kind", f"expected {KIND}, got {kind!r}")
+    meta = _mapping(m.get("metadata"), "metadata")
+    return parse_model_spec(
+        meta.get("name"), m.get("spec"), namespace=str(meta.get("namespace") or "default")
+    )
+
+
+def load_model_file(path: str | Path) -> ModelSpec:
+    """Reads the first ``EmbeddingModel`` document of a YAML file."""
+    p = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+    except FileNotFoundError:
+        raise InvalidSpecError(str(p), "file not found") from None
+    except yaml.YAMLError as exc:
+        raise InvalidSpecError(str(p), f"not valid YAML: {exc}") from None
+    models = [d for d in docs if isinstance(d, Mapping) and d.get("kind", KIND) == KIND]
+    if not models:
+        raise InvalidSpecError(str(p), f"holds no {KIND} document")
+    return parse_model(models[0])
+
+
+def resolve_source(source: str, *, base: Path | None = None) -> Path:
+    """``file:///abs``, ``file://rel`` or a plain path → a filesystem path (relative to ``base``)."""
+    raw = source[len("file://") :] if source.startswith("file://") else source
+    if "://" in raw:
+        raise InvalidSpecError("source", f"unsupported URI scheme in {source!r}; use file:// or a path")
+    path = Path(raw)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path

@@ -1,0 +1,1 @@
+"""hps-operator control plane: EmbeddingModel spec, placement planner, renderers and the kopf operator."""

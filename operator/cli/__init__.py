@@ -1,0 +1,67 @@
+"""The ``hps`` command. Each subcommand lives in its own module beside this one and exposes
+``add_parser(subparsers)``; heavy imports stay inside each command's run function so ``hps agent``
+starts without loading kopf and ``hps plan`` without loading gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from node_agent.errors import HpsError
+
+#: subcommand modules, in the order ``hps --help`` lists them
+SUBCOMMANDS = (
+    "local",
+    "lookup",
+    "update",
+    "plan",
+    "load",
+    "agent",
+    "operator_run",
+    "bench",
+    "convert",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hps", description="Hierarchical parameter server for recommendation embeddings, on Kubernetes."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"hps_operator.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"hps_operator.cli.{name}":
+                continue  # a subcommand not built yet is simply not offered
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hps`` console script; returns the process exit code.
+
+    Errors the core raises on purpose (:class:`HpsError`) become one line on stderr and the
+    error's exit code; anything else is a bug and keeps its traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except HpsError as exc:
+        print(f"hps {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

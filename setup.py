@@ -1,0 +1,49 @@
+"""Compiles the gRPC proto (``hps.v1``) at build time, so generated code is never committed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PROTO_ROOT = ROOT / "node_agent" / "proto"
+
+
+def compile_protos() -> None:
+    """Generates ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` beside each ``.proto``."""
+    from grpc_tools import protoc  # build requirement, see pyproject.toml
+
+    include = str(Path(protoc.__file__).parent / "_proto")
+    for proto in sorted(PROTO_ROOT.rglob("*.proto")):
+        rel = proto.relative_to(ROOT)
+        # `-I ROOT` makes generated imports read `from node_agent.proto.hps.v1 import ...`.
+        args = [
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"-I{include}",
+            f"--python_out={ROOT}",
+            f"--pyi_out={ROOT}",
+            f"--grpc_python_out={ROOT}",
+            str(rel),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {rel}")
+
+
+class BuildPyWithProto(build_py):
+    def run(self) -> None:
+        compile_protos()
+        super().run()
+
+
+def packages() -> tuple[list[str], dict[str, str]]:
+    """`operator/` would shadow the standard library's `operator`: install it as `hps_operator`."""
+    control = ["hps_operator"] + [f"hps_operator.{p}" for p in find_packages("operator")]
+    data = [p for p in find_packages(".", include=["node_agent", "node_agent.*"])]
+    return control + data, {"hps_operator": "operator"}
+
+
+_packages, _package_dir = packages()
+setup(packages=_packages, package_dir=_package_dir, cmdclass={"build_py": BuildPyWithProto})
