@@ -1,0 +1,1 @@
+"""Thin kopf handlers: observe, call the pure core, apply, report status."""
