@@ -1,0 +1,128 @@
+"""EmbeddingModel parsing: defaults, the contract's field names, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node_agent.errors import InvalidSpecError
+from node_agent.spec import format_quantity, load_model_file, parse_model, parse_quantity, resolve_source
+
+
+def manifest(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"tables": [{"name": "user-id", "rows": 1000, "dim": 16}]}
+    base.update(spec)
+    return {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "metadata": {"name": "dlrm"}, "spec": base}
+
+
+def test_design_example_parses_with_every_contract_field() -> None:
+    model = parse_model(
+        manifest(
+            tables=[
+                {"name": "user-id", "rows": 40_000_000, "dim": 128, "dtype": "float32",
+                 "source": "file:///models/dlrm/user_id", "hotness": 0.3, "defaultValue": 0.5},
+                {"name": "item", "rows": 10_000, "dim": 64, "dtype": "float16"},
+            ],
+            replicas=2, gpusPerPod=4, partitions=1,
+            cache={"memoryPerGPU": "16Gi", "policy": "lfu", "hitRateThreshold": 0.8},
+            volatileStore={"type": "redis", "redis": {"shards": 3, "replicasPerShard": 1, "memory": "32Gi"}},
+            persistentStore={"type": "rocksdb", "storage": "500Gi"},
+            placement={"strategy": "row", "maxImbalance": 1.1},
+            updates={"enabled": True},
+            autoscaling={"minReplicas": 1, "maxReplicas": 8, "targetQPSPerReplica": 20000},
+            agent={"image": "hps/agent:1", "nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "gpu"}]},
+        )
+    )
+    assert model.replicas == 2 and model.gpus_per_pod == 4
+    assert model.cache.memory_per_gpu == 16 * 2**30 and model.cache.policy == "lfu"
+    assert model.volatile_store.redis.shards == 3 and model.volatile_store.redis.memory == 32 * 2**30
+    assert model.persistent_store.storage == 500 * 2**30
+    assert model.placement.strategy == "row"
+    assert model.autoscaling is not None and model.autoscaling.max_replicas == 8
+    user = model.table("user-id")
+    assert (user.row_bytes, user.default_value, user.hotness) == (512, 0.5, 0.3)
+    assert model.table("item").itemsize == 2
+    assert dict(model.agent.node_selector) == {"gpu": "h100"}
+
+
+def test_defaults_fill_an_minimal_model() -> None:
+    model = parse_model(manifest())
+    assert (model.replicas, model.gpus_per_pod, model.partitions) == (1, 1, 1)
+    assert model.cache.policy == "lru" and model.placement.max_imbalance == 1.05
+    assert model.table("user-id").dtype == "float32"
+
+
+def test_hotness_sums_to_one_and_defaults_to_rows() -> None:
+    model = parse_model(
+        manifest(tables=[{"name": "a", "rows": 300, "dim": 4}, {"name": "b", "rows": 100, "dim": 4},
+                         {"name": "c", "rows": 100, "dim": 4, "hotness": 0.5}])
+    )
+    h = model.hotness()
+    assert sum(h.values()) == pytest.approx(1.0)
+    assert h["c"] == pytest.approx(0.5)
+    assert h["a"] == pytest.approx(3 * h["b"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"tables": []}, "spec.tables"),
+        ({"tables": [{"name": "User_ID", "rows": 1, "dim": 1}]}, "spec.tables[0].name"),
+        ({"tables": [{"name": "a", "rows": 0, "dim": 1}]}, "spec.tables[0].rows"),
+        ({"tables": [{"name": "a", "rows": 1, "dim": 8, "dtype": "int8"}]}, "spec.tables[0].dtype"),
+        ({"tables": [{"name": "a", "rows": 1, "dim": 1}, {"name": "a", "rows": 2, "dim": 1}]}, "spec.tables[1].name"),
+        ({"cache": {"memoryPerGPU": "lots"}}, "spec.cache.memoryPerGPU"),
+        ({"cache": {"policy": "fifo"}}, "spec.cache.policy"),
+        ({"cache": {"hitRateThreshold": 1.5}}, "spec.cache.hitRateThreshold"),
+        ({"replicas": -1}, "spec.replicas"),
+        ({"gpusPerPod": "four"}, "spec.gpusPerPod"),
+        ({"placement": {"strategy": "random"}}, "spec.placement.strategy"),
+        ({"autoscaling": {"minReplicas": 4, "maxReplicas": 2}}, "spec.autoscaling.maxReplicas"),
+    ],
+)
+def test_invalid_fields_are_named(spec: dict[str, Any], field: str) -> None:
+    raw = manifest()
+    raw["spec"].update(spec)
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(raw)
+    assert err.value.field == field
+    assert str(err.value).startswith(field)
+
+
+def test_wrong_kind_and_name_are_rejected() -> None:
+    with pytest.raises(InvalidSpecError, match="kind"):
+        parse_model({**manifest(), "kind": "Deployment"})
+    with pytest.raises(InvalidSpecError, match=r"metadata\.name"):
+        parse_model({**manifest(), "metadata": {"name": "Not_Valid"}})
+
+
+def test_quantities() -> None:
+    assert parse_quantity("16Gi", field="f") == 16 * 2**30
+    assert parse_quantity("500M", field="f") == 500 * 10**6
+    assert parse_quantity("1.5Ki", field="f") == 1536
+    assert parse_quantity(4096, field="f") == 4096
+    assert format_quantity(16 * 2**30) == "16Gi" and format_quantity(1000) == "1000"
+    with pytest.raises(InvalidSpecError):
+        parse_quantity("16GB", field="f")
+
+
+def test_model_file_and_relative_sources(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(
+        "apiVersion: hps.dev/v1alpha1\nkind: EmbeddingModel\nmetadata: {name: demo}\n"
+        "spec:\n  tables:\n  - {name: t, rows: 4, dim: 2, source: 'file://data/t'}\n"
+    )
+    model = load_model_file(path)
+    source = model.table("t").source
+    assert source is not None
+    assert resolve_source(source, base=tmp_path) == tmp_path / "data" / "t"
+    assert resolve_source("file:///abs/t") == Path("/abs/t")
+    with pytest.raises(InvalidSpecError, match="not found"):
+        load_model_file(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("spec: [unclosed")
+    with pytest.raises(InvalidSpecError, match="not valid YAML"):
+        load_model_file(tmp_path / "bad.yaml")
+    with pytest.raises(InvalidSpecError, match="unsupported URI scheme"):
+        resolve_source("s3://bucket/t")
