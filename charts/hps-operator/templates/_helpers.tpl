@@ -1,0 +1,98 @@
+{{/* Chart name, truncated to a DNS-1123 label. */}}
+{{- define "hps-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name for the operator's objects. */}}
+{{- define "hps-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hps-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hps-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "hps-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "hps-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: hps-operator
+{{- end }}
+
+{{- define "hps-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "hps-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "hps-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "hps-operator.agentImage" -}}
+{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) }}
+{{- end }}
+
+{{- define "hps-operator.metricsEnabled" -}}
+{{- if or .Values.metrics.enabled .Values.metrics.serviceMonitor.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+The operator's permissions: exactly operator/kopf_handlers/permissions.py API_PERMISSIONS (the chart
+tests keep them equal, and no wildcard). Namespaced rules go in a Role per watched namespace, or in
+the ClusterRole when the operator serves every namespace; nodes are cluster-scoped either way.
+*/}}
+{{- define "hps-operator.namespacedRules" -}}
+# EmbeddingModels: watch them, keep kopf's progress annotations and finalizer, report status
+- apiGroups: ["hps.dev"]
+  resources: ["embeddingmodels"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["hps.dev"]
+  resources: ["embeddingmodels/status"]
+  verbs: ["get", "patch"]
+# kopf posts handler progress and errors as Events on the EmbeddingModel
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create"]
+# children of an EmbeddingModel: plan ConfigMap, Redis and agent Services, Redis password Secret,
+# Redis and agent StatefulSets, loader Job, PodDisruptionBudget, HorizontalPodAutoscaler
+- apiGroups: [""]
+  resources: ["configmaps", "secrets", "services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}
+
+{{- define "hps-operator.clusterRules" -}}
+# GPU topology (allocatable GPUs per node) for the planner
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["get", "list", "watch"]
+{{- end }}

@@ -1,0 +1,404 @@
+"""The Helm chart, checked with the real ``helm`` and ``kubectl`` binaries and the official Kubernetes
+schemas: it lints, renders valid objects for default and non-default values, rejects mistyped values,
+ships the repository's CRDs unchanged, and grants the operator exactly the permissions it declares."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from hps_operator.kopf_handlers.permissions import API_PERMISSIONS
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "hps-operator"
+#: the Kubernetes version rendered objects are validated for (kubectl here is v1.35)
+KUBERNETES_VERSION = "1.35"
+RELEASE, NAMESPACE = "hps", "hps-system"
+
+#: values a user would plausibly set, each rendered and validated
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "namespaced": {"watchNamespaces": ["recsys", "ads"]},
+    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "custom": {
+        "image": {"repository": "registry.example.com/hps/operator", "tag": "1.2.3", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "agent": {"image": {"repository": "registry.example.com/hps/agent", "tag": "1.2.3-cuda12"},
+                  "gpuResourceName": "nvidia.com/mig-1g.10gb"},
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+        "priorityClassName": "system-cluster-critical",
+        "operator": {"verbose": True, "extraEnv": [{"name": "EXTRA", "value": "1"}]},
+        "metrics": {"enabled": True, "port": 9300},
+    },
+    "existing-service-account": {"serviceAccount": {"create": False, "name": "ops"},
+                                 "rbac": {"aggregateRoles": False}},
+}  # fmt: skip
+
+
+def find_binary(name: str) -> str:
+    found = shutil.which(name) or (
+        str(ROOT / ".tools/bin" / name) if (ROOT / ".tools/bin" / name).exists() else None
+    )
+    if found is None:
+        pytest.skip(f"{name} not found on PATH or in .tools/bin (bash scripts/setup.sh installs it)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return find_binary("helm")
+
+
+@pytest.fixture(scope="module")
+def kubectl() -> str:
+    return find_binary("kubectl")
+
+
+def run_helm(helm: str, *args: str, values: dict[str, Any] | None = None, tmp: Path | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    argv = [helm, *args]
+    if values:
+        assert tmp is not None
+        values_file = tmp / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        argv += ["-f", str(values_file)]
+    # an empty HOME-like sandbox keeps helm from reading or writing the user's config
+    env = {**os.environ, "HELM_CACHE_HOME": str(tmp or "/tmp") + "/.helm-cache",
+           "HELM_CONFIG_HOME": str(tmp or "/tmp") + "/.helm-config", "HELM_DATA_HOME": str(tmp or "/tmp") + "/.helm-data"}  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed:\n{result.stderr}")
+    return result
+
+
+def render(helm: str, tmp: Path, values: dict[str, Any] | None = None, *extra: str) -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds", *extra,
+                   values=values, tmp=tmp).stdout  # fmt: skip
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest, helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[str, list[dict[str, Any]]]]:  # fmt: skip
+    name = request.param
+    yield name, render(helm, tmp_path_factory.mktemp(name), VALUE_SETS[name])
+
+
+def of_kind(docs: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# lint, schemas, kubectl
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
+def test_helm_lint_passes(helm: str, tmp_path: Path, strict: bool) -> None:
+    for name, values in VALUE_SETS.items():
+        result = run_helm(helm, "lint", str(CHART), *(["--strict"] if strict else []), values=values,
+                          tmp=tmp_path, check=False)  # fmt: skip
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
+        assert "0 chart(s) failed" in result.stdout
+
+
+def test_every_rendered_object_is_valid_kubernetes(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, docs = rendered
+    assert of_kind(docs, "Deployment") and of_kind(docs, "CustomResourceDefinition")
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # no official schema for prometheus-operator kinds: checked structurally below
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {exc}") from None
+
+
+def concatenated_json(text: str) -> list[dict[str, Any]]:
+    """kubectl prints one JSON object per input document, back to back."""
+    decoder, objects, pos = json.JSONDecoder(), [], 0
+    while pos < len(text.rstrip()):
+        obj, end = decoder.raw_decode(text, pos)
+        objects.append(obj)
+        pos = end + (len(text[end:]) - len(text[end:].lstrip()))
+    return objects
+
+
+def test_kubectl_decodes_every_rendered_object(rendered: tuple[str, list[dict[str, Any]]], kubectl: str,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    """kubectl's strongest offline check. ``kubectl apply/create --dry-run=client`` need API discovery
+    from a server even with ``--validate=false`` (kubectl 1.35 fails with "unable to recognize"
+    without one), so this runs kubectl's local builder instead: ``kubectl label --local`` decodes every
+    document into its typed object (metadata types, apiVersion/kind) without contacting a server;
+    the schemas themselves are checked by kubernetes-validate above."""
+    name, docs = rendered
+    stream = yaml.safe_dump_all(docs)
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-cluster.yaml")}
+    result = subprocess.run(
+        [kubectl, "label", "--local", "-f", "-", "hps.dev/checked=true", "-o", "json"],
+        input=stream, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{name}: {result.stderr}"
+    items = concatenated_json(result.stdout)
+    assert all(i["metadata"]["labels"]["hps.dev/checked"] == "true" for i in items)
+    assert [(i["kind"], i["metadata"]["name"]) for i in items] == [
+        (d["kind"], d["metadata"]["name"]) for d in docs
+    ]
+
+
+def test_kubectl_rejects_what_the_offline_check_should_catch(kubectl: str, tmp_path: Path) -> None:
+    """The offline kubectl check is not a rubber stamp: a malformed object fails it."""
+    bad = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "x", "namespace": ["not", "a", "string"]},
+    }
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-cluster.yaml")}
+    result = subprocess.run([kubectl, "label", "--local", "-f", "-", "a=b", "-o", "json"], input=json.dumps(bad),
+                            capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "replicaCount=x"], "additional properties 'replicaCount' not allowed"),
+        (["--set", "imagee.tag=1"], "additional properties 'imagee' not allowed"),
+        (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (["--set", "metrics.port=x"], "/metrics/port"),
+        (["--set", "metrics.serviceMonitor.enabeld=true"], "'enabeld' not allowed"),
+        (["--set", "watchNamespaces={Bad_NS}"], "/watchNamespaces/0"),
+        (["--set", "resources.requests.memory=lots"], "/resources/requests/memory"),
+    ],
+)
+def test_a_values_typo_fails_with_a_message_naming_it(helm: str, tmp_path: Path, args: list[str],
+                                                      message: str) -> None:  # fmt: skip
+    result = run_helm(helm, "template", RELEASE, str(CHART), *args, tmp=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# CRDs: one source of truth
+
+
+def test_chart_crds_are_byte_identical_copies_of_the_repository_crds() -> None:
+    source = {p.name: p.read_bytes() for p in sorted((ROOT / "crds").glob("*.yaml"))}
+    chart = {p.name: p.read_bytes() for p in sorted((CHART / "crds").glob("*.yaml"))}
+    assert source, "crds/ holds no CustomResourceDefinition"
+    assert sorted(chart) == sorted(source), "run scripts/sync-chart-crds.sh"
+    for name, content in source.items():
+        assert chart[name] == content, (
+            f"charts/hps-operator/crds/{name} differs from crds/{name}: run scripts/sync-chart-crds.sh"
+        )
+
+
+def test_sync_script_restores_a_drifted_copy(tmp_path: Path) -> None:
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "crds", work / "crds")
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts/sync-chart-crds.sh", work / "scripts")
+    chart_crds = work / "charts/hps-operator/crds"
+    chart_crds.mkdir(parents=True)
+    (chart_crds / "stale.yaml").write_text("kind: Stale\n")
+    for crd in (work / "crds").glob("*.yaml"):
+        (chart_crds / crd.name).write_text("drifted\n")
+    subprocess.run(
+        ["bash", str(work / "scripts/sync-chart-crds.sh")], check=True, capture_output=True, timeout=30
+    )
+    assert sorted(p.name for p in chart_crds.iterdir()) == sorted(
+        p.name for p in (work / "crds").glob("*.yaml")
+    )
+    for crd in (work / "crds").glob("*.yaml"):
+        assert (chart_crds / crd.name).read_bytes() == crd.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# RBAC: exactly API_PERMISSIONS, no wildcard
+
+
+def granted(roles: Sequence[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for role in roles
+        for rule in role.get("rules", [])
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+DECLARED = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
+CLUSTER_SCOPED = {"nodes"}
+
+
+def operator_roles(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The roles bound to the operator's ServiceAccount (not the aggregated user roles)."""
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"], b["metadata"].get("namespace"))
+             for b in docs if b["kind"] in ("ClusterRoleBinding", "RoleBinding")
+             if any(s["kind"] == "ServiceAccount" for s in b["subjects"])}  # fmt: skip
+    return [d for d in docs if (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace") if d["kind"] == "Role" else None)
+            in {(k, n, ns if k == "Role" else None) for k, n, ns in bound}]  # fmt: skip
+
+
+def test_no_wildcard_in_any_rule(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role"):
+        for rule in role.get("rules", []):
+            for key in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(key, []), f"{role['metadata']['name']}: wildcard in {key}"
+
+
+def test_cluster_wide_rbac_grants_exactly_the_declared_permissions(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path)
+    roles = operator_roles(docs)
+    assert [r["kind"] for r in roles] == ["ClusterRole"]
+    assert granted(roles) == DECLARED
+    (binding,) = [
+        b for b in of_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == roles[0]["metadata"]["name"]
+    ]
+    (sa,) = of_kind(docs, "ServiceAccount")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+
+
+def test_namespaced_rbac_is_a_role_per_namespace_and_nodes_cluster_wide(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path, {"watchNamespaces": ["recsys", "ads"]})
+    roles = operator_roles(docs)
+    per_namespace = {r["metadata"]["namespace"]: r for r in roles if r["kind"] == "Role"}
+    assert sorted(per_namespace) == ["ads", "recsys"]
+    namespaced = {p for p in DECLARED if p[1] not in CLUSTER_SCOPED}
+    for role in per_namespace.values():
+        assert granted([role]) == namespaced
+    (cluster,) = [r for r in roles if r["kind"] == "ClusterRole"]
+    assert granted([cluster]) == {p for p in DECLARED if p[1] in CLUSTER_SCOPED}
+    assert not [b for b in of_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == "hps-hps-operator"]
+    for binding in of_kind(docs, "RoleBinding"):
+        assert (
+            binding["subjects"][0]["namespace"] == NAMESPACE
+        )  # the operator's SA, bound into each namespace
+
+
+def test_aggregated_roles_extend_edit_admin_and_view(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path)
+    by_label = {label: r["metadata"]["name"] for r in of_kind(docs, "ClusterRole")
+                for label, v in r["metadata"]["labels"].items() if label.startswith("rbac.authorization.k8s.io/aggregate-to-") and v == "true"}  # fmt: skip
+    assert by_label["rbac.authorization.k8s.io/aggregate-to-edit"].endswith("-editor")
+    assert by_label["rbac.authorization.k8s.io/aggregate-to-admin"].endswith("-editor")
+    assert by_label["rbac.authorization.k8s.io/aggregate-to-view"].endswith("-viewer")
+    viewer = next(r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-viewer"))
+    assert {v for _, _, v in granted([viewer])} == {"get", "list", "watch"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator Deployment
+
+
+def container(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = of_kind(docs, "Deployment")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_deployment_runs_one_hardened_operator(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path)
+    (deployment,) = of_kind(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    c = container(docs)
+    assert c["command"] == ["hps"]
+    assert c["args"] == ["operator", "run", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        assert probe["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert {"name": "probes", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["HPS_AGENT_IMAGE"] == "ghcr.io/hps-operator/hps-agent:0.1.0"
+    assert env["HPS_AGENT_GPU_RESOURCE_NAME"] == "nvidia.com/gpu"
+    assert pod["serviceAccountName"] == of_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
+
+
+def test_deployment_follows_non_default_values(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path, VALUE_SETS["custom"])
+    (deployment,) = of_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(docs)
+    assert c["image"] == "registry.example.com/hps/operator:1.2.3" and c["imagePullPolicy"] == "Always"
+    assert c["args"][0] == "-v"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert "nodeAffinity" in pod["affinity"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert c["resources"]["limits"]["memory"] == "1Gi"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["HPS_AGENT_IMAGE"] == "registry.example.com/hps/agent:1.2.3-cuda12"
+    assert env["HPS_AGENT_GPU_RESOURCE_NAME"] == "nvidia.com/mig-1g.10gb"
+    assert env["HPS_OPERATOR_METRICS_PORT"] == "9300" and env["EXTRA"] == "1"
+
+
+def test_namespaced_mode_passes_each_namespace_to_the_operator(helm: str, tmp_path: Path) -> None:
+    args = container(render(helm, tmp_path, {"watchNamespaces": ["recsys", "ads"]}))["args"]
+    assert "--all-namespaces" not in args
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=recsys", "--namespace=ads"]
+
+
+def test_existing_service_account_is_used_and_not_created(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path, VALUE_SETS["existing-service-account"])
+    assert not of_kind(docs, "ServiceAccount")
+    (deployment,) = of_kind(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    for binding in of_kind(docs, "ClusterRoleBinding"):
+        assert binding["subjects"][0]["name"] == "ops"
+    assert not [
+        r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith(("-editor", "-viewer"))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_metrics_are_off_by_default(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path)
+    assert not of_kind(docs, "Service") and not of_kind(docs, "ServiceMonitor")
+
+
+def test_service_monitor_scrapes_the_operator_metrics_port(helm: str, tmp_path: Path) -> None:
+    """ServiceMonitor has no official schema here: check it structurally and against the Service."""
+    docs = render(helm, tmp_path, VALUE_SETS["service-monitor"])
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    (service,) = of_kind(docs, "Service")
+    (deployment,) = of_kind(docs, "Deployment")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container(docs)["ports"]}
