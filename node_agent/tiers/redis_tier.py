@@ -1,0 +1,393 @@
+"""L2 volatile tier on Redis: standalone, several standalone shards (client-side sharding) or a Redis Cluster.
+
+Layout. A table's rows live in ``partitions`` HASHes named ``hps:{<model>:<table>:<partition>}``, where a
+row's partition is ``bucket_of(key, partitions)``; a field is the key's 8 bytes (int64, little-endian),
+its value the row's raw little-endian bytes (``dim * itemsize``). The braces are a Redis Cluster hash
+tag, so a HASH sits whole on one node and the same names work on standalone Redis. With several
+standalone addresses, partition ``p`` lives on shard ``p % len(addresses)``.
+
+Speed. A load writes hundreds of MB, so the per-row cost must not be Python's: commands are packed into
+the Redis protocol (RESP) with NumPy structured arrays (fields and values have fixed lengths, so a
+``HSET``/``HMGET``/``HDEL`` with thousands of fields is one fixed-size record per field) and sent over
+redis-py's connections, pipelined without a transaction: one round trip per window of chunks per
+shard. Replies are parsed by hiredis.
+
+Failure. Connection errors and timeouts become :class:`UnavailableError` within ``socket_timeout``
+(no retries here: the lookup path falls through to L3 and reports itself degraded). A stored value of
+the wrong length is never returned: it counts as missing and as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from node_agent.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from node_agent.plan import bucket_of
+from node_agent.tiers.arguments import as_keys, as_values
+from node_agent.tiers.base import TableLayout
+
+log = logging.getLogger(__name__)
+
+_KEY_BYTES = 8
+_CRLF = b"\r\n"
+#: request + expected reply bytes sent to one shard before its replies are read: bounds the memory
+#: either side holds, while keeping round trips few
+_WINDOW_BYTES = 16 << 20
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+
+def _resp_fields(command: bytes, hash_key: bytes, fields: np.ndarray, values: np.ndarray | None) -> list[Any]:
+    """``command hash_key f1 [v1] f2 [v2] ...`` in RESP, as buffers for ``sendall``.
+
+    ``fields`` is ``(m,)`` int64 little-endian; ``values`` (optional) ``(m, dim)`` little-endian and
+    contiguous. Each field (and value) is one record of a structured array, so packing costs a few
+    vectorised copies whatever the number of fields."""
+    m = len(fields)
+    argc = 2 + m * (1 if values is None else 2)
+    head = b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (argc, len(command), command, len(hash_key), hash_key)
+    field_head = b"$%d\r\n" % _KEY_BYTES
+    parts: list[tuple[str, str]] = [("fh", f"V{len(field_head)}"), ("f", f"V{_KEY_BYTES}")]
+    if values is None:
+        parts.append(("t", "V2"))
+    else:
+        row_bytes = values.shape[1] * values.dtype.itemsize
+        value_head = b"\r\n$%d\r\n" % row_bytes
+        parts += [("vh", f"V{len(value_head)}"), ("v", f"V{row_bytes}"), ("t", "V2")]
+    records = np.empty(m, dtype=np.dtype(parts))
+    records["fh"] = np.frombuffer(field_head, dtype=f"V{len(field_head)}")[0]
+    records["f"] = np.ascontiguousarray(fields).view(f"V{_KEY_BYTES}")
+    if values is not None:
+        records["vh"] = np.frombuffer(value_head, dtype=f"V{len(value_head)}")[0]
+        records["v"] = np.ascontiguousarray(values).view(f"V{row_bytes}").reshape(m)
+    records["t"] = np.frombuffer(_CRLF, dtype="V2")[0]
+    return [head, records.view(np.uint8).data]
+
+
+def _resp_args(*args: bytes) -> list[Any]:
+    """A short command (``HLEN key``) in RESP."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return [b"".join(out)]
+
+
+@dataclass
+class _Command:
+    """One packed command for connection pool ``target``; ``cost`` approximates request + reply bytes."""
+
+    target: int
+    buffers: list[Any]
+    cost: int
+
+
+class RedisTier:
+    """Rows of several tables in Redis HASHes; see the module docstring for the layout."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        layouts: Iterable[TableLayout],
+        *,
+        addresses: Sequence[str],
+        password: str | None = None,
+        cluster: bool = False,
+        partitions: int = 64,
+        chunk_keys: int = 4096,
+        socket_timeout: float = 1.0,
+        model: str = "",
+    ) -> None:
+        if not addresses:
+            raise InvalidArgumentError("RedisTier needs at least one address (HOST:PORT)")
+        if partitions < 1 or chunk_keys < 1:
+            raise InvalidArgumentError(
+                f"partitions and chunk_keys must be at least 1, got {partitions} and {chunk_keys}"
+            )
+        self._layouts = {layout.name: layout for layout in layouts}
+        self._partitions = partitions
+        self._chunk_keys = chunk_keys
+        self._model = model
+        self._cluster_mode = cluster
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._errors = 0
+        self._hash_keys = {
+            name: [b"hps:{%s:%s:%d}" % (model.encode(), name.encode(), p) for p in range(partitions)]
+            for name in self._layouts
+        }
+        hosts = [_split_address(a) for a in addresses]
+        # no retries: a dead shard must surface as UnavailableError within the socket timeout
+        connection_options: dict[str, Any] = {
+            "password": password,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self._pools: list[redis.ConnectionPool] = []
+        self._cluster: RedisCluster | None = None
+        if cluster:
+            try:
+                # RedisCluster takes the retry policy itself and gives its nodes none
+                self._cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts],
+                                             **connection_options)  # fmt: skip
+            except (redis.RedisError, OSError) as exc:
+                raise UnavailableError(f"Redis Cluster at {','.join(addresses)}: {exc}") from None
+        else:
+            self._pools = [redis.ConnectionPool(host=h, port=p, **connection_options) for h, p in hosts]
+
+    # -- Tier ----------------------------------------------------------------------------------
+
+    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        layout = self._layout(table)
+        keys = as_keys(keys)
+        values = np.zeros((len(keys), layout.dim), dtype=layout.dtype)
+        found = np.zeros(len(keys), dtype=bool)
+        if len(keys) == 0:
+            return values, found
+        wire = layout.dtype.newbyteorder("<")
+        reply_cost = layout.row_bytes + 16
+        chunks = list(self._chunks(table, keys))
+        replies = self._run(
+            lambda: (
+                _Command(self._target(hk, p), _resp_fields(b"HMGET", hk, keys[idx].astype("<i8"), None),
+                         len(idx) * reply_cost)
+                for p, hk, idx in chunks
+            )
+        )  # fmt: skip
+        malformed = 0
+        for (_, _, idx), reply in zip(chunks, replies, strict=True):
+            present = np.fromiter((v is not None for v in reply), dtype=bool, count=len(reply))
+            blobs = [v for v in reply if v is not None]
+            if not blobs:
+                continue
+            lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+            good = lengths == layout.row_bytes
+            if not good.all():
+                # never a wrong vector: a value of the wrong length is treated as missing
+                malformed += int((~good).sum())
+                blobs = [b for b, ok in zip(blobs, good, strict=True) if ok]
+                present[np.flatnonzero(present)[~good]] = False
+            if blobs:
+                rows = np.frombuffer(b"".join(blobs), dtype=wire).reshape(-1, layout.dim)
+                values[idx[present]] = rows
+                found[idx[present]] = True
+        hits = int(found.sum())
+        with self._lock:
+            self._hits += hits
+            self._misses += len(keys) - hits
+            self._errors += malformed
+        if malformed:
+            log.warning("redis: %d stored rows of table %r have the wrong length; served as missing",
+                        malformed, table)  # fmt: skip
+        return values, found
+
+    def insert(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        layout = self._layout(table)
+        keys = as_keys(keys)
+        values = as_values(layout, values, len(keys))
+        if len(keys) == 0:
+            return
+        wire = layout.dtype.newbyteorder("<")
+
+        def commands() -> Iterator[_Command]:
+            for p, hk, idx in self._chunks(table, keys):
+                rows = np.ascontiguousarray(values[idx], dtype=wire)
+                buffers = _resp_fields(b"HSET", hk, keys[idx].astype("<i8"), rows)
+                yield _Command(self._target(hk, p), buffers, sum(len(b) for b in buffers))
+
+        self._run(commands)
+
+    def evict(self, table: str, keys: np.ndarray | None = None) -> None:
+        self._layout(table)
+        if keys is not None:
+            evicted = as_keys(keys)
+            chunks = list(self._chunks(table, evicted))
+            self._run(
+                lambda: (
+                    _Command(
+                        self._target(hk, p), _resp_fields(b"HDEL", hk, evicted[idx].astype("<i8"), None), 16
+                    )
+                    for p, hk, idx in chunks
+                )
+            )
+            return
+        # the whole table: every HASH of it on every node, whatever partition count wrote them
+        pattern = "hps:{%s:%s:*}" % (_GLOB_SPECIALS.sub(r"\\\1", self._model),  # noqa: UP031
+                                     _GLOB_SPECIALS.sub(r"\\\1", table))  # fmt: skip
+        try:
+            for client in self._node_clients():
+                # one UNLINK per HASH: on a cluster node, several keys in one command must share a slot
+                pipe = client.pipeline(transaction=False)
+                for name in client.scan_iter(match=pattern, count=1000):
+                    pipe.unlink(name)
+                pipe.execute()
+        except redis.RedisError as exc:
+            self._count_error()
+            raise UnavailableError(f"redis: evicting table {table!r}: {exc}") from None
+
+    def count(self, table: str) -> int:
+        self._layout(table)
+        hash_keys = self._hash_keys[table]
+        replies = self._run(
+            lambda: (
+                _Command(self._target(hk, p), _resp_args(b"HLEN", hk), 16) for p, hk in enumerate(hash_keys)
+            )
+        )
+        return sum(int(n) for n in replies)
+
+    def stats(self) -> Mapping[str, int | float | str]:
+        with self._lock:
+            return {
+                "tier": self.name,
+                "mode": "cluster" if self._cluster_mode else f"shards={len(self._pools)}",
+                "partitions": self._partitions,
+                "hits": self._hits,
+                "misses": self._misses,
+                "errors": self._errors,
+            }
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.disconnect()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    # -- routing and transport -----------------------------------------------------------------
+
+    def _layout(self, table: str) -> TableLayout:
+        try:
+            return self._layouts[table]
+        except KeyError:
+            raise NotFoundError(f"table {table!r} is not held by the redis tier") from None
+
+    def _chunks(self, table: str, keys: np.ndarray) -> Iterator[tuple[int, bytes, np.ndarray]]:
+        """``(partition, hash key, indices into keys)`` per chunk of at most ``chunk_keys`` keys of one
+        partition. The sort is stable, so a key given twice is written in the order given."""
+        partition = bucket_of(keys, self._partitions)
+        order = np.argsort(partition, kind="stable")
+        bounds = np.searchsorted(partition[order], np.arange(self._partitions + 1))
+        for p in range(self._partitions):
+            lo, hi = int(bounds[p]), int(bounds[p + 1])
+            if lo == hi:
+                continue
+            hash_key = self._hash_keys[table][p]
+            for start in range(lo, hi, self._chunk_keys):
+                yield p, hash_key, order[start : min(start + self._chunk_keys, hi)]
+
+    def _target(self, hash_key: bytes, partition: int) -> int:
+        """Index of the connection pool serving ``hash_key`` (of ``partition``)."""
+        if self._cluster is None:
+            return partition % len(self._pools)
+        try:
+            node = self._cluster.get_node_from_key(hash_key)
+            pool = self._cluster.get_redis_connection(node).connection_pool
+        except (redis.RedisError, OSError) as exc:
+            raise UnavailableError(f"Redis Cluster: no node for {hash_key!r}: {exc}") from None
+        with self._lock:  # lookups, loads and updates share the tier across threads
+            for i, known in enumerate(self._pools):
+                if known is pool:
+                    return i
+            self._pools.append(pool)
+            return len(self._pools) - 1
+
+    def _node_clients(self) -> list[redis.Redis]:
+        if self._cluster is None:
+            return [redis.Redis(connection_pool=pool) for pool in self._pools]
+        return [self._cluster.get_redis_connection(node) for node in self._cluster.get_primaries()]
+
+    def _run(self, make_commands: Callable[[], Iterable[_Command]]) -> list[Any]:
+        """Sends the commands ``make_commands`` yields, pipelined, and returns their replies in order.
+
+        On a cluster, a ``MOVED``/``ASK`` reply means a slot moved since we last looked: the slot map is
+        refreshed and the commands re-made (re-routed) and sent once more."""
+        try:
+            return self._run_once(make_commands())
+        except redis.ResponseError as exc:
+            if not (self._cluster is not None and str(exc).startswith(("MOVED", "ASK"))):
+                self._count_error()
+                raise UnavailableError(f"redis: {exc}") from None
+        try:
+            self._cluster.nodes_manager.initialize()
+            return self._run_once(make_commands())
+        except (redis.RedisError, OSError) as exc:
+            self._count_error()
+            raise UnavailableError(f"Redis Cluster: {exc}") from None
+
+    def _run_once(self, commands: Iterable[_Command]) -> list[Any]:
+        """Windows of about ``_WINDOW_BYTES``: a window goes out to every shard at once (shards work in
+        parallel), and the previous window's replies are read only after, so Redis executes one window
+        while this process packs the next; at most two windows are in flight."""
+        replies: list[Any] = []
+        connections: dict[int, Any] = {}
+        unread: list[tuple[int, int]] = []
+        try:
+            window: list[_Command] = []
+            budget = 0
+            for command in commands:
+                window.append(command)
+                budget += command.cost
+                if budget >= _WINDOW_BYTES:
+                    sent = self._send(window, replies, connections)
+                    self._read(unread, replies, connections)
+                    unread, window, budget = sent, [], 0
+            sent = self._send(window, replies, connections)
+            self._read(unread, replies, connections)
+            self._read(sent, replies, connections)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._drop(connections)
+            self._count_error()
+            raise UnavailableError(f"redis: {exc}") from None
+        except BaseException:
+            # replies may be left unread on the wire: those connections cannot be reused
+            self._drop(connections)
+            raise
+        for target, connection in connections.items():
+            self._pools[target].release(connection)
+        return replies
+
+    def _send(
+        self, window: Sequence[_Command], replies: list[Any], connections: dict[int, Any]
+    ) -> list[tuple[int, int]]:
+        """Sends ``window`` (one ``sendall`` per shard); returns ``(target, reply slot)`` to read, in order."""
+        by_target: dict[int, list[Any]] = {}
+        slots: list[tuple[int, int]] = []
+        for command in window:
+            by_target.setdefault(command.target, []).extend(command.buffers)
+            slots.append((command.target, len(replies)))
+            replies.append(None)
+        for target, buffers in by_target.items():
+            if target not in connections:
+                connections[target] = self._pools[target].get_connection()
+            connections[target].send_packed_command(buffers, check_health=False)
+        return slots
+
+    @staticmethod
+    def _read(slots: Sequence[tuple[int, int]], replies: list[Any], connections: Mapping[int, Any]) -> None:
+        for target, slot in slots:
+            replies[slot] = connections[target].read_response()
+
+    def _drop(self, connections: Mapping[int, Any]) -> None:
+        for target, connection in connections.items():
+            connection.disconnect()
+            self._pools[target].release(connection)
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self._errors += 1
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidArgumentError(f"expected a Redis address HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,137 @@
+"""``hps load``: loads a model's tables from their sources into Redis and/or RocksDB (what the loader Job runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "load",
+        help="load a model's tables from their sources into Redis and/or RocksDB",
+        description="Checks every table source against the model first (nothing is written if one is "
+        "bad), then streams the tables into the stores given, in chunks, resumable with --checkpoint-dir.",
+    )
+    parser.add_argument(
+        "-f",
+        "--file",
+        required=True,
+        type=Path,
+        metavar="MODEL.yaml",
+        help="EmbeddingModel file; relative table sources resolve against its folder",
+    )
+    parser.add_argument(
+        "--table",
+        action="append",
+        metavar="T",
+        dest="tables",
+        help="load only this table (repeatable); default: every table with a source",
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="Redis address(es): several standalone servers are sharded client-side",
+    )
+    parser.add_argument(
+        "--redis-cluster", action="store_true", help="the --redis address is a Redis Cluster node"
+    )
+    parser.add_argument(
+        "--redis-password-env", metavar="VAR", help="environment variable holding the Redis AUTH password"
+    )
+    parser.add_argument(
+        "--redis-partitions",
+        type=int,
+        default=64,
+        metavar="N",
+        help="HASHes per table in Redis; must match the agents' (default 64)",
+    )
+    parser.add_argument("--rocksdb", type=Path, metavar="DIR", help="RocksDB directory (the persistent tier)")
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        metavar="DIR",
+        help="record progress here and resume an interrupted load from it",
+    )
+    parser.add_argument(
+        "--chunk-rows", type=int, default=65536, metavar="N", help="rows per write (default 65536)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only open and check the sources against the model; write nothing",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    parser.set_defaults(func=run)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from node_agent.errors import InvalidArgumentError
+    from node_agent.loader import load_model, open_source, select_tables
+    from node_agent.spec import load_model_file
+    from node_agent.tiers import TableLayout, open_tiers
+
+    model = load_model_file(args.file)
+    base_dir = args.file.resolve().parent
+    if args.check:
+        checked = [open_source(t, base_dir=base_dir) for t in select_tables(model, args.tables)]
+        rows = [
+            {"table": s.table, "format": s.format, "source": str(s.path), "rows": s.rows} for s in checked
+        ]
+        _print(rows, args.output, ("table", "format", "rows", "source"))
+        return 0
+
+    if not args.redis and args.rocksdb is None:
+        raise InvalidArgumentError(
+            "nothing to load into: give --redis HOST:PORT and/or --rocksdb DIR (or --check)"
+        )
+    password = None
+    if args.redis_password_env:
+        password = os.environ.get(args.redis_password_env)
+        if password is None:
+            raise InvalidArgumentError(
+                f"--redis-password-env: environment variable {args.redis_password_env} is not set"
+            )
+    addresses = [a for a in (args.redis or "").split(",") if a.strip()]
+    tiers = open_tiers(
+        [TableLayout.of(t) for t in model.tables],
+        model=model.name,
+        redis_addresses=addresses,
+        redis_password=password,
+        redis_cluster=args.redis_cluster,
+        redis_partitions=args.redis_partitions,
+        rocksdb_path=args.rocksdb,
+    )
+    try:
+        reports = load_model(
+            model, tiers=tiers, base_dir=base_dir, tables=args.tables, chunk_rows=args.chunk_rows,
+            progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+        )  # fmt: skip
+    finally:
+        for tier in tiers:
+            tier.close()
+    rows = [
+        {
+            **r.to_dict(),
+            "MB": round(r.bytes / 2**20, 1),
+            "seconds": round(r.seconds, 2),
+            "rows_per_s": round(r.rows_per_s),
+        }
+        for r in reports
+    ]
+    _print(rows, args.output, ("table", "format", "rows", "MB", "seconds", "rows_per_s", "resumed_from"))
+    return 0
+
+
+def _print(rows: list[dict[str, Any]], output: str, columns: tuple[str, ...]) -> None:
+    if output == "json":
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    cells = [[str(c).upper() for c in columns]] + [[str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
