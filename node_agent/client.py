@@ -1,0 +1,267 @@
+"""The Python client inference services import: embedding lookups against one or more node agents.
+
+``Client(endpoint).lookup(model, table, keys)`` returns a NumPy array ``(len(keys), dim)``. Every call
+carries a deadline; when an endpoint is unreachable or too slow (UNAVAILABLE, DEADLINE_EXCEEDED) the
+call moves on to the next endpoint, at most ``retries`` times, and the client keeps using the one
+that answered. Any other failure raises the typed error of :mod:`node_agent.errors` with the
+server's own message.
+
+Updates: with ``redis=`` the client publishes to the model's Redis Stream, which reaches every
+agent serving the model (the production path); without it, ``update`` calls the Update RPC of
+one agent, which refreshes that agent's cache and the shared durable tiers only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from node_agent import wire
+from node_agent.errors import (
+    HpsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+_ERROR_OF_STATUS: dict[grpc.StatusCode, type[HpsError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    rows: int
+    dim: int
+    dtype: str
+    default_value: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an agent serves of a model (the Describe RPC)."""
+
+    model: str
+    tables: Mapping[str, TableInfo]
+    plan_version: int
+    partition: int
+    device: str
+    max_batch_keys: int
+    degraded: bool
+    updates_stream: str
+    endpoint: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "tables": [vars(t) for t in self.tables.values()],
+            "planVersion": self.plan_version,
+            "partition": self.partition,
+            "device": self.device,
+            "maxBatchKeys": self.max_batch_keys,
+            "degraded": self.degraded,
+            "updatesStream": self.updates_stream,
+            "endpoint": self.endpoint,
+        }
+
+
+class Client:
+    """A connection to the node agents at ``endpoint`` (``HOST:PORT`` or several of them).
+
+    Thread-safe: gRPC channels are shared, and one client serves any number of threads. Returned
+    arrays are the caller's to keep and modify.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | Sequence[str],
+        *,
+        timeout: float = 5.0,
+        retries: int = 2,
+        redis: str | Sequence[str] | None = None,
+        redis_password: str | None = None,
+        redis_cluster: bool = False,
+    ) -> None:
+        endpoints = [e.strip() for e in endpoint.split(",")] if isinstance(endpoint, str) else list(endpoint)
+        endpoints = [e for e in endpoints if e]
+        if not endpoints:
+            raise InvalidArgumentError("no endpoint given")
+        if timeout <= 0:
+            raise InvalidArgumentError(f"timeout must be positive, got {timeout}")
+        if retries < 0:
+            raise InvalidArgumentError(f"retries must not be negative, got {retries}")
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self.retries = retries
+        self._channels = [grpc.insecure_channel(e, options=wire.GRPC_MESSAGE_OPTIONS) for e in endpoints]
+        self._stubs = [hps_pb2_grpc.EmbeddingServiceStub(c) for c in self._channels]
+        self._current = 0
+        self._lock = threading.Lock()
+        self._redis = redis
+        self._redis_password = redis_password
+        self._redis_cluster = redis_cluster
+        self._publishers: dict[str, Any] = {}
+        self._described: dict[str, ModelInfo] = {}
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def lookup(self, model: str, table: str, keys: Any) -> np.ndarray:
+        """Vectors of ``keys`` in ``table``: ``(len(keys), dim)`` in the table's dtype; keys the model
+        does not hold get the table's ``defaultValue``."""
+        return self.lookup_many(model, {table: keys})[table]
+
+    def lookup_many(self, model: str, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Several tables in one round trip: ``{table: keys}`` → ``{table: (len(keys), dim)}``."""
+        request = hps_pb2.LookupRequest(model=model)
+        for table, keys in batch.items():
+            request.tables.add(table=table, keys=wire.pack_keys(keys), key_dtype=hps_pb2.INT64)
+        response, _ = self._call("Lookup", request)
+        out: dict[str, np.ndarray] = {}
+        for entry in response.tables:
+            dtype = wire.enum_to_dtype(entry.dtype, where=f"response for {entry.table}")
+            view = wire.unpack_vectors(
+                entry.vectors, dtype=dtype, rows=int(entry.count), dim=int(entry.dim), where=f"vectors of {entry.table}"
+            )
+            # One copy makes the array writable (a view on the message's bytes is read-only) and
+            # native-endian on any host.
+            out[entry.table] = view.astype(np.dtype(dtype), copy=True)
+        return out
+
+    # -- updates -------------------------------------------------------------------------------
+
+    def update(self, model: str, table: str, keys: Any, vectors: Any) -> int:
+        """Overwrites the rows of ``keys``; returns the rows written.
+
+        With ``redis=`` given: checks the table and dim against Describe, then publishes to the
+        model's stream (raises :class:`UnavailableError` if Redis does not take it); every agent
+        applies it within the update lag. Without: the Update RPC of one agent, applied when it
+        returns."""
+        k = wire.as_keys(keys)
+        v = wire.as_vectors(vectors, rows=int(k.size))
+        if self._redis is not None:
+            info = self._describe_cached(model)
+            if table not in info.tables:
+                raise NotFoundError(f"table {table!r} not found in model {model!r}")
+            if v.shape[1] != info.tables[table].dim:
+                raise InvalidArgumentError(f"vectors have dim {v.shape[1]}, table {table} has dim {info.tables[table].dim}")
+            self._publisher(model, info.updates_stream).publish(table, k, v)
+            return int(k.size)
+        request = hps_pb2.UpdateRequest(
+            model=model,
+            table=table,
+            keys=k.tobytes(),
+            key_dtype=hps_pb2.INT64,
+            vectors=wire.pack_vectors(v, v.dtype.name),
+            dtype=wire.dtype_to_enum(v.dtype),
+        )
+        response, _ = self._call("Update", request)
+        return int(response.updated)
+
+    def _publisher(self, model: str, stream: str) -> Any:
+        from node_agent.updates import UpdatePublisher, stream_name
+
+        with self._lock:
+            publisher = self._publishers.get(model)
+            if publisher is None:
+                assert self._redis is not None
+                publisher = UpdatePublisher(
+                    self._redis,
+                    password=self._redis_password,
+                    cluster=self._redis_cluster,
+                    stream=stream or stream_name(model),
+                )
+                self._publishers[model] = publisher
+            return publisher
+
+    # -- what the agents serve -----------------------------------------------------------------
+
+    def describe(self, model: str) -> ModelInfo:
+        response, endpoint = self._call("Describe", hps_pb2.DescribeRequest(model=model))
+        tables = {
+            t.name: TableInfo(t.name, int(t.rows), int(t.dim), wire.enum_to_dtype(t.dtype), float(t.default_value))
+            for t in response.tables
+        }
+        info = ModelInfo(
+            model=response.model,
+            tables=tables,
+            plan_version=int(response.plan_version),
+            partition=int(response.partition),
+            device=response.device,
+            max_batch_keys=int(response.max_batch_keys),
+            degraded=bool(response.degraded),
+            updates_stream=response.updates_stream,
+            endpoint=endpoint,
+        )
+        with self._lock:
+            self._described[model] = info
+        return info
+
+    def _describe_cached(self, model: str) -> ModelInfo:
+        with self._lock:
+            info = self._described.get(model)
+        return info if info is not None else self.describe(model)
+
+    def stats(self, model: str) -> dict[str, Any]:
+        """The agent's counters (lookup path, tiers, server, update consumer) as a dict."""
+        response, endpoint = self._call("Stats", hps_pb2.StatsRequest(model=model))
+        stats: dict[str, Any] = json.loads(response.stats_json or "{}")
+        stats.setdefault("degraded", bool(response.degraded))
+        stats["endpoint"] = endpoint
+        return stats
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, method: str, request: Any) -> tuple[Any, str]:
+        """Calls ``method`` with a deadline, moving to the next endpoint on UNAVAILABLE or
+        DEADLINE_EXCEEDED at most ``retries`` times; returns the response and who answered."""
+        with self._lock:
+            index = self._current
+        tried: list[str] = []
+        for attempt in range(self.retries + 1):
+            endpoint = self.endpoints[index]
+            try:
+                response = getattr(self._stubs[index], method)(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                code: grpc.StatusCode = exc.code()
+                details: str = exc.details() or code.name
+                tried.append(endpoint)
+                if code in _RETRYABLE and attempt < self.retries:
+                    index = (index + 1) % len(self.endpoints)
+                    continue
+                if code in _RETRYABLE:
+                    raise UnavailableError(
+                        f"no endpoint answered {method} (tried {', '.join(tried)}): {code.name}: {details}"
+                    ) from None
+                raise _ERROR_OF_STATUS.get(code, HpsError)(details if code in _ERROR_OF_STATUS else f"{code.name}: {details}") from None
+            with self._lock:
+                self._current = index
+            return response, endpoint
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        for publisher in self._publishers.values():
+            publisher.close()
+        self._publishers.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,341 @@
+"""Serves one model's :class:`~node_agent.lookup.LookupPath` over gRPC (``hps.v1.EmbeddingService``),
+with the standard health service and server reflection beside it.
+
+This is the data plane's edge: typed errors from the core become gRPC status codes here and only
+here. The hot path does no per-key Python work: a keys buffer is viewed in place as ``int64``, the
+lookup path answers the whole batch, and the vectors go back as one packed buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from node_agent import wire
+from node_agent.errors import (
+    HpsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
+
+if TYPE_CHECKING:
+    from node_agent.lookup import LookupPath
+    from node_agent.plan import Plan
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = hps_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+#: default limit on keys per request; the spec's ``agent.maxBatchKeys`` overrides it
+DEFAULT_MAX_BATCH_KEYS = 1 << 20
+
+
+_STATUS_OF_ERROR: tuple[tuple[type[HpsError], grpc.StatusCode], ...] = (
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(error: HpsError) -> grpc.StatusCode:
+    """The gRPC status code a typed error becomes (``INTERNAL`` for errors with no better match)."""
+    for kind, code in _STATUS_OF_ERROR:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class StatsSource(Protocol):
+    """Something beside the lookup path whose counters belong in Stats (e.g. the update consumer)."""
+
+    @property
+    def degraded(self) -> bool: ...
+
+    def stats(self) -> Mapping[str, Any]: ...
+
+
+class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
+    """Answers ``hps.v1.EmbeddingService`` for one model from one lookup path."""
+
+    def __init__(
+        self,
+        lookup: LookupPath,
+        *,
+        model: str,
+        max_batch_keys: int = DEFAULT_MAX_BATCH_KEYS,
+        plan_version: int = 0,
+        partition: int = 0,
+        device: str = "cpu",
+        updates_stream: str = "",
+        extras: Mapping[str, StatsSource] | None = None,
+    ) -> None:
+        self._lookup = lookup
+        self._model = model
+        self._max_batch_keys = max_batch_keys
+        self._plan_version = plan_version
+        self._partition = partition
+        self._device = device
+        self._updates_stream = updates_stream
+        self._extras = dict(extras or {})
+        self._counters: Counter[str] = Counter()
+        self._counters_lock = threading.Lock()
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> hps_pb2.LookupResponse:
+        with self._edge("Lookup", context):
+            self._check_model(request.model)
+            total = sum(wire.count_keys(t.keys) for t in request.tables)
+            if total > self._max_batch_keys:
+                raise ResourceExhaustedError(
+                    f"batch of {total} keys exceeds max_batch_keys={self._max_batch_keys}"
+                )
+            tables = self._lookup.tables()
+            names: list[str] = []
+            keys: list[np.ndarray] = []
+            for i, entry in enumerate(request.tables):
+                self._check_table(entry.table, tables, where=f"tables[{i}]")
+                keys.append(wire.unpack_keys(entry.keys, entry.key_dtype, where=f"tables[{i}] ({entry.table}) keys"))
+                names.append(entry.table)
+            if len(set(names)) == len(names):
+                found = self._lookup.lookup_many({n: k for n, k in zip(names, keys, strict=True) if k.size})
+                results = [found.get(n) for n in names]
+            else:  # the same table twice: answer each entry on its own
+                results = [self._lookup.lookup(n, k) if k.size else None for n, k in zip(names, keys, strict=True)]
+            response = hps_pb2.LookupResponse()
+            for name, k, vectors in zip(names, keys, results, strict=True):
+                spec = tables[name]
+                out = response.tables.add()
+                out.table = name
+                out.dim = spec.dim
+                out.dtype = wire.dtype_to_enum(spec.dtype)
+                out.count = int(k.size)
+                if vectors is not None:
+                    out.vectors = wire.pack_vectors(vectors, spec.dtype)
+            self._count(lookups=1, keys=total)
+            return response
+
+    def Update(self, request: hps_pb2.UpdateRequest, context: grpc.ServicerContext) -> hps_pb2.UpdateResponse:
+        with self._edge("Update", context):
+            self._check_model(request.model)
+            tables = self._lookup.tables()
+            self._check_table(request.table, tables, where="table")
+            spec = tables[request.table]
+            keys = wire.unpack_keys(request.keys, request.key_dtype, where=f"keys of {request.table}")
+            if keys.size > self._max_batch_keys:
+                raise ResourceExhaustedError(
+                    f"batch of {keys.size} keys exceeds max_batch_keys={self._max_batch_keys}"
+                )
+            sent = spec.dtype if request.dtype == hps_pb2.DTYPE_UNSPECIFIED else wire.enum_to_dtype(request.dtype)
+            vectors = wire.unpack_vectors(
+                request.vectors, dtype=sent, rows=int(keys.size), dim=spec.dim, where=f"vectors of {request.table}"
+            )
+            if keys.size:
+                self._lookup.update(request.table, keys, vectors.astype(spec.dtype, copy=False))
+            self._count(updates=1, updated_keys=int(keys.size))
+            return hps_pb2.UpdateResponse(updated=int(keys.size))
+
+    def Describe(
+        self, request: hps_pb2.DescribeRequest, context: grpc.ServicerContext
+    ) -> hps_pb2.DescribeResponse:
+        with self._edge("Describe", context):
+            self._check_model(request.model)
+            response = hps_pb2.DescribeResponse(
+                model=self._model,
+                plan_version=self._plan_version,
+                partition=self._partition,
+                device=self._device,
+                max_batch_keys=self._max_batch_keys,
+                degraded=self.degraded,
+                updates_stream=self._updates_stream,
+            )
+            for name, spec in sorted(self._lookup.tables().items()):
+                response.tables.add(
+                    name=name,
+                    rows=spec.rows,
+                    dim=spec.dim,
+                    dtype=wire.dtype_to_enum(spec.dtype),
+                    default_value=spec.default_value,
+                )
+            return response
+
+    def Stats(self, request: hps_pb2.StatsRequest, context: grpc.ServicerContext) -> hps_pb2.StatsResponse:
+        with self._edge("Stats", context):
+            self._check_model(request.model)
+            degraded = self.degraded
+            with self._counters_lock:
+                server = dict(self._counters)
+            stats: dict[str, Any] = {
+                "model": self._model,
+                "degraded": degraded,
+                "device": self._device,
+                "server": server,
+                "lookup": dict(self._lookup.stats()),
+            }
+            for name, source in self._extras.items():
+                stats[name] = dict(source.stats())
+            return hps_pb2.StatsResponse(
+                model=self._model, degraded=degraded, stats_json=json.dumps(stats, default=_jsonable)
+            )
+
+    # -- shared --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self._lookup.degraded) or any(s.degraded for s in self._extras.values())
+
+    @contextmanager
+    def _edge(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Translates the core's typed errors into a status code and the error's own message."""
+        try:
+            yield
+        except HpsError as exc:
+            code = status_of(exc)
+            self._count(**{f"errors.{code.name.lower()}": 1})
+            log.debug("%s -> %s: %s", method, code.name, exc)
+            _abort(context, code, str(exc))
+
+    def _check_model(self, model: str) -> None:
+        if not model:
+            raise InvalidArgumentError("model name is empty")
+        if model != self._model:
+            raise NotFoundError(f"model {model!r} not found: this agent serves {self._model!r}")
+
+    def _check_table(self, table: str, tables: Mapping[str, Any], *, where: str) -> None:
+        if not table:
+            raise InvalidArgumentError(f"{where}: table name is empty")
+        if table not in tables:
+            known = ", ".join(sorted(tables)) or "none"
+            raise NotFoundError(f"table {table!r} not found in model {self._model!r} (tables: {known})")
+
+    def _count(self, **increments: int) -> None:
+        with self._counters_lock:
+            self._counters.update(increments)
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("grpc's abort returned")  # abort always raises; this keeps mypy honest
+
+
+def _jsonable(value: Any) -> Any:
+    """NumPy scalars and other odd values in stats → plain JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server: its bound ``port``, and how to stop or wait for it."""
+
+    server: grpc.Server
+    host: str
+    port: int
+    health: health.HealthServicer
+    servicer: EmbeddingServicer
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def set_serving(self, serving: bool) -> None:
+        """What the health service answers (degraded is still SERVING: lookups still answer)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Answers NOT_SERVING, lets RPCs in flight finish for ``grace`` seconds, then closes."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait(timeout=(grace or 0) + 5)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the server stops (``True``) or ``timeout`` passes (``False``)."""
+        return bool(self.server.wait_for_termination(timeout))
+
+
+def serve(
+    lookup: LookupPath,
+    *,
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_batch_keys: int = DEFAULT_MAX_BATCH_KEYS,
+    max_workers: int = 4,
+    plan: Plan | None = None,
+    partition: int = 0,
+    device: str | None = None,
+    updates_stream: str = "",
+    extras: Mapping[str, StatsSource] | None = None,
+) -> RunningServer:
+    """Starts serving ``lookup`` as ``model`` on ``host:port`` (``0`` picks a free port) and returns at
+    once; the health service answers SERVING from then on.
+
+    A small pool is enough: the work per RPC is NumPy on whole batches, which releases the GIL.
+    Raises :class:`UnavailableError` when the address cannot be bound.
+    """
+    if max_batch_keys < 1:
+        raise InvalidArgumentError(f"max_batch_keys must be at least 1, got {max_batch_keys}")
+    servicer = EmbeddingServicer(
+        lookup,
+        model=model,
+        max_batch_keys=max_batch_keys,
+        plan_version=plan.version if plan is not None else 0,
+        partition=partition,
+        device=device or device_of(lookup),
+        updates_stream=updates_stream,
+        extras=extras,
+    )
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hps-grpc")
+    server = grpc.server(pool, options=wire.GRPC_MESSAGE_OPTIONS)
+    hps_pb2_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise UnavailableError(f"cannot listen on {address}: {exc}") from None
+    if not bound:
+        raise UnavailableError(f"cannot listen on {address}")
+    server.start()
+    running = RunningServer(server, host, bound, health_servicer, servicer)
+    running.set_serving(True)
+    log.info("serving model %s on %s (device %s)", model, running.endpoint, servicer.device)
+    return running
+
+
+def device_of(lookup: Any) -> str:
+    """Where the lookup path's L1 cache lives, as Describe reports it (``cpu`` or ``cuda:N``)."""
+    device = getattr(lookup, "device", None)
+    if device is None:
+        device = dict(lookup.stats()).get("device")
+    return str(device) if device else "cpu"

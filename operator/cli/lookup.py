@@ -1,0 +1,57 @@
+"""``hps lookup``: prints the vectors of some keys, asked of a running node agent."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "lookup", help="look up embedding vectors", description="Asks a node agent for the vectors of some keys."
+    )
+    p.add_argument("--endpoint", required=True, help="agent HOST:PORT (several: comma-separated)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--keys", required=True, help="comma-separated integer keys, e.g. 1,2,3")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from node_agent.client import Client
+    from node_agent.wire import parse_keys_text
+
+    keys = parse_keys_text(args.keys)
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        vectors = client.lookup(args.model, args.table, keys)
+    if args.output == "json":
+        out = {"model": args.model, "table": args.table, "keys": keys.tolist(),
+               "vectors": vectors.astype(np.float64).tolist()}  # fmt: skip
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    sys.stdout.write(format_vectors(keys.tolist(), vectors))
+    return 0
+
+
+def format_vectors(keys: list[int], vectors: Any, *, max_columns: int = 8) -> str:
+    """A readable table: one row per key; wide vectors show their first and last columns."""
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    if dim <= max_columns:
+        columns = list(range(dim))
+    else:
+        half = max_columns // 2
+        columns = [*range(half), -1, *range(dim - half, dim)]
+    header = ["KEY"] + [("..." if c < 0 else f"[{c}]") for c in columns]
+    rows = [header]
+    for key, row in zip(keys, vectors, strict=True):
+        rows.append([str(key)] + [("..." if c < 0 else f"{float(row[c]):.6g}") for c in columns])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines) + f"\n({len(keys)} keys, dim {dim}, {vectors.dtype})\n"
