@@ -1,0 +1,389 @@
+"""The EmbeddingModel's status, computed purely from the spec, the plan, what the children report, the
+rollout and the error (if any) of this round, per the Kubernetes API conventions.
+
+Conditions (metav1.Condition shape; ``lastTransitionTime`` moves only when ``status`` changes):
+
+- **Ready**: every desired replica has a ready agent pod in each partition clients route to, and the
+  tables are loaded. False with the error's reason (``InvalidSpec`` naming the field,
+  ``InsufficientGPUMemory`` with needed and available bytes, ...) when the spec cannot be served.
+- **Placed**: a plan exists for the spec (False ``InsufficientGPUMemory`` when none fits).
+- **Loaded**: the tables are in the tiers (the loader Job for Redis; agents fill their own tiers).
+- **Progressing**: a plan rollout, a scale or a load is under way.
+- **Degraded**: serving, but not fully: Redis down (lookups fall back to L1/L3), a load failed, or a
+  partition without a ready pod.
+
+The helpers ``statefulset_*`` and ``job_state`` turn observed objects into the plain facts used here,
+so the handler stays a thin observer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from hps_operator.core.render import PARTITION_LABEL, endpoint
+from hps_operator.core.rollout import Phase, Rollout, format_time
+
+from node_agent.errors import HpsError, InsufficientGPUMemoryError, InvalidSpecError
+from node_agent.plan import Plan
+from node_agent.spec import ModelSpec
+
+CONDITION_TYPES = ("Ready", "Placed", "Loaded", "Progressing", "Degraded")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]] | None,
+    *,
+    type: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    observed_generation: int | None,
+    now: datetime | str,
+) -> list[dict[str, Any]]:
+    """A copy of ``conditions`` with ``type`` set. ``lastTransitionTime`` keeps its old value unless
+    ``status`` changes (reason and message may change without a transition). Order is kept; a new
+    type is appended."""
+    text = {True: "True", False: "False"}[status] if isinstance(status, bool) else status
+    if text not in ("True", "False", "Unknown"):
+        raise ValueError(f"condition status must be True, False or Unknown, got {status!r}")
+    stamp = now if isinstance(now, str) else format_time(now)
+    result = [dict(c) for c in conditions or ()]
+    for i, old in enumerate(result):
+        if old.get("type") == type:
+            since = old.get("lastTransitionTime") if old.get("status") == text else None
+            result[i] = _condition(type, text, reason, message, observed_generation, since or stamp)
+            return result
+    result.append(_condition(type, text, reason, message, observed_generation, stamp))
+    return result
+
+
+def _condition(
+    type: str, status: str, reason: str, message: str, generation: int | None, since: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": type,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
+
+
+def get_condition(conditions: Iterable[Mapping[str, Any]] | None, type: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions or () if c.get("type") == type), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the children report
+
+
+@dataclass(frozen=True)
+class AgentObservation:
+    """One partition's agent StatefulSet, as observed."""
+
+    partition: int
+    #: pods that exist (``status.replicas``)
+    replicas: int
+    #: pods passing their readiness probe (``status.readyReplicas``)
+    ready_replicas: int
+    #: the controller has seen the latest spec and every pod runs the current template
+    rolled_out: bool
+
+
+@dataclass(frozen=True)
+class ChildrenObservation:
+    """What the handler saw of the model's children this round.
+
+    ``redis_ready``: ``None`` when the model has no Redis. ``load``: ``"NotNeeded"`` (agents load
+    their own tiers), ``"Running"``, ``"Succeeded"``, ``"Failed"`` or ``None`` (no loader Job seen
+    yet); ``load_message`` says why a load failed."""
+
+    agents: tuple[AgentObservation, ...] = ()
+    redis_ready: bool | None = None
+    load: str | None = None
+    load_message: str = ""
+
+
+def statefulset_rolled_out(sts: Mapping[str, Any]) -> bool:
+    """The controller has acted on the latest spec and every wanted pod runs it and is ready."""
+    spec = sts.get("spec") or {}
+    status = sts.get("status") or {}
+    wanted = int(spec.get("replicas", 1))
+    generation = (sts.get("metadata") or {}).get("generation")
+    return (
+        (generation is None or status.get("observedGeneration") == generation)
+        and int(status.get("replicas", 0)) == wanted
+        and int(status.get("readyReplicas", 0)) == wanted
+        and int(status.get("updatedReplicas", wanted)) == wanted
+        and status.get("updateRevision", status.get("currentRevision")) == status.get("currentRevision")
+    )
+
+
+def agent_observation(sts: Mapping[str, Any]) -> AgentObservation:
+    """An agent StatefulSet (as read from the API) → its :class:`AgentObservation`."""
+    labels = (sts.get("metadata") or {}).get("labels") or {}
+    status = sts.get("status") or {}
+    return AgentObservation(
+        partition=int(labels[PARTITION_LABEL]),
+        replicas=int(status.get("replicas", 0)),
+        ready_replicas=int(status.get("readyReplicas", 0)),
+        rolled_out=statefulset_rolled_out(sts),
+    )
+
+
+def job_state(job: Mapping[str, Any] | None) -> tuple[str | None, str]:
+    """A Job → ``("Succeeded" | "Failed" | "Running" | None, message)`` from its conditions."""
+    if job is None:
+        return None, ""
+    for condition in (job.get("status") or {}).get("conditions") or ():
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return "Succeeded", ""
+        if condition.get("type") == "Failed":
+            return "Failed", str(condition.get("message") or condition.get("reason") or "the Job failed")
+    return "Running", ""
+
+
+def redis_ready(sts: Mapping[str, Any] | None) -> bool:
+    """Every Redis pod is ready (a missing StatefulSet is not)."""
+    if sts is None:
+        return False
+    wanted = int((sts.get("spec") or {}).get("replicas", 1))
+    return int((sts.get("status") or {}).get("readyReplicas", 0)) >= wanted
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole status
+
+
+def replica_counts(agents: Iterable[AgentObservation], partitions: int) -> tuple[int, int]:
+    """``(replicas, readyReplicas)``: a replica is one pod in *every* partition, so each is the
+    least over the partitions (a partition without a StatefulSet counts 0)."""
+    if partitions <= 0:
+        return 0, 0
+    by_partition = {a.partition: a for a in agents}
+    seen = [by_partition.get(p) for p in range(partitions)]
+    return (
+        min((a.replicas if a else 0) for a in seen),
+        min((a.ready_replicas if a else 0) for a in seen),
+    )
+
+
+def error_reason(error: HpsError) -> str:
+    """CamelCase condition reason of an error: ``InvalidSpecError`` → ``InvalidSpec``."""
+    name = type(error).__name__
+    return name.removesuffix("Error") or name
+
+
+def error_message(error: HpsError) -> str:
+    if isinstance(error, InvalidSpecError):
+        return f"{error.field}: {error.detail}"
+    if isinstance(error, InsufficientGPUMemoryError):
+        return (
+            f"needs {error.needed} bytes ({_gib(error.needed)}) of GPU cache, "
+            f"{error.available} bytes ({_gib(error.available)}) available; {error}"
+        )
+    return str(error)
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
+
+
+def placement_status(plan: Plan) -> dict[str, Any]:
+    metrics = plan.metrics
+    return {
+        "version": plan.version,
+        "strategy": plan.strategy,
+        "partitions": plan.partitions,
+        "gpusPerPod": plan.gpus_per_pod,
+        "bucketCount": plan.bucket_count,
+        "imbalance": round(metrics.imbalance, 6),
+        "memoryImbalance": round(metrics.memory_imbalance, 6),
+        "totalBytes": metrics.total_bytes,
+        "movedBytes": metrics.moved_bytes,
+        "movementLowerBound": metrics.movement_lower_bound,
+    }
+
+
+def compute_status(
+    *,
+    name: str,
+    generation: int | None,
+    model: ModelSpec | None,
+    plan: Plan | None,
+    observed: ChildrenObservation,
+    rollout: Rollout,
+    now: datetime | str,
+    error: HpsError | None = None,
+    active_plan: Plan | None = None,
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole ``status`` of an EmbeddingModel.
+
+    ``model`` is ``None`` when the spec did not parse (then ``error`` says why); ``plan`` is the
+    target plan, or the plan still served when the new spec could not be placed; ``active_plan`` the
+    plan clients route by during a rollout; ``previous`` the current status (its conditions keep
+    their transition times, and what cannot be recomputed from an invalid spec is kept)."""
+    previous = previous or {}
+    conditions: list[dict[str, Any]] = [dict(c) for c in previous.get("conditions") or ()]
+
+    def put(type: str, status: bool | str, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions,
+            type=type,
+            status=status,
+            reason=reason,
+            message=message,
+            observed_generation=generation,
+            now=now,
+        )
+
+    routed = active_plan if rollout.phase is Phase.WARMING and active_plan is not None else plan
+    if routed is not None:
+        partitions = routed.partitions
+    else:  # no plan this round (invalid spec): count what is still serving
+        partitions = int((previous.get("placement") or {}).get("partitions") or len(observed.agents))
+    replicas, ready = replica_counts(observed.agents, partitions)
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "selector": f"app.kubernetes.io/instance={name}",
+        "rebalance": rollout.to_status(),
+    }
+    if generation is None:
+        del status["observedGeneration"]
+
+    if model is None:
+        # the spec is unreadable: say why and keep what was known of the deployment still serving
+        for key in ("tableCount", "endpoint", "placement"):
+            if key in previous:
+                status[key] = previous[key]
+        put(
+            "Ready",
+            False,
+            error_reason(error) if error else "InvalidSpec",
+            error_message(error) if error else "the spec could not be read",
+        )
+        status["conditions"] = _sorted_conditions(conditions)
+        return status
+
+    status["tableCount"] = len(model.tables)
+    status["endpoint"] = endpoint(model)
+    if plan is not None:
+        status["placement"] = placement_status(plan)
+
+    # Placed
+    if isinstance(error, InsufficientGPUMemoryError):
+        put("Placed", False, error_reason(error), error_message(error))
+    elif plan is None:
+        put("Placed", False, "Pending", "no placement plan yet")
+    else:
+        put(
+            "Placed",
+            True,
+            "Placed",
+            f"plan version {plan.version}: {plan.strategy}, {plan.partitions} partition(s) x "
+            f"{plan.gpus_per_pod} GPU(s), imbalance {plan.metrics.imbalance:.3f}",
+        )
+
+    # Loaded
+    load = observed.load
+    if load in ("Succeeded", "NotNeeded"):
+        put(
+            "Loaded",
+            True,
+            "Loaded" if load == "Succeeded" else "LoadedByAgents",
+            "the tables are in the shared Redis tier"
+            if load == "Succeeded"
+            else "each agent loads its own tiers before it reports ready",
+        )
+    elif load == "Failed":
+        put("Loaded", False, "LoadFailed", observed.load_message or "the loader Job failed")
+    elif load == "Running":
+        put("Loaded", False, "Loading", "the loader Job is loading the tables")
+    else:
+        put("Loaded", False, "Pending", "the loader has not started")
+
+    # Progressing
+    desired = model.replicas
+    all_rolled_out = all(a.rolled_out for a in observed.agents)
+    if rollout.phase is not Phase.IDLE:
+        put(
+            "Progressing",
+            True,
+            "Rebalancing",
+            f"plan version {rollout.active_version} -> {rollout.target_version}: {rollout.phase}",
+        )
+    elif replicas != desired or not all_rolled_out or ready < desired:
+        put("Progressing", True, "Scaling", f"{ready}/{desired} replicas ready")
+    elif load == "Running":
+        put("Progressing", True, "Loading", "the loader Job is loading the tables")
+    else:
+        put("Progressing", False, "Complete", f"{ready}/{desired} replicas ready")
+
+    # Degraded
+    partitions_down = sorted(a.partition for a in observed.agents if a.replicas > 0 and a.ready_replicas == 0)
+    if observed.redis_ready is False:
+        put(
+            "Degraded",
+            True,
+            "VolatileStoreUnavailable",
+            "Redis is not ready: lookups are answered from the GPU cache and the persistent store",
+        )
+    elif load == "Failed":
+        put("Degraded", True, "LoadFailed", observed.load_message or "the loader Job failed")
+    elif partitions_down and ready == 0 and any(a.ready_replicas > 0 for a in observed.agents):
+        put(
+            "Degraded",
+            True,
+            "PartitionUnavailable",
+            f"partition(s) {', '.join(map(str, partitions_down))} have no ready agent",
+        )
+    elif 0 < ready < desired and all_rolled_out and rollout.phase is Phase.IDLE:
+        put("Degraded", True, "ReplicasUnavailable", f"{ready}/{desired} replicas ready")
+    else:
+        put("Degraded", False, "AsExpected", "every tier answers")
+
+    # Ready
+    if error is not None:
+        serving = f"; still serving plan version {plan.version}" if plan is not None and ready > 0 else ""
+        put("Ready", False, error_reason(error), error_message(error) + serving)
+    elif plan is None:
+        put("Ready", False, "Pending", "no placement plan yet")
+    elif desired == 0:
+        put("Ready", False, "ScaledToZero", "spec.replicas is 0")
+    elif load not in ("Succeeded", "NotNeeded"):
+        put(
+            "Ready",
+            False,
+            "LoadFailed" if load == "Failed" else "Loading",
+            observed.load_message or "the tables are not loaded yet",
+        )
+    elif ready < desired:
+        put("Ready", False, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+    else:
+        put(
+            "Ready",
+            True,
+            "Ready",
+            f"{ready}/{desired} replicas ready at plan version {rollout.routing_version or plan.version}",
+        )
+
+    status["conditions"] = _sorted_conditions(conditions)
+    return status
+
+
+def _sorted_conditions(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """In CONDITION_TYPES order (then any others), so an unchanged status compares equal."""
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(conditions, key=lambda c: order.get(str(c.get("type")), len(order)))

@@ -1,0 +1,537 @@
+"""The pure renderers: whole-manifest comparisons for the agent StatefulSet and the plan ConfigMap,
+every child valid against the official Kubernetes schemas for many specs, stable output, and the
+behaviour a user relies on (scaling restarts nothing, a new plan restarts only the partitions it
+touches, make-before-break keeps old shards served until routing has switched). The Redis
+configuration the StatefulSet generates is run on a real redis-server (master + replica, AUTH)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import redis
+import yaml
+from hps_operator.core.render import (
+    MODEL_KEY,
+    PLAN_KEY,
+    ROUTING_KEY,
+    SERVING_KEY,
+    model_manifest,
+    render_agent_statefulset,
+    render_children,
+    render_plan_configmap,
+    serving_plan,
+)
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from node_agent.errors import InvalidSpecError
+from node_agent.local.redis_servers import free_port, redis_server_binary
+from node_agent.plan import Assignment, Plan, PlanMetrics
+from node_agent.spec import ModelSpec, load_model_file, parse_model
+
+KUBERNETES_VERSION = "1.35"
+ROOT = Path(__file__).resolve().parents[2]
+OWNER = {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "name": "dlrm", "uid": "0f1e-uid"}
+IMAGE = "ghcr.io/hps/agent:0.1"
+LABELS = {
+    "app.kubernetes.io/name": "hps",
+    "app.kubernetes.io/instance": "dlrm",
+    "app.kubernetes.io/managed-by": "hps-operator",
+    "app.kubernetes.io/part-of": "hps",
+}
+OWNER_REFS = [{**OWNER, "controller": True, "blockOwnerDeletion": True}]
+
+
+def model(**spec: Any) -> ModelSpec:
+    base: dict[str, Any] = {
+        "tables": [
+            {"name": "user-id", "rows": 1000, "dim": 16},
+            {"name": "item-id", "rows": 3000, "dim": 8, "dtype": "float16", "source": "file:///models/item-id"},
+        ],
+        "replicas": 2,
+        "gpusPerPod": 2,
+        "partitions": 2,
+        "volatileStore": {"redis": {"shards": 2, "replicasPerShard": 1, "memory": "2Gi"}},
+        "persistentStore": {"storage": "20Gi", "storageClassName": "fast-ssd"},
+        "agent": {
+            "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+    base.update(spec)
+    return parse_model({"metadata": {"name": "dlrm", "namespace": "recsys"}, "spec": base})
+
+
+def plan(version: int = 3, *, partitions: int = 2, gpus: int = 2, buckets: int = 4,
+         layout: tuple[tuple[str, int, int, int, int], ...] = (("user-id", 0, 0, 0, 4), ("item-id", 1, 1, 0, 4)),
+         ) -> Plan:  # fmt: skip
+    """A hand-written plan: ``layout`` is (table, partition, gpu, lo, hi)."""
+    assignments = tuple(sorted(Assignment(t, p, g, (lo, hi), 1000 * (hi - lo)) for t, p, g, lo, hi in layout))
+    return Plan(version, buckets, partitions, gpus, "table", assignments, PlanMetrics(1.2, 1.1, 112000, 0, 0), "dlrm")
+
+
+def by_name(manifests: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+# ---------------------------------------------------------------------------------------------
+# whole manifests
+
+
+def test_agent_statefulset_whole() -> None:
+    sts = render_agent_statefulset(model(), plan(), 1, owner=OWNER, image=IMAGE)
+    grpc = {"port": 50051}
+    assert sts == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": "dlrm-agent-p1",
+            "namespace": "recsys",
+            "labels": {**LABELS, "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"},
+            "ownerReferences": OWNER_REFS,
+            "annotations": {"hps.dev/plan-version": "3"},
+        },
+        "spec": {
+            "serviceName": "dlrm-agent-p1",
+            "replicas": 2,
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": "dlrm",
+                                         "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"}},
+            "template": {
+                "metadata": {
+                    "labels": {**LABELS, "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"},
+                    "annotations": {"hps.dev/partition-plan": "45cf585d52635d60",
+                                    "hps.dev/model-hash": "6219a5560671158b"},
+                },
+                "spec": {
+                    "containers": [{
+                        "name": "agent",
+                        "image": IMAGE,
+                        "command": ["hps"],
+                        "args": [
+                            "agent", "-f", "/etc/hps/model.yaml", "--plan", "/etc/hps/serving.json",
+                            "--partition", "1", "--host", "0.0.0.0", "--port", "50051",
+                            "--agent-id", "$(POD_NAME)",
+                            "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
+                            "--redis-password-env", "REDIS_PASSWORD",
+                            "--rocksdb", "/var/lib/hps/rocksdb", "--load",
+                        ],
+                        "env": [
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "REDIS_PASSWORD",
+                             "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}},
+                        ],
+                        "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}],
+                        "resources": {"limits": {"nvidia.com/gpu": "2"},
+                                      "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "2"}},
+                        "startupProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 360},
+                        "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "timeoutSeconds": 3,
+                                           "failureThreshold": 2},
+                        "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "timeoutSeconds": 5,
+                                          "failureThreshold": 6},
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/hps", "readOnly": True},
+                                         {"name": "data", "mountPath": "/var/lib/hps"}],
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                    }],
+                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-plan"}}],
+                    "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "terminationGracePeriodSeconds": 30,
+                    "nodeSelector": {"gpu": "a100"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}},
+                         "storageClassName": "fast-ssd"},
+            }],
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
+        },
+    }  # fmt: skip
+
+
+def test_plan_configmap_whole() -> None:
+    the_plan = plan()
+    cm = render_plan_configmap(model(), the_plan, owner=OWNER)
+    expected_model = {
+        "apiVersion": "hps.dev/v1alpha1",
+        "kind": "EmbeddingModel",
+        "metadata": {"name": "dlrm", "namespace": "recsys"},
+        "spec": {
+            "tables": [
+                {"name": "user-id", "rows": 1000, "dim": 16, "dtype": "float32", "defaultValue": 0.0},
+                {"name": "item-id", "rows": 3000, "dim": 8, "dtype": "float16", "defaultValue": 0.0,
+                 "source": "file:///models/item-id"},
+            ],
+            "replicas": 2, "gpusPerPod": 2, "partitions": 2,
+            "cache": {"memoryPerGPU": "16Gi", "policy": "lru", "hitRateThreshold": 0.9, "associativity": 32},
+            "volatileStore": {"type": "redis",
+                              "redis": {"shards": 2, "replicasPerShard": 1, "memory": "2Gi", "cluster": False}},
+            "persistentStore": {"type": "rocksdb", "storage": "20Gi", "readOnly": False,
+                                "storageClassName": "fast-ssd"},
+            "placement": {"strategy": "auto", "maxImbalance": 1.05, "bucketCount": 0},
+            "updates": {"enabled": True},
+            "agent": {
+                "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
+                "nodeSelector": {"gpu": "a100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {}, "gpuResourceName": "nvidia.com/gpu", "maxBatchKeys": 1048576, "port": 50051,
+            },
+        },
+    }
+    plan_json = json.dumps({
+        "format": "hps.dev/plan/v1", "model": "dlrm", "version": 3, "strategy": "table", "bucketCount": 4,
+        "partitions": 2, "gpusPerPod": 2,
+        "assignments": [
+            {"table": "item-id", "partition": 1, "gpu": 1, "buckets": [0, 4], "bytes": 4000},
+            {"table": "user-id", "partition": 0, "gpu": 0, "buckets": [0, 4], "bytes": 4000},
+        ],
+        "metrics": {"imbalance": 1.2, "memoryImbalance": 1.1, "totalBytes": 112000, "movedBytes": 0,
+                    "movementLowerBound": 0},
+    }, sort_keys=True, separators=(",", ":"))
+    assert cm == {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "dlrm-plan",
+            "namespace": "recsys",
+            "labels": {**LABELS, "app.kubernetes.io/component": "plan",
+                       "hps.dev/plan-version": "3", "hps.dev/routing-version": "3"},
+            "ownerReferences": OWNER_REFS,
+        },
+        "data": {
+            "model.yaml": yaml.safe_dump(expected_model, sort_keys=True),
+            "plan.json": plan_json,
+            "routing.json": plan_json,
+            "serving.json": plan_json,
+        },
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# every child is a valid Kubernetes object
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "cluster-redis": {"volatileStore": {"redis": {"shards": 3, "replicasPerShard": 1, "cluster": True}}},
+    "partitions-3": {"partitions": 3},
+    "autoscaling": {"autoscaling": {"minReplicas": 2, "maxReplicas": 6, "targetQPSPerReplica": 5000}},
+    "scheduling": {"agent": {
+        "image": "example.com/agent:custom", "gpuResourceName": "nvidia.com/mig-1g.10gb",
+        "resources": {"limits": {"memory": "16Gi"}, "requests": {"cpu": "500m", "memory": "16Gi"}},
+        "nodeSelector": {"nvidia.com/gpu.product": "A100", "pool": "gpu"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "hps", "effect": "NoExecute",
+                         "tolerationSeconds": 60}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                               "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "dlrm"}}}}]}},
+        "port": 9000}},
+    "hashmap-no-rocksdb": {"volatileStore": {"type": "hashmap"}, "persistentStore": {"type": "none"}},
+    "read-only-rocksdb": {"persistentStore": {"readOnly": True, "storage": "1Ti"}},
+    "user-secret": {"volatileStore": {"redis": {"passwordSecret": "my-redis-auth"}}},
+    "scaled-to-zero": {"replicas": 0},
+}  # fmt: skip
+
+
+def _partition_plan(partitions: int) -> Plan:
+    layout = tuple(("user-id" if p % 2 == 0 else "item-id", p, 0, 0, 4) for p in range(partitions))
+    return plan(partitions=partitions, layout=layout)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_child_is_a_valid_kubernetes_object(variant: str) -> None:
+    spec = model(**VARIANTS[variant])
+    the_plan = _partition_plan(spec.partitions)
+    for manifest in render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="s3cret"):
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_children_during_a_rollout_are_valid_too() -> None:
+    active, target = _partition_plan(3), _partition_plan(2)
+    target = Plan(4, target.bucket_count, 2, 2, "table", target.assignments, target.metrics, "dlrm")
+    for phase in ("Warming", "Switching", "Draining"):
+        for manifest in render_children(model(), target, owner=OWNER, image=IMAGE, redis_password="pw",
+                                        active_plan=active, phase=phase):  # fmt: skip
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a user relies on
+
+
+def test_render_is_sorted_stable_and_owned() -> None:
+    first = render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw")
+    again = render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw")
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+    keys = [(m["kind"], m["metadata"]["name"]) for m in first]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert keys == [
+        ("ConfigMap", "dlrm-plan"),
+        ("Job", keys[1][1]),
+        ("PodDisruptionBudget", "dlrm-agent-p0"),
+        ("PodDisruptionBudget", "dlrm-agent-p1"),
+        ("PodDisruptionBudget", "dlrm-redis"),
+        ("Secret", "dlrm-redis"),
+        ("Service", "dlrm-agent"),
+        ("Service", "dlrm-agent-p0"),
+        ("Service", "dlrm-agent-p1"),
+        ("Service", "dlrm-redis"),
+        ("StatefulSet", "dlrm-agent-p0"),
+        ("StatefulSet", "dlrm-agent-p1"),
+        ("StatefulSet", "dlrm-redis"),
+    ]
+    assert keys[1][1].startswith("dlrm-load-")
+    for m in first:
+        meta = m["metadata"]
+        assert meta["namespace"] == "recsys"
+        assert meta["ownerReferences"] == OWNER_REFS
+        assert LABELS.items() <= meta["labels"].items()
+        assert meta["labels"]["app.kubernetes.io/component"] in ("agent", "redis", "loader", "plan")
+
+
+def test_scaling_replicas_restarts_nothing() -> None:
+    before = by_name(render_children(model(replicas=2), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    after = by_name(render_children(model(replicas=5), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    assert before.keys() == after.keys()
+    changed = {key for key in before if before[key] != after[key]}
+    # the agent StatefulSets' replica counts, and the model file in the ConfigMap
+    assert changed == {("StatefulSet", "dlrm-agent-p0"), ("StatefulSet", "dlrm-agent-p1"), ("ConfigMap", "dlrm-plan")}
+    for p in (0, 1):
+        old, new = before[("StatefulSet", f"dlrm-agent-p{p}")], after[("StatefulSet", f"dlrm-agent-p{p}")]
+        assert (old["spec"]["replicas"], new["spec"]["replicas"]) == (2, 5)
+        assert old["spec"]["template"] == new["spec"]["template"]
+
+
+def test_a_new_plan_rolls_only_the_partitions_it_touches() -> None:
+    v3 = plan(3, layout=(("user-id", 0, 0, 0, 4), ("item-id", 1, 1, 0, 4)))
+    v4 = plan(4, layout=(("user-id", 0, 0, 0, 4), ("item-id", 1, 0, 0, 4)))  # item-id moves GPU in p1
+    before = by_name(render_children(model(), v3, owner=OWNER, image=IMAGE, redis_password="pw"))
+    after = by_name(render_children(model(), v4, owner=OWNER, image=IMAGE, redis_password="pw"))
+    template = lambda m, p: m[("StatefulSet", f"dlrm-agent-p{p}")]["spec"]["template"]  # noqa: E731
+    assert template(before, 0) == template(after, 0)
+    assert template(before, 1) != template(after, 1)
+
+
+def test_make_before_break_serves_both_plans_until_routing_has_switched() -> None:
+    active = plan(3, partitions=3, layout=(("user-id", 0, 0, 0, 4), ("item-id", 2, 1, 0, 4)))
+    target = plan(4, partitions=2, layout=(("user-id", 0, 0, 0, 2), ("user-id", 1, 0, 2, 4), ("item-id", 1, 1, 0, 4)))
+
+    def render(phase: str) -> dict[tuple[str, str], dict[str, Any]]:
+        return by_name(render_children(model(), target, owner=OWNER, image=IMAGE, redis_password="pw",
+                                       active_plan=active, phase=phase))  # fmt: skip
+
+    def data(children: dict[tuple[str, str], dict[str, Any]], key: str) -> Plan:
+        return Plan.from_json(children[("ConfigMap", "dlrm-plan")]["data"][key])
+
+    warming, switching, draining = render("Warming"), render("Switching"), render("Draining")
+    assert data(warming, PLAN_KEY) == target
+    assert data(warming, ROUTING_KEY) == active  # clients still route by the active plan
+    serving = data(warming, SERVING_KEY)
+    assert set(active.assignments) | set(target.assignments) == set(serving.assignments)
+    assert ("StatefulSet", "dlrm-agent-p2") in warming  # the old owner of item-id keeps serving
+
+    assert data(switching, ROUTING_KEY) == target
+    assert data(switching, SERVING_KEY) == serving
+    # switching routing restarts no agent
+    for p in range(3):
+        key = ("StatefulSet", f"dlrm-agent-p{p}")
+        assert warming[key]["spec"]["template"] == switching[key]["spec"]["template"]
+
+    assert data(draining, ROUTING_KEY) == data(draining, SERVING_KEY) == target
+    assert ("StatefulSet", "dlrm-agent-p2") not in draining
+    assert draining == by_name(render_children(model(), target, owner=OWNER, image=IMAGE, redis_password="pw"))
+
+
+def test_serving_plan_across_bucket_counts_keeps_old_owners_whole_tables() -> None:
+    active = plan(3, buckets=4, gpus=4, layout=(("user-id", 0, 3, 0, 2),))
+    target = plan(4, buckets=8, gpus=2, layout=(("user-id", 1, 0, 0, 8),))
+    union = serving_plan(active, target)
+    assert union.version == 4 and union.bucket_count == 8
+    # the old owner (partition 0, GPU 3 folded onto GPU 1) answers for the whole table
+    assert {(a.partition, a.gpu, a.buckets) for a in union.assignments} == {(0, 1, (0, 8)), (1, 0, (0, 8))}
+    assert serving_plan(None, target) is target
+
+
+def test_model_file_round_trips_through_the_spec_parser() -> None:
+    specs = [model(**v) for v in VARIANTS.values()]
+    specs += [load_model_file(ROOT / "examples" / name) for name in ("demo.yaml", "criteo.yaml")]
+    for spec in specs:
+        cm = render_plan_configmap(spec, _partition_plan(2), owner=OWNER)
+        assert parse_model(yaml.safe_load(cm["data"][MODEL_KEY])) == spec
+        assert parse_model(model_manifest(spec)) == spec
+
+
+def test_agent_and_loader_commands_follow_the_tiers() -> None:
+    def agent_args(**spec: Any) -> list[str]:
+        children = by_name(render_children(model(**spec), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+        return children[("StatefulSet", "dlrm-agent-p0")]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    cluster = agent_args(volatileStore={"redis": {"shards": 3, "replicasPerShard": 1, "cluster": True}})
+    hosts = cluster[cluster.index("--redis") + 1].split(",")
+    assert hosts == [f"dlrm-redis-{k}.dlrm-redis.recsys.svc:6379" for k in range(6)]  # every node seeds
+    assert "--redis-cluster" in cluster
+
+    hashmap = agent_args(volatileStore={"type": "hashmap"}, persistentStore={"type": "none"})
+    assert "--redis" not in hashmap and "--rocksdb" not in hashmap and "--load" in hashmap
+
+    read_only = agent_args(persistentStore={"readOnly": True})
+    assert read_only[-2:] == ["/var/lib/hps/rocksdb", "--rocksdb-read-only"] and "--load" not in read_only
+
+    children = by_name(render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    (loader,) = [m for key, m in children.items() if key[0] == "Job"]
+    container = loader["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == [
+        "load", "-f", "/etc/hps/model.yaml",
+        "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
+        "--redis-password-env", "REDIS_PASSWORD", "--no-progress",
+    ]  # fmt: skip
+    # a changed table is a new loader Job (a Job's pod template cannot change)
+    other = by_name(render_children(model(tables=[{"name": "user-id", "rows": 2000, "dim": 16}]), plan(),
+                                    owner=OWNER, image=IMAGE, redis_password="pw"))  # fmt: skip
+    assert {k for k in other if k[0] == "Job"} != {k for k in children if k[0] == "Job"}
+
+
+def test_redis_children_follow_the_spec() -> None:
+    plain = by_name(render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    sts = plain[("StatefulSet", "dlrm-redis")]
+    assert sts["spec"]["replicas"] == 4  # 2 shards x (1 master + 1 replica)
+    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"memory": "2Gi"}
+    assert plain[("Secret", "dlrm-redis")]["data"] == {"password": "cHc="}
+
+    cluster = by_name(render_children(model(volatileStore={"redis": {"shards": 3, "replicasPerShard": 1,
+                                                                     "cluster": True}}),
+                                      plan(), owner=OWNER, image=IMAGE, redis_password="pw"))  # fmt: skip
+    script = cluster[("Job", "dlrm-redis-bootstrap")]["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "--cluster-replicas 1" in script and "dlrm-redis-5.dlrm-redis.recsys.svc" in script
+    assert cluster[("StatefulSet", "dlrm-redis")]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+    users = by_name(render_children(model(volatileStore={"redis": {"passwordSecret": "my-auth"}}), plan(),
+                                    owner=OWNER, image=IMAGE, redis_password=None))  # fmt: skip
+    assert ("Secret", "dlrm-redis") not in users
+    env = users[("StatefulSet", "dlrm-agent-p0")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "my-auth", "key": "password"}}} in env
+
+    none = by_name(render_children(model(volatileStore={"type": "none"}), plan(), owner=OWNER, image=IMAGE,
+                                   redis_password=None))  # fmt: skip
+    assert not any(k[1].startswith("dlrm-redis") or k[0] == "Job" for k in none)
+
+
+def test_hpa_scales_the_embedding_model() -> None:
+    spec = model(autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetQPSPerReplica": 5000})
+    hpa = by_name(render_children(spec, plan(), owner=OWNER, image=IMAGE, redis_password="pw"))[
+        ("HorizontalPodAutoscaler", "dlrm")
+    ]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "name": "dlrm"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "5000"}
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "field"),
+    [
+        ("a" * 41, {}, "metadata.name"),
+        ("9lives", {}, "metadata.name"),
+        ("dlrm", {"volatileStore": {"redis": {"shards": 2, "cluster": True}}}, "spec.volatileStore.redis.shards"),
+    ],
+)
+def test_what_kubernetes_cannot_name_is_an_invalid_spec(name: str, spec: dict[str, Any], field: str) -> None:
+    raw = {"metadata": {"name": name}, "spec": {"tables": [{"name": "t", "rows": 1, "dim": 1}], **spec}}
+    with pytest.raises(InvalidSpecError) as caught:
+        render_children(parse_model(raw), plan(), owner=OWNER, image=IMAGE, redis_password="pw")
+    assert caught.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------
+# the generated Redis configuration, on a real redis-server
+
+
+def _scripts(children: list[dict[str, Any]]) -> Iterator[str]:
+    for m in children:
+        if m["kind"] in ("StatefulSet", "Job"):
+            for c in m["spec"]["template"]["spec"]["containers"]:
+                if c.get("command", [])[:2] == ["sh", "-c"]:
+                    yield c["command"][2]
+
+
+def test_shell_scripts_parse() -> None:
+    spec = model(volatileStore={"redis": {"shards": 3, "replicasPerShard": 1, "cluster": True}})
+    scripts = list(_scripts(render_children(spec, plan(), owner=OWNER, image=IMAGE, redis_password="pw")))
+    scripts += list(_scripts(render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw")))
+    assert len(scripts) == 3
+    for script in scripts:
+        subprocess.run(["sh", "-n", "-c", script], check=True, timeout=10)
+
+
+def _redis_conf(script: str, *, hostname: str, password: str, tmp: Path) -> str:
+    """Runs the StatefulSet's start script as a pod would, but prints the config instead of starting."""
+    script = script.replace("conf=/tmp/redis.conf", f"conf={tmp / (hostname + '.conf')}")
+    script = script.replace('exec redis-server "$conf"', 'cat "$conf"')
+    out = subprocess.run(["sh", "-c", script], env={"HOSTNAME": hostname, "REDIS_PASSWORD": password, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+    return out.stdout
+
+
+def _start(conf: str, path: Path) -> subprocess.Popen[bytes]:
+    path.write_text(conf)
+    return subprocess.Popen([redis_server_binary(), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait(check: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_generated_redis_config_runs_a_master_and_its_replica(tmp_path: Path) -> None:
+    spec = model(volatileStore={"redis": {"shards": 2, "replicasPerShard": 1, "memory": "64Mi"}})
+    children = render_children(spec, plan(), owner=OWNER, image=IMAGE, redis_password="pw")
+    (script,) = [s for s in _scripts(children)]
+    master_conf = _redis_conf(script, hostname="dlrm-redis-2", password="s3cret", tmp=tmp_path)
+    replica_conf = _redis_conf(script, hostname="dlrm-redis-3", password="s3cret", tmp=tmp_path)
+    assert "replicaof" not in master_conf
+    # pod 3 replicates pod 2, the master of shard 1
+    assert "replicaof dlrm-redis-2.dlrm-redis.recsys.svc 6379" in replica_conf
+
+    ports = free_port(), free_port()
+    processes = []
+    try:
+        for conf, port, name in ((master_conf, ports[0], "m"), (replica_conf, ports[1], "r")):
+            conf = conf.replace("port 6379", f"port {port}").replace("bind 0.0.0.0", "bind 127.0.0.1")
+            (tmp_path / name).mkdir()
+            conf = conf.replace("dir /data", f"dir {tmp_path / name}").replace(
+                "dlrm-redis-2.dlrm-redis.recsys.svc 6379", f"127.0.0.1 {ports[0]}")
+            conf += "repl-diskless-sync-delay 0\n"  # test only: start the first sync at once, not after 5 s
+            processes.append(_start(conf, tmp_path / f"{name}.conf"))
+        master = redis.Redis(port=ports[0], password="s3cret", socket_timeout=2)
+        replica = redis.Redis(port=ports[1], password="s3cret", socket_timeout=2)
+        _wait(master.ping)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=ports[0], socket_timeout=2, retry=Retry(NoBackoff(), 0)).get("k")
+        # maxmemory a bit below the container's limit, and no silent eviction
+        assert master.config_get("maxmemory") == {"maxmemory": str(64 * 2**20 * 85 // 100)}
+        assert master.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        master.set("k", b"v")
+        assert _wait(lambda: replica.get("k")) == b"v"  # replication authenticated with masterauth
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait(timeout=10)
+
