@@ -99,7 +99,8 @@ def start_redis(
     tier is a cache of the persistent one.
     """
     binary = redis_server_binary()
-    wd = Path(workdir)
+    # redis-server changes into --dir before opening --logfile: both must be absolute.
+    wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     last_error = ""
     for _ in range(5):

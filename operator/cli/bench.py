@@ -1,0 +1,63 @@
+"""``hps bench lookup``: embedding lookups through the agent, plain Redis and NumPy on the same Zipf keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_RESULT_FILE = Path("bench/results/lookup.json")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("bench", help="measure the data plane on this machine")
+    kinds = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    lookup = kinds.add_parser(
+        "lookup",
+        help="keys/s and per-batch latency: the agent over gRPC vs pipelined Redis HMGET vs a NumPy gather",
+        description="Starts a local stack (redis-server + one agent whose L1 holds --cache-ratio of the rows), "
+        "then measures each system for --duration seconds on the same seeded Zipf keys.",
+    )
+    add_lookup_arguments(lookup)
+    lookup.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    lookup.add_argument("--write", nargs="?", const=str(DEFAULT_RESULT_FILE), metavar="PATH",
+                        help=f"also write the JSON result (default path {DEFAULT_RESULT_FILE})")  # fmt: skip
+    lookup.set_defaults(func=run_lookup)
+
+
+def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The knobs of the lookup benchmark; ``bench/lookup.py`` takes the same."""
+    parser.add_argument("--rows", type=int, default=500_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the keys")
+    parser.add_argument("--cache-ratio", type=float, default=0.10, help="L1 capacity as a share of the rows")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per system")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per system first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the agent's L1 device")
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    from node_agent.errors import InvalidArgumentError
+    from node_agent.local.lookup_bench import LookupBenchConfig, format_table, run_lookup_bench
+
+    if args.rows < 1 or args.dim < 1 or args.batch < 1 or args.duration <= 0 or not 0 < args.cache_ratio <= 1:
+        raise InvalidArgumentError("--rows, --dim, --batch and --duration must be positive, --cache-ratio in (0, 1]")
+    config = LookupBenchConfig(rows=args.rows, dim=args.dim, batch=args.batch, alpha=args.alpha,
+                               cache_ratio=args.cache_ratio, duration=args.duration, warmup=args.warmup,
+                               seed=args.seed, device=args.device)  # fmt: skip
+    as_json = args.output == "json"
+    # progress goes to stderr when stdout carries the JSON, so `-o json | jq` keeps working
+    result = run_lookup_bench(config, say=lambda line: print(line, file=sys.stderr if as_json else sys.stdout))
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(format_table(result))
+    if args.write:
+        path = Path(args.write)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,130 @@
+"""``hps local up|status|down``: the whole stack on this machine (Redis, loaded tables, agents), the
+embedded default a user starts with before Kubernetes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+#: exit codes of ``hps local status`` (like ``systemctl status``: scripts can test them)
+STATUS_EXIT = {"up": 0, "degraded": 1, "down": 3, "absent": 3}
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "local", help="run the whole stack on this machine (redis-server, loaded tables, agents)"
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    state_help = "where the stack keeps its state, data and logs (default: $HPS_STATE_DIR or ./.hps-local)"
+
+    up = verbs.add_parser(
+        "up",
+        help="start the stack and return once every agent serves",
+        description="Starts redis-server, loads the tables into Redis and RocksDB, starts the agents and "
+        "returns once each answers gRPC health SERVING; the stack keeps running. On a stack already "
+        "up with the same model file and options this does nothing; with a changed model it restarts it.",
+    )
+    up.add_argument("-f", "--file", required=True, help="the EmbeddingModel YAML")
+    up.add_argument("--state-dir", help=state_help)
+    up.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                    help="run a Redis Cluster of N (>= 3) masters instead of one redis-server")  # fmt: skip
+    up.add_argument("--agents", type=int, default=1, metavar="K", help="agent processes (default 1)")
+    up.add_argument("--port", type=int, default=0, metavar="P",
+                    help="first agent's port; agent i listens on P+i (default: free ports)")  # fmt: skip
+    up.add_argument("--no-redis", action="store_true",
+                    help="no Redis: agents keep the volatile tier in process (RocksDB still holds the tables)")  # fmt: skip
+    up.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the agents' L1 cache device")
+    up.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="seconds to wait for the agents to serve (default 120)")  # fmt: skip
+    up.set_defaults(func=run_up)
+
+    status = verbs.add_parser(
+        "status",
+        help="is each process alive, the endpoints, what each agent reports",
+        description="Exit code: 0 up, 1 degraded, 3 down or no stack.",
+    )
+    status.add_argument("--state-dir", help=state_help)
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(func=run_status)
+
+    down = verbs.add_parser("down", help="stop the agents and Redis (data kept unless --purge)")
+    down.add_argument("--state-dir", help=state_help)
+    down.add_argument("--purge", action="store_true", help="also delete the loaded data, logs and password")
+    down.set_defaults(func=run_down)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from node_agent.local.stack import LocalStack
+
+    stack = LocalStack(args.state_dir)
+    result = stack.up(
+        args.file,
+        agents=args.agents,
+        redis_cluster=args.redis_cluster,
+        port=args.port,
+        no_redis=args.no_redis,
+        device=args.device,
+        ready_timeout=args.timeout,
+    )
+    state = result.state
+    for endpoint in state.endpoints:
+        print(f"endpoint: {endpoint}")
+    if result.already_up:
+        verb = "already up"
+    elif result.restarted:
+        verb = "restarted (the model or options changed, or part of it had stopped)"
+    else:
+        verb = "up"
+    redis = ",".join(state.redis_addresses) or "none (in-process)"
+    kind = " (cluster)" if state.redis_cluster and state.redis_addresses else ""
+    print(f"model {state.model}: {verb}; {len(state.agents())} agent(s); redis {redis}{kind}; "
+          f"state in {stack.state_dir}")  # fmt: skip
+    print(f"stop it with: hps local down --state-dir {stack.state_dir}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from node_agent.local.stack import LocalStack
+
+    report = LocalStack(args.state_dir).status()
+    if args.output == "json":
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        _print_status(report)
+    return STATUS_EXIT[report["state"]]
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    if report["state"] == "absent":
+        print(f"no stack in {report['stateDir']}")
+        return
+    print(f"model {report['model']}: {report['state']} (state in {report['stateDir']})")
+    for p in report["processes"]:
+        where = f" {p['address']}" if p["address"] else ""
+        print(f"  {p['role']:<6} pid {p['pid']:<8}{where:<22} {'alive' if p['alive'] else 'DEAD'}")
+    for a in report["agents"]:
+        if not a.get("answering"):
+            print(f"  agent {a['endpoint']}: not answering ({a.get('error', '')})")
+            continue
+        rates = a.get("hitRates") or {}
+        hit = ", ".join(f"{t} {r:.2f}" for t, r in sorted(rates.items()) if isinstance(r, int | float))
+        print(f"  agent {a['endpoint']}: device {a.get('device') or '?'}, "
+              f"{'DEGRADED' if a.get('degraded') else 'healthy'}" + (f", L1 hit rate {hit}" if hit else ""))  # fmt: skip
+    for endpoint in report["endpoints"]:
+        print(f"endpoint: {endpoint}")
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from node_agent.local.stack import LocalStack
+
+    stack = LocalStack(args.state_dir)
+    stopped = stack.down(purge=args.purge)
+    if stopped:
+        roles = ", ".join(f"{p.role} {p.pid}" for p in stopped)
+        print(f"stopped {len(stopped)} process(es): {roles}")
+    else:
+        print(f"nothing running in {stack.state_dir}")
+    if args.purge:
+        print("data, logs and password removed")
+    return 0

@@ -1,0 +1,212 @@
+"""``hps local up/status/down`` with the real CLI in subprocesses: real redis-server processes, the
+real loader and real agent processes answering gRPC on loopback ports; tables are small files in
+tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node_agent.client import Client
+
+CLI_TIMEOUT_S = 120
+
+
+def hps(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "hps_operator", *map(str, args)],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hps {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def endpoints_of(out: str) -> list[str]:
+    return [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("endpoint: ")]
+
+
+def processes_mentioning(path: Path) -> list[int]:
+    """Pids whose command line names ``path``: what a stack under that state directory runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Model:
+    file: Path
+    users_keys: np.ndarray
+    users: np.ndarray
+    items: np.ndarray
+
+
+def write_model(root: Path, *, name: str = "recs", cache: str = "1Mi") -> Model:
+    """Two tables: ``users`` (float32, explicit keys.npy) and ``items`` (float16, one .npy file, default 0.5)."""
+    rng = np.random.default_rng(11)
+    users_keys = rng.choice(10**9, size=600, replace=False).astype(np.int64)
+    users = rng.standard_normal((600, 8), dtype=np.float32)
+    items = rng.standard_normal((300, 4)).astype(np.float16)
+    (root / "tables" / "users").mkdir(parents=True, exist_ok=True)
+    np.save(root / "tables" / "users" / "vectors.npy", users)
+    np.save(root / "tables" / "users" / "keys.npy", users_keys)
+    np.save(root / "tables" / "items.npy", items)
+    file = root / "model.yaml"
+    file.write_text(f"""\
+apiVersion: hps.dev/v1alpha1
+kind: EmbeddingModel
+metadata: {{name: {name}}}
+spec:
+  tables:
+  - {{name: users, rows: 600, dim: 8, dtype: float32, source: file://tables/users}}
+  - {{name: items, rows: 300, dim: 4, dtype: float16, source: tables/items.npy, defaultValue: 0.5}}
+  cache: {{memoryPerGPU: {cache}}}
+  volatileStore: {{type: redis}}
+  persistentStore: {{type: rocksdb}}
+""")
+    return Model(file, users_keys, users, items)
+
+
+def assert_serves_exactly(endpoint: str, model_name: str, model: Model) -> None:
+    with Client(endpoint) as client:
+        got = client.lookup(model_name, "users", model.users_keys[::-1])
+        np.testing.assert_array_equal(got, model.users[::-1])
+        keys = np.array([0, 299, 17, 17, 300, 10**12], dtype=np.int64)  # 300 and 10**12 are not in the table
+        got16 = client.lookup(model_name, "items", keys)
+        assert got16.dtype == np.float16
+        np.testing.assert_array_equal(got16[:4], model.items[[0, 299, 17, 17]])
+        np.testing.assert_array_equal(got16[4:], np.full((2, 4), 0.5, dtype=np.float16))
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Model, Path, list[str]]]:
+    """One stack for the tests that only read it; stopped at the end."""
+    root = tmp_path_factory.mktemp("stack")
+    model = write_model(root)
+    state = root / "state"
+    up = hps("local", "up", "-f", model.file, "--state-dir", state)
+    yield model, state, endpoints_of(up.stdout)
+    hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def test_up_prints_an_endpoint_that_serves_the_source_files_exactly(running: tuple[Model, Path, list[str]]) -> None:
+    model, _, endpoints = running
+    assert len(endpoints) == 1
+    assert_serves_exactly(endpoints[0], "recs", model)
+
+
+def test_state_dir_holds_pids_and_a_private_password(running: tuple[Model, Path, list[str]]) -> None:
+    _, state_dir, endpoints = running
+    state = json.loads((state_dir / "state.json").read_text())
+    assert state["endpoints"] == endpoints and state["model"] == "recs"
+    assert {p["role"] for p in state["processes"]} == {"redis", "agent"}
+    assert (state_dir / "redis.password").stat().st_mode & 0o777 == 0o600
+
+
+def test_status_reports_each_process_alive_and_the_agents_health(running: tuple[Model, Path, list[str]]) -> None:
+    _, state_dir, endpoints = running
+    proc = hps("local", "status", "--state-dir", state_dir, "-o", "json")
+    report = json.loads(proc.stdout)
+    assert report["state"] == "up"
+    assert report["endpoints"] == endpoints
+    assert all(p["alive"] for p in report["processes"])
+    (agent,) = report["agents"]
+    assert agent["answering"] and agent["degraded"] is False and agent["device"]
+    text = hps("local", "status", "--state-dir", state_dir).stdout
+    assert f"endpoint: {endpoints[0]}" in text and "alive" in text
+
+
+def test_up_again_with_the_same_model_keeps_the_running_stack(running: tuple[Model, Path, list[str]]) -> None:
+    model, state_dir, endpoints = running
+    pids_before = [p["pid"] for p in json.loads((state_dir / "state.json").read_text())["processes"]]
+    again = hps("local", "up", "-f", model.file, "--state-dir", state_dir)
+    assert "already up" in again.stdout
+    assert endpoints_of(again.stdout) == endpoints
+    assert [p["pid"] for p in json.loads((state_dir / "state.json").read_text())["processes"]] == pids_before
+
+
+def test_up_with_a_changed_model_restarts_and_down_stops_everything(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    first = hps("local", "up", "-f", model.file, "--state-dir", state)
+    old_pids = [p["pid"] for p in json.loads((state / "state.json").read_text())["processes"]]
+    model.file.write_text(model.file.read_text().replace("memoryPerGPU: 1Mi", "memoryPerGPU: 2Mi"))
+    second = hps("local", "up", "-f", model.file, "--state-dir", state)
+    assert "restarted" in second.stdout
+    assert not set(old_pids) & set(processes_mentioning(state))
+    assert_serves_exactly(endpoints_of(second.stdout)[0], "recs", model)
+    assert endpoints_of(first.stdout)  # both runs printed an endpoint
+
+    down = hps("local", "down", "--state-dir", state)
+    assert "stopped 2 process(es)" in down.stdout
+    assert processes_mentioning(state) == []
+    assert not (state / "state.json").exists()
+    assert (state / "rocksdb").exists()  # data kept without --purge
+    status = hps("local", "status", "--state-dir", state, check=False)
+    assert status.returncode == 3 and "no stack" in status.stdout
+    again = hps("local", "down", "--state-dir", state)
+    assert "nothing running" in again.stdout
+    hps("local", "down", "--state-dir", state, "--purge")
+    assert not state.exists()
+
+
+def test_a_corrupt_table_file_fails_up_naming_it_and_leaves_nothing_running(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    vectors = tmp_path / "tables" / "users" / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:-100])  # truncated: the header promises more rows
+    state = tmp_path / "state"
+    proc = hps("local", "up", "-f", model.file, "--state-dir", state, check=False)
+    assert proc.returncode != 0
+    assert "vectors.npy" in proc.stderr
+    assert processes_mentioning(state) == []
+    assert not (state / "state.json").exists()
+
+
+def test_redis_cluster_of_three_masters(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    try:
+        up = hps("local", "up", "-f", model.file, "--state-dir", state, "--redis-cluster", "3")
+        saved = json.loads((state / "state.json").read_text())
+        assert saved["redis"]["cluster"] is True and len(saved["redis"]["addresses"]) == 3
+        assert_serves_exactly(endpoints_of(up.stdout)[0], "recs", model)
+        report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
+        assert report["state"] == "up" and sum(p["role"] == "redis" for p in report["processes"]) == 3
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+    assert processes_mentioning(state) == []
+
+
+def test_two_agents_each_serve_every_table(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    try:
+        up = hps("local", "up", "-f", model.file, "--state-dir", state, "--agents", "2")
+        endpoints = endpoints_of(up.stdout)
+        assert len(set(endpoints)) == 2
+        for endpoint in endpoints:
+            assert_serves_exactly(endpoint, "recs", model)
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def test_state_dir_defaults_to_the_environment_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "HPS_STATE_DIR": str(tmp_path / "from-env")}
+    proc = subprocess.run([sys.executable, "-m", "hps_operator", "local", "status"], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, env=env)  # fmt: skip
+    assert proc.returncode == 3 and str(tmp_path / "from-env") in proc.stdout
