@@ -16,6 +16,8 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "services", ("get", "list", "watch", "create", "patch", "delete")),
     ("", "secrets", ("get", "list", "watch", "create", "patch", "delete")),
     ("", "nodes", ("get", "list", "watch")),
+    # kopf watches CRDs to notice its resources appear, vanish or change versions
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
     ("apps", "statefulsets", ("get", "list", "watch", "create", "patch", "delete")),
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
     ("policy", "poddisruptionbudgets", ("get", "list", "watch", "create", "patch", "delete")),

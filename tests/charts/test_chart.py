@@ -241,7 +241,7 @@ def granted(roles: Sequence[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 DECLARED = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
-CLUSTER_SCOPED = {"nodes"}
+CLUSTER_SCOPED = {"nodes", "customresourcedefinitions"}
 
 
 def operator_roles(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

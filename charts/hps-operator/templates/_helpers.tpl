@@ -95,4 +95,8 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["get", "list", "watch"]
+# kopf watches CRDs to notice its resources appear, vanish or change versions
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
 {{- end }}

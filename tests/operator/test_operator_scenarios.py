@@ -1,0 +1,356 @@
+"""The kopf operator, run for real (in-process, cluster-wide) against kmock's Kubernetes emulator.
+
+The Kubernetes API is the one part that cannot run here, so it is emulated (``kube_emulator.py`` lists
+the gaps filled). The emulator has no kubelet: pods never start, so "the agents became ready" is
+simulated by writing the StatefulSets' ``status`` as the StatefulSet controller would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import kopf
+import kubernetes_validate
+import pytest
+import yaml
+from hps_operator.core.reconcile import Options
+from hps_operator.kopf_handlers.permissions import API_PERMISSIONS
+from hps_operator.kopf_handlers.registry import OperatorConfig, build_registry, configure
+from kmock import Server
+
+from tests.operator.kube_emulator import ApiCall, HpsKubernetesEmulator
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = "hps.dev/v1alpha1/embeddingmodels"
+STATEFULSETS = "apps/v1/statefulsets"
+CONFIGMAPS = "v1/configmaps"
+NS = "ml"
+WAIT_S = 15.0
+
+
+def model_manifest(name: str = "dlrm", **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "tables": [
+            {"name": "user-id", "rows": 2_000_000, "dim": 64, "dtype": "float32", "source": "file:///m/user"},
+            {"name": "item-id", "rows": 1_000_000, "dim": 64, "dtype": "float32", "source": "file:///m/item"},
+            {"name": "country", "rows": 300, "dim": 16, "dtype": "float16", "source": "file:///m/country"},
+        ],
+        "replicas": 2,
+        "gpusPerPod": 4,
+        "partitions": 1,
+        "cache": {"memoryPerGPU": "1Gi"},
+        "volatileStore": {"type": "redis", "redis": {"shards": 1, "memory": "1Gi"}},
+        "persistentStore": {"type": "none"},
+        "agent": {"image": "registry.example/hps:1.0"},
+    }
+    base.update(spec)
+    return {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel",
+            "metadata": {"name": name, "namespace": NS}, "spec": base}  # fmt: skip
+
+
+def gpu_node(name: str, gpus: int, memory_mib: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.memory": str(memory_mib)}},
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "64", "memory": "512Gi"}},
+    }
+
+
+async def wait_until(what: str, check: Callable[[], Any], within_s: float = WAIT_S) -> Any:
+    """Polls ``check`` until it returns something truthy; fails after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return dict(c)
+    return None
+
+
+class Cluster:
+    """The emulated API plus the verbs a test uses on it (as a user, or as the missing kubelet)."""
+
+    def __init__(self, emulator: HpsKubernetesEmulator, server: Server) -> None:
+        self.emulator = emulator
+        self.url = str(server.url).rstrip("/")
+
+    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        async with self.emulator.request(method, path, json=body, headers={"Content-Type": content_type}) as rsp:
+            assert rsp.status < 400, f"{method} {path}: {rsp.status} {await rsp.text()}"
+            return await rsp.json()
+
+    async def create_model(self, manifest: dict[str, Any]) -> None:
+        await self.request("POST", f"/apis/hps.dev/v1alpha1/namespaces/{NS}/embeddingmodels", manifest)
+
+    async def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        await self.request("PATCH", f"/apis/hps.dev/v1alpha1/namespaces/{NS}/embeddingmodels/{name}",
+                           {"spec": spec}, "application/merge-patch+json")  # fmt: skip
+
+    def model(self, name: str = "dlrm") -> dict[str, Any] | None:
+        return self.emulator.get_object(MODELS, NS, name)
+
+    def children(self, res: str) -> dict[str, dict[str, Any]]:
+        return {o["metadata"]["name"]: o for o in self.emulator.list_objects(res) if o["metadata"].get("namespace") == NS}
+
+    def plan_cm(self, name: str = "dlrm") -> dict[str, Any] | None:
+        return self.emulator.get_object(CONFIGMAPS, NS, f"{name}-plan")
+
+    async def make_agents_ready(self) -> None:
+        """What the StatefulSet controller reports once every pod of every StatefulSet is ready."""
+        for sts in self.emulator.list_objects(STATEFULSETS):
+            meta, want = sts["metadata"], sts["spec"].get("replicas", 1)
+            status = {"observedGeneration": meta["generation"], "replicas": want, "readyReplicas": want,
+                      "updatedReplicas": want, "availableReplicas": want}  # fmt: skip
+            if (sts.get("status") or {}) != status:
+                await self.emulator.patch_object(STATEFULSETS, meta["namespace"], meta["name"], {"status": status})
+
+    def writes(self, since: int) -> list[ApiCall]:
+        return [c for c in self.operator_calls()[since:] if c.verb in ("create", "patch", "update", "delete")
+                and c.resource != "events" and not c.path.endswith("/status")]  # fmt: skip
+
+    def operator_calls(self) -> list[ApiCall]:
+        return [c for c in self.emulator.api_calls if not c.user_agent.startswith("kmock/")]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    crd = yaml.safe_load((ROOT / "crds" / "hps.dev_embeddingmodels.yaml").read_text())
+    async with HpsKubernetesEmulator() as emulator, Server(emulator) as server:
+        emulator.register_crd(crd)
+        for i in range(2):
+            await emulator.seed("v1/nodes", gpu_node(f"gpu-{i}", gpus=8, memory_mib=81920))
+        yield Cluster(emulator, server)
+
+
+@contextlib.asynccontextmanager
+async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: float = 0.0) -> AsyncIterator[None]:
+    """The operator as ``hps operator run -A`` runs it, with a kubeconfig naming the emulator and
+    short timeouts, stopped (and awaited) on exit."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": cluster.url}}],
+        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
+    }))  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", str(kubeconfig))
+        config = OperatorConfig(Options(image="registry.example/hps:default", drain_seconds=drain_seconds),
+                                resync_seconds=0.5)  # fmt: skip
+        settings = kopf.OperatorSettings()
+        configure(settings)
+        settings.peering.standalone = True
+        settings.watching.connect_timeout = 2
+        settings.networking.request_timeout = 5
+        settings.queueing.exit_timeout = 1
+        settings.queueing.idle_timeout = 0.5  # workers wait this long for more events before exiting
+        settings.execution.max_workers = 4
+        # kopf gets a loop of its own: on exit it waits for every task of its loop, the emulator's too
+        stop, ready = threading.Event(), threading.Event()
+        failures: list[BaseException] = []
+
+        def operator_thread() -> None:
+            try:
+                asyncio.run(kopf.operator(
+                    registry=build_registry(config), settings=settings, clusterwide=True, standalone=True,
+                    stop_flag=stop, ready_flag=ready,
+                ))  # fmt: skip
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=operator_thread, name="operator", daemon=True)
+        thread.start()
+        try:
+            await wait_until("the operator to start", lambda: ready.is_set() or failures)
+            yield
+        finally:
+            stop.set()
+            await wait_until("the operator to stop", lambda: not thread.is_alive())
+        assert failures == []
+
+
+async def deployed(cluster: Cluster, tmp_path: Path) -> None:
+    await cluster.create_model(model_manifest())
+    await wait_until("the agent StatefulSet", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+    await cluster.make_agents_ready()
+    await wait_until("Ready=True", lambda: (condition(cluster.model(), "Ready") or {}).get("status") == "True")
+
+
+async def settled(cluster: Cluster, seconds: float = 1.5) -> None:
+    """Lets a few resync periods pass (the timer runs every 0.5 s)."""
+    await asyncio.sleep(seconds)
+
+
+async def quiet(cluster: Cluster, *, for_s: float = 1.0) -> int:
+    """Waits until the operator has written nothing for ``for_s`` seconds (kopf may still be
+    recording a handler's outcome); returns the request mark to count later writes from."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        mark = len(cluster.operator_calls())
+        await asyncio.sleep(for_s)
+        if not cluster.writes(mark):
+            return len(cluster.operator_calls())
+    raise AssertionError("the operator never stopped writing")
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_create_makes_children_and_reports_conditions(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await cluster.create_model(model_manifest())
+        await wait_until("children", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+        await wait_until("Placed", lambda: condition(cluster.model(), "Placed"))
+        model = cluster.model()
+        assert model is not None
+        status = model["status"]
+        assert status["observedGeneration"] == model["metadata"]["generation"]
+        assert {c["type"] for c in status["conditions"]} >= {"Ready", "Placed", "Loaded", "Progressing", "Degraded"}
+        assert condition(model, "Placed")["status"] == "True"  # type: ignore[index]
+        assert condition(model, "Ready")["status"] == "False"  # type: ignore[index]  # no pod is ready yet
+        assert status["selector"] == "app.kubernetes.io/instance=dlrm"
+        assert status["placement"]["version"] == 1
+        assert status["replicas"] == 2 and status["readyReplicas"] == 0
+        sts = cluster.children(STATEFULSETS)
+        assert sts["dlrm-agent-p0"]["spec"]["replicas"] == 2
+        assert "dlrm-redis" in sts
+        plan_cm = cluster.plan_cm()
+        assert plan_cm is not None and '"version":1' in plan_cm["data"]["routing.json"]
+        owner_uid = model["metadata"]["uid"]
+        assert all(o["metadata"]["ownerReferences"][0]["uid"] == owner_uid for o in sts.values())
+
+        await cluster.make_agents_ready()
+        await wait_until("Ready=True", lambda: (condition(cluster.model(), "Ready") or {}).get("status") == "True")
+        ready_since = condition(cluster.model(), "Ready")["lastTransitionTime"]  # type: ignore[index]
+        assert cluster.model()["status"]["readyReplicas"] == 2  # type: ignore[index]
+
+        # unchanged spec: the resync timer keeps running and writes nothing at all
+        mark = await quiet(cluster)
+        await settled(cluster)
+        assert cluster.writes(mark) == []
+        assert condition(cluster.model(), "Ready")["lastTransitionTime"] == ready_since  # type: ignore[index]
+
+    # every manifest the operator applied is valid against the official Kubernetes schemas
+    for res in (STATEFULSETS, CONFIGMAPS, "v1/services", "v1/secrets", "batch/v1/jobs", "policy/v1/poddisruptionbudgets"):
+        for obj in cluster.children(res).values():
+            applied = {k: v for k, v in copy.deepcopy(obj).items() if k != "status"}
+            for field in ("uid", "resourceVersion", "generation", "creationTimestamp"):
+                applied["metadata"].pop(field, None)
+            kubernetes_validate.validate(applied, "1.31", strict=True)
+
+
+async def test_scaling_replicas_changes_no_plan(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await deployed(cluster, tmp_path)
+        plan_before = cluster.plan_cm()["data"]["plan.json"]  # type: ignore[index]
+        # the scale subresource, as `kubectl scale` and the HPA use it
+        await cluster.request("PATCH", f"/apis/hps.dev/v1alpha1/namespaces/{NS}/embeddingmodels/dlrm/scale",
+                              {"spec": {"replicas": 4}}, "application/merge-patch+json")  # fmt: skip
+        await wait_until("4 agent replicas", lambda: cluster.children(STATEFULSETS)["dlrm-agent-p0"]["spec"]["replicas"] == 4)
+        await wait_until("status.replicas", lambda: cluster.model()["status"]["replicas"] == 4)  # type: ignore[index]
+        assert cluster.plan_cm()["data"]["plan.json"] == plan_before  # type: ignore[index]
+        assert cluster.model()["status"]["placement"]["version"] == 1  # type: ignore[index]
+        assert cluster.model()["status"]["rebalance"]["state"] == "Idle"  # type: ignore[index]
+
+
+async def test_more_gpus_rolls_out_a_new_plan_make_before_break(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await deployed(cluster, tmp_path)
+        await cluster.patch_spec("dlrm", {"gpusPerPod": 8})
+        await wait_until("a rebalance", lambda: (cluster.model()["status"].get("rebalance") or {}).get("phase") == "Warming")  # type: ignore[index]
+        status = cluster.model()["status"]  # type: ignore[index]
+        assert status["placement"]["version"] == 2 and status["placement"]["movedBytes"] > 0
+        assert status["rebalance"]["fromVersion"] == 1 and status["rebalance"]["toVersion"] == 2
+        assert condition(cluster.model(), "Progressing")["reason"] == "Rebalancing"  # type: ignore[index]
+        # routing stays on v1 until the new owners are warm
+        assert '"version":1' in cluster.plan_cm()["data"]["routing.json"]  # type: ignore[index]
+
+        await cluster.make_agents_ready()
+        await wait_until("routing on v2", lambda: '"version":2' in cluster.plan_cm()["data"]["routing.json"])  # type: ignore[index]
+        for _ in range(3):  # Switching → Draining → Idle, each once the agents are ready again
+            await cluster.make_agents_ready()
+            await asyncio.sleep(0.3)
+        await wait_until("Idle", lambda: cluster.model()["status"]["rebalance"]["state"] == "Idle")  # type: ignore[index]
+        assert condition(cluster.model(), "Progressing")["status"] == "False"  # type: ignore[index]
+        assert cluster.model()["status"]["placement"]["version"] == 2  # type: ignore[index]
+
+
+async def test_invalid_spec_is_reported_on_the_field(cluster: Cluster, tmp_path: Path) -> None:
+    bad = model_manifest(name="typo")
+    bad["spec"]["tables"][1]["name"] = "user-id"  # duplicate table names: no schema can say that
+    async with running_operator(cluster, tmp_path):
+        await cluster.create_model(bad)
+        ready = await wait_until("Ready=False", lambda: condition(cluster.model("typo"), "Ready"))
+        assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+        assert "spec.tables[1].name" in ready["message"]
+        assert cluster.children(STATEFULSETS) == {}
+
+
+async def test_unplaceable_spec_keeps_the_deployment_serving(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await deployed(cluster, tmp_path)
+        before = {n: o["metadata"]["resourceVersion"] for n, o in cluster.children(STATEFULSETS).items()}
+        plan_before = cluster.plan_cm()["data"]["plan.json"]  # type: ignore[index]
+        huge = model_manifest()["spec"]["tables"] + [{"name": "huge", "rows": 400_000_000, "dim": 128}]
+        await cluster.patch_spec("dlrm", {"tables": huge})
+        placed = await wait_until("Placed=False", lambda: (condition(cluster.model(), "Placed") or {}).get("status") == "False"
+                                  and condition(cluster.model(), "Placed"))  # fmt: skip
+        assert placed["reason"] == "InsufficientGPUMemory"
+        assert "needs" in placed["message"] and "available" in placed["message"]
+        await settled(cluster)
+        assert {n: o["metadata"]["resourceVersion"] for n, o in cluster.children(STATEFULSETS).items()} == before
+        assert cluster.plan_cm()["data"]["plan.json"] == plan_before  # type: ignore[index]
+        assert condition(cluster.model(), "Ready")["status"] == "True"  # type: ignore[index]
+
+
+async def test_deleted_child_is_recreated(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await deployed(cluster, tmp_path)
+        await cluster.emulator.delete_object(CONFIGMAPS, NS, "dlrm-plan")
+        await cluster.emulator.delete_object(STATEFULSETS, NS, "dlrm-agent-p0")
+        await wait_until("the plan back", lambda: cluster.plan_cm() is not None)
+        await wait_until("the agents back", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+        assert '"version":1' in cluster.plan_cm()["data"]["plan.json"]  # type: ignore[index]
+
+
+async def test_restarted_operator_makes_no_duplicates_and_no_new_plan(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await deployed(cluster, tmp_path)
+        await quiet(cluster)
+    names = {res: sorted(cluster.children(res)) for res in (STATEFULSETS, CONFIGMAPS, "v1/services")}
+    mark = len(cluster.operator_calls())
+    async with running_operator(cluster, tmp_path):
+        await settled(cluster)
+    assert {res: sorted(cluster.children(res)) for res in names} == names
+    assert cluster.writes(mark) == []
+    assert cluster.model()["status"]["placement"]["version"] == 1  # type: ignore[index]
+
+
+async def test_every_request_is_declared_in_the_rbac(cluster: Cluster, tmp_path: Path) -> None:
+    async with running_operator(cluster, tmp_path):
+        await deployed(cluster, tmp_path)
+        await cluster.patch_spec("dlrm", {"replicas": 3})
+        await wait_until("3 replicas", lambda: cluster.children(STATEFULSETS)["dlrm-agent-p0"]["spec"]["replicas"] == 3)
+        await cluster.emulator.delete_object(CONFIGMAPS, NS, "dlrm-plan")
+        await wait_until("the plan back", lambda: cluster.plan_cm() is not None)
+    granted = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
+    used = {(c.group, c.resource, c.verb) for c in cluster.operator_calls()}
+    assert used, "the operator made no request at all"
+    assert used - granted == set()

@@ -1,0 +1,205 @@
+"""The pure reconcile step: given what the cluster shows, what the operator writes and reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from hps_operator.core.reconcile import Decision, Observed, Options, gpu_capacity, reconcile
+
+from node_agent.spec import parse_model
+
+OPTIONS = Options(image="registry.example/hps:default", drain_seconds=0)
+T0 = "2025-01-01T00:00:00Z"
+T1 = "2025-01-01T00:01:00Z"
+
+
+def model(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "tables": [
+            {"name": "user-id", "rows": 2_000_000, "dim": 64},
+            {"name": "item-id", "rows": 1_000_000, "dim": 64},
+            {"name": "country", "rows": 300, "dim": 16, "dtype": "float16"},
+        ],
+        "replicas": 2,
+        "gpusPerPod": 4,
+        "partitions": 1,
+        "cache": {"memoryPerGPU": "1Gi"},
+        "volatileStore": {"type": "redis", "redis": {"shards": 1}},
+        "persistentStore": {"type": "none"},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "hps.dev/v1alpha1",
+        "kind": "EmbeddingModel",
+        "metadata": {"name": "dlrm", "namespace": "ml", "uid": "uid-1", "generation": 1},
+        "spec": base,
+    }
+
+
+def node(gpus: int, memory_mib: int) -> dict[str, Any]:
+    return {"metadata": {"name": f"n{gpus}-{memory_mib}", "labels": {"nvidia.com/gpu.memory": str(memory_mib)}},
+            "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}}}  # fmt: skip
+
+
+NODES = [node(8, 81920), node(8, 81920)]
+
+
+def observe(body: dict[str, Any], children: list[dict[str, Any]], *, now: str = T0,
+            nodes: list[dict[str, Any]] | None = None) -> Observed:  # fmt: skip
+    return Observed(model=body, nodes=NODES if nodes is None else nodes, children=children,
+                    redis_password="pw", now=now)  # fmt: skip
+
+
+def applied(decision: Decision, children: list[dict[str, Any]], *, ready: bool = False) -> list[dict[str, Any]]:
+    """The cluster after the handler carried out ``decision`` (and, with ``ready``, after the
+    StatefulSet controller saw every pod ready)."""
+    live = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    for m in decision.apply:
+        key = (m["kind"], m["metadata"]["name"])
+        generation = live[key]["metadata"]["generation"] + 1 if key in live else 1
+        obj = copy.deepcopy(m)
+        obj["metadata"]["generation"] = generation
+        live[key] = obj
+    for ref in decision.delete:
+        live.pop((ref.kind, ref.name), None)
+    for obj in live.values():
+        if ready and obj["kind"] == "StatefulSet":
+            want = obj["spec"]["replicas"]
+            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "readyReplicas": want,
+                             "updatedReplicas": want, "replicas": want}  # fmt: skip
+    return list(live.values())
+
+
+def with_status(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    return {**body, "status": decision.status}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def deployed() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    body = model()
+    first = reconcile(observe(body, []), OPTIONS)
+    children = applied(first, [], ready=True)
+    body = with_status(body, first)
+    second = reconcile(observe(body, children), OPTIONS)
+    return with_status(body, second), applied(second, children, ready=True)
+
+
+def plan_data(children: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    cm = next(c for c in children if c["kind"] == "ConfigMap" and c["metadata"]["name"] == "dlrm-plan")
+    return dict(json.loads(cm["data"][key]))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_first_reconcile_places_and_renders_everything() -> None:
+    decision = reconcile(observe(model(), []), OPTIONS)
+    kinds = {(m["kind"], m["metadata"]["name"]) for m in decision.apply}
+    assert {("StatefulSet", "dlrm-agent-p0"), ("StatefulSet", "dlrm-redis"), ("ConfigMap", "dlrm-plan")} <= kinds
+    assert decision.delete == ()
+    assert decision.status["placement"]["version"] == 1
+    assert condition(decision.status, "Placed")["status"] == "True"
+    assert condition(decision.status, "Ready")["status"] == "False"  # nothing runs yet
+    assert decision.status["selector"] == "app.kubernetes.io/instance=dlrm"
+    assert any(e.reason == "Placed" for e in decision.events)
+
+
+def test_unchanged_cluster_means_no_writes_and_stable_conditions() -> None:
+    body, children = deployed()
+    assert condition(body["status"], "Ready")["status"] == "True"
+    again = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert again.apply == () and again.delete == ()
+    assert again.status == body["status"]  # lastTransitionTime did not move either
+
+
+def test_drift_is_repaired() -> None:
+    body, children = deployed()
+    sts = next(c for c in children if c["kind"] == "StatefulSet" and c["metadata"]["name"] == "dlrm-agent-p0")
+    sts["spec"]["replicas"] = 7  # someone scaled the StatefulSet behind the operator's back
+    decision = reconcile(observe(body, children), OPTIONS)
+    assert [m["metadata"]["name"] for m in decision.apply] == ["dlrm-agent-p0"]
+    assert decision.apply[0]["spec"]["replicas"] == 2
+
+
+def test_replicas_scale_the_agents_and_make_no_plan() -> None:
+    body, children = deployed()
+    body = {**body, "spec": {**body["spec"], "replicas": 4}, "metadata": {**body["metadata"], "generation": 2}}
+    decision = reconcile(observe(body, children), OPTIONS)
+    changed = {(m["kind"], m["metadata"]["name"]) for m in decision.apply}
+    assert ("StatefulSet", "dlrm-agent-p0") in changed
+    assert next(m for m in decision.apply if m["kind"] == "StatefulSet")["spec"]["replicas"] == 4
+    assert decision.status["placement"]["version"] == 1
+    assert decision.status["rebalance"]["state"] == "Idle"
+    cm = [m for m in decision.apply if m["kind"] == "ConfigMap" and m["metadata"]["name"] == "dlrm-plan"]
+    assert all(json.loads(c["data"]["plan.json"])["version"] == 1 for c in cm)
+    assert decision.status["observedGeneration"] == 2
+
+
+def test_more_gpus_warm_up_a_new_plan_before_routing_switches() -> None:
+    body, children = deployed()
+    body = {**body, "spec": {**body["spec"], "gpusPerPod": 8}, "metadata": {**body["metadata"], "generation": 2}}
+    warming = reconcile(observe(body, children), OPTIONS)
+    assert warming.status["rebalance"] == {"state": "Rebalancing", "phase": "Warming", "fromVersion": 1,
+                                           "toVersion": 2}  # fmt: skip
+    assert warming.status["placement"]["version"] == 2
+    assert warming.status["placement"]["movedBytes"] > 0
+    assert condition(warming.status, "Progressing")["reason"] == "Rebalancing"
+    children = applied(warming, children)  # applied, pods not ready yet
+    assert plan_data(children, "routing.json")["version"] == 1
+    assert plan_data(children, "plan.json")["version"] == 2
+    assert warming.delete == ()  # nothing serving is dropped while the new owners warm up
+
+    body = with_status(body, warming)
+    still = reconcile(observe(body, children), OPTIONS)
+    assert still.status["rebalance"]["phase"] == "Warming" and still.apply == ()
+
+    children = applied(still, children, ready=True)
+    switched = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert switched.status["rebalance"]["phase"] == "Switching"
+    children = applied(switched, children, ready=True)
+    assert plan_data(children, "routing.json")["version"] == 2
+
+    body = with_status(body, switched)
+    phases = []
+    for _ in range(3):
+        step = reconcile(observe(body, children, now=T1), OPTIONS)
+        children = applied(step, children, ready=True)
+        body = with_status(body, step)
+        phases.append(step.status["rebalance"].get("phase", step.status["rebalance"]["state"]))
+    assert phases[-1] == "Idle"
+    assert condition(body["status"], "Progressing")["status"] == "False"
+    assert body["status"]["placement"]["version"] == 2
+
+
+def test_invalid_spec_names_the_field_and_touches_nothing() -> None:
+    body, children = deployed()
+    bad = copy.deepcopy(body)
+    bad["spec"]["tables"][1]["name"] = "user-id"
+    decision = reconcile(observe(bad, children), OPTIONS)
+    assert decision.apply == () and decision.delete == ()
+    ready = condition(decision.status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "spec.tables[1].name" in ready["message"]
+
+
+def test_unplaceable_spec_reports_needed_and_available_and_keeps_serving() -> None:
+    body, children = deployed()
+    small = [node(8, 64)]  # 64 MiB GPUs: the tables cannot fit
+    decision = reconcile(observe(body, children, nodes=small), OPTIONS)
+    assert decision.apply == () and decision.delete == ()
+    placed = condition(decision.status, "Placed")
+    assert (placed["status"], placed["reason"]) == ("False", "InsufficientGPUMemory")
+    assert "needs" in placed["message"] and "available" in placed["message"]
+    assert decision.status["placement"]["version"] == 1
+    assert condition(decision.status, "Ready")["status"] == "True"  # the running deployment still serves
+
+
+def test_gpu_capacity_reads_allocatable_and_the_memory_label() -> None:
+    spec = parse_model(model())
+    assert gpu_capacity(spec, [node(8, 81920), node(4, 40960), node(2, 1024)]) == (40960 * 2**20, 3)
+    assert gpu_capacity(spec, []) == (None, 0)
