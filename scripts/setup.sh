@@ -22,10 +22,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.hps-installed
-want="$(sha256sum pyproject.toml setup.py $(find node_agent/proto -name '*.proto' | sort) | sha256sum | cut -c1-16)"
+# Reinstall when what the install depends on changes: metadata, protos, or the package layout.
+want="$( (sha256sum pyproject.toml setup.py $(find node_agent/proto -name '*.proto' | sort); \
+          find operator node_agent -name '__init__.py' -not -path '*/__pycache__/*' | sort) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing the project and its test tools into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || log "pip self-upgrade failed; going on with the bundled pip"
   extras="test"
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extras="test,gpu"; fi
   if ! .venv/bin/python -m pip install -e ".[${extras}]" > .venv/pip-install.log 2>&1; then
