@@ -1,6 +1,7 @@
 """The README's flow end to end with the real ``hps`` CLI in subprocesses: generate the demo tables,
-``hps local up``, ``hps lookup``, a tiny ``hps bench lookup``, ``hps local status`` and ``down``; and
-Redis killed under a running stack (lookups stay exact from L1/RocksDB, status says degraded)."""
+``hps local up``, ``hps lookup``, a tiny ``hps bench lookup``, ``hps local status`` and ``down``; Redis
+killed under a running stack (lookups stay exact from L1/RocksDB, status says degraded); and a
+partitioned stack whose agents die one by one under a plan-routed client that stays exact."""
 
 from __future__ import annotations
 
@@ -72,9 +73,7 @@ def source_rows(model_file: Path, table: str, keys: list[int]) -> np.ndarray:
     return vectors[keys].astype(np.float64)
 
 
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
-    """The demo model's tables generated, the stack up; yields (model file, state dir, endpoint)."""
+def generate_demo_data(tmp_path: Path) -> Path:
     model_file = demo_model(tmp_path)
     gen = subprocess.run([sys.executable, str(ROOT / "examples" / "make_demo_data.py"), "-f", str(model_file)],
                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=True)  # fmt: skip
@@ -82,6 +81,13 @@ def demo(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
     again = subprocess.run([sys.executable, str(ROOT / "examples" / "make_demo_data.py"), "-f", str(model_file)],
                            capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=True)  # fmt: skip
     assert "wrote" not in again.stdout  # seeded data already present is left alone
+    return model_file
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
+    """The demo model's tables generated, the stack up; yields (model file, state dir, endpoint)."""
+    model_file = generate_demo_data(tmp_path)
     state = tmp_path / "state"
     up = hps("local", "up", "-f", model_file, "--state-dir", state)
     endpoint = next(line.split(": ", 1)[1] for line in up.stdout.splitlines() if line.startswith("endpoint: "))
@@ -145,3 +151,41 @@ def test_redis_killed_under_a_running_stack_lookups_stay_exact_and_status_says_d
     assert report["agents"][0]["degraded"] is True
     assert not any(p["alive"] for p in report["processes"] if p["role"] == "redis")
     assert "degraded" in hps("local", "status", "--state-dir", state, check=False).stdout.lower()
+
+
+def test_partitioned_stack_routes_by_plan_and_survives_its_agents_dying(tmp_path: Path) -> None:
+    """Two partitions of two agents each; the routed client stays exact while partition 0 loses one
+    agent (failover inside the partition) and then the other (its keys go to partition 1)."""
+    from node_agent.routing import RoutedClient
+
+    model_file = generate_demo_data(tmp_path)
+    model = load_model_file(model_file)
+    state = tmp_path / "state"
+    rng = np.random.default_rng(5)
+    batches = {t.name: rng.integers(0, t.rows, size=512) for t in model.tables}
+
+    def assert_exact(client: RoutedClient) -> None:
+        got = client.lookup_many(model.name, batches)
+        for table, keys in batches.items():
+            np.testing.assert_array_equal(got[table].astype(np.float64), source_rows(model_file, table, keys.tolist()))
+
+    try:
+        up = hps("local", "up", "-f", model_file, "--state-dir", state, "--partitions", "2",
+                 "--agents-per-partition", "2")  # fmt: skip
+        assert "plan: version 1," in up.stdout
+        saved = json.loads((state / "state.json").read_text())
+        assert {p: len(eps) for p, eps in saved["partitions"].items()} == {"0": 2, "1": 2}
+        agents = [p for p in saved["processes"] if p["role"] == "agent"]
+        with RoutedClient.from_local_state(state, timeout=3.0, retries=1) as client:
+            assert client.check_plan(model.name) == []
+            assert_exact(client)
+            for victim in [p for p in agents if p["partition"] == 0]:
+                os.kill(victim["pid"], signal.SIGKILL)
+                assert_exact(client)
+            stats = client.routing_stats()
+            assert stats["fallbacks"] >= 1 and stats["partitions"][1]["keys"] > 0
+        report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json", check=False).stdout)
+        assert report["state"] == "degraded"
+        assert sorted(a["partition"] for a in report["agents"] if a["answering"]) == [1, 1]
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)

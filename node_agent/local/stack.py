@@ -4,7 +4,10 @@ serving gRPC, all detached so they outlive the command that started them.
 
 The state directory holds everything the stack owns::
 
-    state.json        pids (with their start times), ports, endpoints, model, Redis addresses
+    state.json        pids (with their start times), ports, endpoints per partition, model, Redis
+                      addresses, the plan's summary
+    plan.json         the placement plan the agents run, when the stack has one (several partitions
+                      or GPUs); kept by ``down`` so the next ``up`` re-plans from it, moving little
     redis.password    the generated Redis AUTH password (mode 0600)
     redis/            redis-server working directories and logs
     rocksdb/          the persistent tier
@@ -13,6 +16,9 @@ The state directory holds everything the stack owns::
 ``up`` on a stack that is already up with the same model file (same bytes) and the same options
 leaves it running and reports it; with a changed model or options it stops the old stack (keeping
 the data) and starts a new one. A stack that is partly dead is restarted the same way.
+
+With a plan, ``up`` starts ``agents`` agents for each of the plan's partitions, each caching only the
+buckets its partition owns; :class:`node_agent.routing.RoutedClient` routes lookups by the same plan.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_agent.errors import HpsError, InvalidArgumentError, UnavailableError
+from node_agent.errors import HpsError, InvalidArgumentError, NotFoundError, UnavailableError
+from node_agent.plan import Plan, whole_table_plan
 from node_agent.spec import ModelSpec, load_model_file
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+PLAN_FILE = "plan.json"
 PASSWORD_FILE = "redis.password"
 #: environment variable the agents read the Redis password from (never on a command line)
 PASSWORD_ENV = "HPS_REDIS_PASSWORD"
@@ -88,10 +96,13 @@ class ProcessRecord:
     started: int | None
     address: str = ""
     log: str = ""
+    #: the plan partition an agent serves (``None`` for Redis)
+    partition: int | None = None
 
     @classmethod
-    def of(cls, role: str, pid: int, *, address: str = "", log: str = "") -> ProcessRecord:
-        return cls(role, pid, _start_ticks(pid), address, log)
+    def of(cls, role: str, pid: int, *, address: str = "", log: str = "",
+           partition: int | None = None) -> ProcessRecord:  # fmt: skip
+        return cls(role, pid, _start_ticks(pid), address, log, partition)
 
     def alive(self) -> bool:
         """Running and still the process we started (a zombie is dead; it is reaped if ours)."""
@@ -139,6 +150,10 @@ class StackState:
     redis_cluster: bool
     processes: list[ProcessRecord] = field(default_factory=list)
     phase: str = "starting"  # "starting" while up is running, then "up"
+    #: partition → its agents' endpoints (one partition, 0, when the stack runs no plan)
+    partitions: dict[int, list[str]] = field(default_factory=dict)
+    #: the plan's summary (version, strategy, partitions, GPUs, metrics), ``None`` without a plan
+    plan: dict[str, Any] | None = None
 
     def agents(self) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == "agent"]
@@ -155,6 +170,8 @@ class StackState:
             "fingerprint": raw["fingerprint"],
             "phase": raw["phase"],
             "endpoints": raw["endpoints"],
+            "partitions": {str(p): eps for p, eps in sorted(self.partitions.items())},
+            "plan": raw["plan"],
             "redis": {"addresses": raw["redis_addresses"], "cluster": raw["redis_cluster"],
                       "passwordFile": PASSWORD_FILE if raw["redis_addresses"] else None},
             "processes": raw["processes"],
@@ -172,6 +189,8 @@ class StackState:
             redis_cluster=bool(redis.get("cluster", False)),
             processes=[ProcessRecord(**p) for p in raw.get("processes", [])],
             phase=str(raw.get("phase", "up")),
+            partitions={int(p): [str(e) for e in eps] for p, eps in (raw.get("partitions") or {}).items()},
+            plan=raw.get("plan"),
         )
 
 
@@ -182,6 +201,8 @@ class UpResult:
     already_up: bool
     #: ``True`` when a running stack was stopped first (changed model or options, or partly dead)
     restarted: bool
+    #: the plan the agents run (``None``: one partition, every table whole on each agent)
+    plan: Plan | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +229,38 @@ class LocalStack:
     @property
     def rocksdb_dir(self) -> Path:
         return self.state_dir / "rocksdb"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.state_dir / PLAN_FILE
+
+    def read_plan(self) -> Plan | None:
+        """The plan the stack last ran (``plan.json``), or ``None`` when it had none."""
+        try:
+            return Plan.from_json(self.plan_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgumentError(f"{self.plan_file} is not a placement plan: {exc}") from None
+
+    def routing(self) -> tuple[Plan, dict[int, list[str]]]:
+        """What a client routes by: the running stack's plan and each partition's endpoints. A stack
+        without a plan is one partition holding every table whole (plan version 0, as its agents
+        report)."""
+        current = self.read_state()
+        if current is None or current.phase != "up":
+            raise NotFoundError(f"no running stack in {self.state_dir}")
+        partitions = current.partitions or {0: list(current.endpoints)}
+        if current.plan is not None:
+            plan = self.read_plan()
+            if plan is None or plan.version != current.plan.get("version"):
+                raise InvalidArgumentError(
+                    f"{self.plan_file} is not the plan the stack in {self.state_dir} runs"
+                )
+            return plan, partitions
+        model = load_model_file(current.model_file)
+        whole = whole_table_plan([(t.name, t.total_bytes) for t in model.tables], model=model.name, version=0)
+        return whole, partitions
 
     def read_state(self) -> StackState | None:
         try:
@@ -246,16 +299,17 @@ class LocalStack:
         model_file: str | Path,
         *,
         agents: int = 1,
+        plan: Plan | None = None,
         redis_cluster: int = 0,
         port: int = 0,
         no_redis: bool = False,
         device: str = "auto",
         ready_timeout: float = 120.0,
     ) -> UpResult:
-        """Starts Redis, loads the tables, starts ``agents`` agents and waits until each answers gRPC
-        health SERVING. On any failure everything this call started is stopped and the error raised
-        (a table file that cannot be loaded is named in it; an agent that does not come up has the
-        tail of its log in it)."""
+        """Starts Redis, loads the tables, starts ``agents`` agents per partition of ``plan`` (one
+        partition without a plan) and waits until each answers gRPC health SERVING. On any failure
+        everything this call started is stopped and the error raised (a table file that cannot be
+        loaded is named in it; an agent that does not come up has the tail of its log in it)."""
         if agents < 1:
             raise InvalidArgumentError(f"--agents must be at least 1, got {agents}")
         if redis_cluster and redis_cluster < 3:
@@ -264,32 +318,36 @@ class LocalStack:
             raise InvalidArgumentError("--redis-cluster and --no-redis contradict each other")
         path = Path(model_file).resolve()
         model = load_model_file(path)
+        if plan is not None:
+            _check_plan_fits(plan, model)
         use_redis = not no_redis and model.volatile_store.type == "redis"
+        plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16] if plan is not None else None
         fingerprint = _fingerprint(path, agents=agents, redis_cluster=redis_cluster, port=port,
-                                   use_redis=use_redis, device=device)  # fmt: skip
+                                   use_redis=use_redis, device=device, plan=plan_digest)  # fmt: skip
         with self._locked():
             restarted = False
             current = self.read_state()
             if current is not None:
                 everything_alive = current.phase == "up" and all(p.alive() for p in current.processes)
                 if everything_alive and current.fingerprint == fingerprint:
-                    return UpResult(current, already_up=True, restarted=False)
+                    return UpResult(current, already_up=True, restarted=False, plan=plan)
                 why = "the model or options changed" if everything_alive else "part of it is not running"
                 log.info("stopping the running stack in %s: %s", self.state_dir, why)
                 self._stop(current)
                 restarted = True
-            state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster))
+            state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster),
+                               plan=_plan_summary(plan) if plan is not None else None)  # fmt: skip
             try:
-                self._start(state, model, path, agents=agents, redis_cluster=redis_cluster, port=port,
-                            use_redis=use_redis, device=device, ready_timeout=ready_timeout)  # fmt: skip
+                self._start(state, model, path, agents=agents, plan=plan, redis_cluster=redis_cluster,
+                            port=port, use_redis=use_redis, device=device, ready_timeout=ready_timeout)  # fmt: skip
             except BaseException:
                 self._stop(state)
                 self.state_file.unlink(missing_ok=True)
                 raise
-            return UpResult(state, already_up=False, restarted=restarted)
+            return UpResult(state, already_up=False, restarted=restarted, plan=plan)
 
     def _start(self, state: StackState, model: ModelSpec, model_file: Path, *, agents: int,
-               redis_cluster: int, port: int, use_redis: bool, device: str,
+               plan: Plan | None, redis_cluster: int, port: int, use_redis: bool, device: str,
                ready_timeout: float) -> None:  # fmt: skip
         from node_agent.local.redis_servers import start_cluster, start_redis
 
@@ -315,23 +373,35 @@ class LocalStack:
             self._load(model, model_file, redis=state.redis_addresses, password=password,
                        cluster=bool(redis_cluster), rocksdb=use_rocksdb)  # fmt: skip
 
+        if plan is not None:
+            partial = self.plan_file.with_name(PLAN_FILE + ".partial")
+            partial.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+            partial.replace(self.plan_file)  # an agent starting now never reads half a plan
+        else:
+            # no plan.json is left behind that no agent runs (the next planned up starts afresh)
+            self.plan_file.unlink(missing_ok=True)
+        partitions = plan.partitions if plan is not None else 1
+        total = partitions * agents
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         launched: list[tuple[ProcessRecord, subprocess.Popen[bytes], Path]] = []
-        for i in range(agents):
+        for i in range(total):
+            partition = i // agents
             ready = logs / f"agent-{i}.ready"
             ready.unlink(missing_ok=True)
             agent_log = logs / f"agent-{i}.log"
             cmd = [sys.executable, "-m", "hps_operator", "agent", "-f", str(model_file),
                    "--host", "127.0.0.1", "--port", str(port + i if port else 0),
                    "--device", device, "--ready-file", str(ready)]  # fmt: skip
+            if plan is not None:
+                cmd += ["--plan", str(self.plan_file), "--partition", str(partition)]
             if use_redis:
                 cmd += ["--redis", ",".join(state.redis_addresses), "--redis-password-env", PASSWORD_ENV]
                 if redis_cluster:
                     cmd.append("--redis-cluster")
             if use_rocksdb:
                 cmd += ["--rocksdb", str(self.rocksdb_dir)]
-                if agents > 1:
+                if total > 1:
                     # RocksDB admits one writer: several agents share the loaded tables read-only
                     cmd.append("--rocksdb-read-only")
             if not use_redis and not use_rocksdb:
@@ -342,7 +412,7 @@ class LocalStack:
             with open(agent_log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)  # fmt: skip
-            record = ProcessRecord.of("agent", proc.pid, log=str(agent_log))
+            record = ProcessRecord.of("agent", proc.pid, log=str(agent_log), partition=partition)
             state.processes.append(record)
             self._write_state(state)
             launched.append((record, proc, ready))
@@ -351,6 +421,7 @@ class LocalStack:
         for i, (record, proc, ready) in enumerate(launched):
             record.address = _wait_serving(i, proc, ready, Path(record.log), deadline=deadline)
             state.endpoints.append(record.address)
+            state.partitions.setdefault(record.partition or 0, []).append(record.address)
         state.phase = "up"
         self._write_state(state)
 
@@ -390,9 +461,14 @@ class LocalStack:
         current = self.read_state()
         if current is None:
             return {"state": "absent", "stateDir": str(self.state_dir), "endpoints": [], "processes": []}
-        processes = [{"role": p.role, "pid": p.pid, "address": p.address, "alive": p.alive(), "log": p.log}
-                     for p in current.processes]  # fmt: skip
-        agents = [_agent_summary(current.model, endpoint, timeout=timeout) for endpoint in current.endpoints]
+        processes = [{"role": p.role, "pid": p.pid, "address": p.address, "alive": p.alive(), "log": p.log,
+                      "partition": p.partition} for p in current.processes]  # fmt: skip
+        partitions = current.partitions or {0: list(current.endpoints)}
+        partition_of = {e: p for p, eps in partitions.items() for e in eps}
+        agents = [
+            {**_agent_summary(current.model, e, timeout=timeout), "partition": partition_of.get(e, 0)}
+            for e in current.endpoints
+        ]
         answering = [a for a in agents if a.get("answering")]
         if not answering:
             overall = "down"
@@ -408,6 +484,8 @@ class LocalStack:
             "modelFile": current.model_file,
             "phase": current.phase,
             "endpoints": current.endpoints,
+            "partitions": {str(p): eps for p, eps in sorted(partitions.items())},
+            "plan": current.plan,
             "redis": {"addresses": current.redis_addresses, "cluster": current.redis_cluster},
             "processes": processes,
             "agents": agents,
@@ -417,7 +495,8 @@ class LocalStack:
 
     def down(self, *, purge: bool = False) -> list[ProcessRecord]:
         """Stops the agents, then Redis (SIGTERM, bounded wait, SIGKILL) and forgets their pids; the
-        data stays unless ``purge``. Returns the processes that were running. Safe to run twice."""
+        data (and ``plan.json``) stays unless ``purge``. Returns the processes that were running. Safe to
+        run twice."""
         if not self.state_dir.is_dir():
             return []
         with self._locked():
@@ -431,6 +510,7 @@ class LocalStack:
                 for owned in ("redis", "rocksdb", "logs"):
                     shutil.rmtree(self.state_dir / owned, ignore_errors=True)
                 self.password_file.unlink(missing_ok=True)
+                self.plan_file.unlink(missing_ok=True)
         if purge:
             (self.state_dir / ".lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -453,6 +533,30 @@ def _fingerprint(model_file: Path, **options: object) -> str:
     digest.update(str(model_file).encode())
     digest.update(json.dumps(options, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    """What ``state.json`` and ``status`` say of the plan (the whole plan is in ``plan.json``)."""
+    return {
+        "file": PLAN_FILE,
+        "version": plan.version,
+        "strategy": plan.strategy,
+        "partitions": plan.partitions,
+        "gpusPerPod": plan.gpus_per_pod,
+        "bucketCount": plan.bucket_count,
+        **plan.metrics.to_dict(),
+    }
+
+
+def _check_plan_fits(plan: Plan, model: ModelSpec) -> None:
+    """A plan made for another model would route keys by tables the agents do not serve."""
+    if plan.model and plan.model != model.name:
+        raise InvalidArgumentError(f"the plan is for model {plan.model!r}, the model file is {model.name!r}")
+    unknown = sorted(set(plan.tables()) - {t.name for t in model.tables})
+    if unknown:
+        raise InvalidArgumentError(f"the plan places tables the model does not have: {', '.join(unknown)}")
+    if plan.partitions < 1:
+        raise InvalidArgumentError(f"the plan has {plan.partitions} partitions")
 
 
 def _write_private(path: Path, text: str) -> None:

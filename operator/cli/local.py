@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from node_agent.plan import Plan
+    from node_agent.spec import ModelSpec
 
 #: exit codes of ``hps local status`` (like ``systemctl status``: scripts can test them)
 STATUS_EXIT = {"up": 0, "degraded": 1, "down": 3, "absent": 3}
@@ -29,7 +34,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--state-dir", help=state_help)
     up.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                     help="run a Redis Cluster of N (>= 3) masters instead of one redis-server")  # fmt: skip
-    up.add_argument("--agents", type=int, default=1, metavar="K", help="agent processes (default 1)")
+    up.add_argument("--agents", type=int, default=None, metavar="K",
+                    help="agent processes per partition (default 1)")  # fmt: skip
+    up.add_argument("--partitions", type=int, default=None, metavar="P",
+                    help="override spec.partitions: model-parallel partitions, each caching its share of "
+                    "the tables (0: the fewest that fit); more than one runs the placement plan")  # fmt: skip
+    up.add_argument("--gpus-per-pod", type=int, default=None, metavar="G",
+                    help="override spec.gpusPerPod for the plan (each partition's L1 spans G GPUs)")  # fmt: skip
+    up.add_argument("--agents-per-partition", type=int, default=None, metavar="R",
+                    help="agents serving each partition (same as --agents)")  # fmt: skip
     up.add_argument("--port", type=int, default=0, metavar="P",
                     help="first agent's port; agent i listens on P+i (default: free ports)")  # fmt: skip
     up.add_argument("--no-redis", action="store_true",
@@ -55,12 +68,29 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from node_agent.errors import InvalidArgumentError
     from node_agent.local.stack import LocalStack
+    from node_agent.spec import load_model_file
 
+    given = {n for n in (args.agents, args.agents_per_partition) if n is not None}
+    if len(given) > 1:
+        raise InvalidArgumentError("--agents and --agents-per-partition name the same count: give one")
+    for flag, value, least in (("--partitions", args.partitions, 0), ("--gpus-per-pod", args.gpus_per_pod, 1)):
+        if value is not None and value < least:
+            raise InvalidArgumentError(f"{flag} must be at least {least}, got {value}")
     stack = LocalStack(args.state_dir)
+    try:
+        previous = stack.read_plan()
+    except InvalidArgumentError as exc:
+        logging.getLogger(__name__).warning("planning afresh: %s", exc)
+        previous = None
+    plan = local_plan(load_model_file(args.file), previous, partitions=args.partitions,
+                      gpus_per_pod=args.gpus_per_pod)  # fmt: skip
+    per_partition = next((n for n in (args.agents_per_partition, args.agents) if n is not None), 1)
     result = stack.up(
         args.file,
-        agents=args.agents,
+        agents=per_partition,
+        plan=plan,
         redis_cluster=args.redis_cluster,
         port=args.port,
         no_redis=args.no_redis,
@@ -70,6 +100,10 @@ def run_up(args: argparse.Namespace) -> int:
     state = result.state
     for endpoint in state.endpoints:
         print(f"endpoint: {endpoint}")
+    if state.plan is not None:
+        print(plan_line(state.plan))
+        for partition, endpoints in sorted(state.partitions.items()):
+            print(f"partition {partition}: {', '.join(endpoints)}")
     if result.already_up:
         verb = "already up"
     elif result.restarted:
@@ -82,6 +116,30 @@ def run_up(args: argparse.Namespace) -> int:
           f"state in {stack.state_dir}")  # fmt: skip
     print(f"stop it with: hps local down --state-dir {stack.state_dir}")
     return 0
+
+
+def local_plan(model: ModelSpec, previous: Plan | None, *, partitions: int | None,
+               gpus_per_pod: int | None) -> Plan | None:  # fmt: skip
+    """The plan a local stack runs: ``None`` (every agent holds every table whole, as without a plan)
+    when the model and the flags ask for one partition and leave the GPUs alone; otherwise the
+    planner's, re-planned from the stack's previous plan of the same model so little moves."""
+    from hps_operator.core.planner import plan_placement
+    from hps_operator.core.topology import Topology
+
+    wanted = model.partitions if partitions is None else partitions
+    if wanted == 1 and gpus_per_pod is None:
+        return None
+    if previous is not None and previous.model != model.name:
+        previous = None
+    topology = Topology.from_model(model, gpus_per_pod=gpus_per_pod, partitions=partitions)
+    return plan_placement(model, topology, previous)
+
+
+def plan_line(summary: dict[str, Any]) -> str:
+    """One line on a plan's summary (as ``state.json`` keeps it)."""
+    return (f"plan: version {summary['version']}, strategy {summary['strategy']}, "
+            f"{summary['partitions']} partition(s) x {summary['gpusPerPod']} GPU(s), "
+            f"imbalance {float(summary['imbalance']):.3f}, movedBytes {summary['movedBytes']}")  # fmt: skip
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -100,19 +158,29 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"no stack in {report['stateDir']}")
         return
     print(f"model {report['model']}: {report['state']} (state in {report['stateDir']})")
+    if report.get("plan"):
+        print(f"  {plan_line(report['plan'])}")
     for p in report["processes"]:
         where = f" {p['address']}" if p["address"] else ""
         print(f"  {p['role']:<6} pid {p['pid']:<8}{where:<22} {'alive' if p['alive'] else 'DEAD'}")
+    planned = bool(report.get("plan"))
     for a in report["agents"]:
+        where = f" (partition {a.get('partition', 0)})" if planned else ""
         if not a.get("answering"):
-            print(f"  agent {a['endpoint']}: not answering ({a.get('error', '')})")
+            print(f"  agent {a['endpoint']}{where}: not answering ({a.get('error', '')})")
             continue
         rates = a.get("hitRates") or {}
         hit = ", ".join(f"{t} {r:.2f}" for t, r in sorted(rates.items()) if isinstance(r, int | float))
-        print(f"  agent {a['endpoint']}: device {a.get('device') or '?'}, "
+        version = (a.get("describe") or {}).get("planVersion")
+        if planned:
+            where = f" (partition {a.get('partition', 0)}, plan version {version})"
+        print(f"  agent {a['endpoint']}{where}: device {a.get('device') or '?'}, "
               f"{'DEGRADED' if a.get('degraded') else 'healthy'}" + (f", L1 hit rate {hit}" if hit else ""))  # fmt: skip
     for endpoint in report["endpoints"]:
         print(f"endpoint: {endpoint}")
+    if planned:
+        for partition, endpoints in sorted(report.get("partitions", {}).items(), key=lambda kv: int(kv[0])):
+            print(f"partition {partition}: {', '.join(endpoints)}")
 
 
 def run_down(args: argparse.Namespace) -> int:

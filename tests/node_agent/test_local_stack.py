@@ -210,3 +210,65 @@ def test_state_dir_defaults_to_the_environment_variable(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hps_operator", "local", "status"], capture_output=True,
                           text=True, timeout=CLI_TIMEOUT_S, env=env)  # fmt: skip
     assert proc.returncode == 3 and str(tmp_path / "from-env") in proc.stdout
+
+
+def test_a_single_partition_stack_routes_everything_to_its_agents(running: tuple[Model, Path, list[str]]) -> None:
+    from node_agent.routing import RoutedClient
+
+    model, state_dir, endpoints = running
+    with RoutedClient.from_local_state(state_dir) as client:
+        assert client.endpoints == {0: endpoints}
+        got = client.lookup("recs", "users", model.users_keys[::-1])
+        np.testing.assert_array_equal(got, model.users[::-1])
+        assert client.check_plan("recs") == []  # agents without a plan report version 0, as the client routes
+        assert client.routing_stats()["unowned_keys"] == 0
+
+
+def test_partitions_run_the_plan_and_a_model_change_replans_from_it(tmp_path: Path) -> None:
+    from node_agent.routing import RoutedClient
+
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    try:
+        up = hps("local", "up", "-f", model.file, "--state-dir", state, "--partitions", "2")
+        assert len(endpoints_of(up.stdout)) == 2
+        assert "plan: version 1," in up.stdout and "2 partition(s)" in up.stdout
+        saved = json.loads((state / "state.json").read_text())
+        assert sorted(saved["partitions"]) == ["0", "1"] and saved["plan"]["version"] == 1
+        assert [p["partition"] for p in saved["processes"] if p["role"] == "agent"] == [0, 1]
+        for partition, endpoints in saved["partitions"].items():
+            assert f"partition {partition}: {endpoints[0]}" in up.stdout
+        assert json.loads((state / "plan.json").read_text())["partitions"] == 2
+
+        with RoutedClient.from_local_state(state) as client:
+            assert client.check_plan("recs") == []
+            np.testing.assert_array_equal(client.lookup("recs", "users", model.users_keys), model.users)
+            keys = np.array([0, 299, 17, 17, 300], dtype=np.int64)
+            got = client.lookup("recs", "items", keys)
+            np.testing.assert_array_equal(got[:4], model.items[[0, 299, 17, 17]])
+            np.testing.assert_array_equal(got[4], np.full(4, 0.5, dtype=np.float16))
+
+        report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
+        assert report["state"] == "up" and report["plan"]["version"] == 1
+        assert sorted((a["partition"], a["describe"]["planVersion"]) for a in report["agents"]) == [(0, 1), (1, 1)]
+        text = hps("local", "status", "--state-dir", state).stdout
+        assert "plan: version 1" in text and "(partition 1, plan version 1)" in text
+
+        again = hps("local", "up", "-f", model.file, "--state-dir", state, "--partitions", "2")
+        assert "already up" in again.stdout and "plan: version 1," in again.stdout
+
+        # a hotter items table changes the balance: the re-plan starts from plan.json and says what moved
+        model.file.write_text(model.file.read_text().replace("defaultValue: 0.5}", "defaultValue: 0.5, hotness: 0.9}"))
+        replanned = hps("local", "up", "-f", model.file, "--state-dir", state, "--partitions", "2")
+        assert "restarted" in replanned.stdout and "plan: version 2," in replanned.stdout
+        moved = json.loads((state / "plan.json").read_text())["metrics"]["movedBytes"]
+        assert moved > 0 and f"movedBytes {moved}" in replanned.stdout
+        assert json.loads((state / "state.json").read_text())["plan"]["movedBytes"] == moved
+        with RoutedClient.from_local_state(state) as client:
+            assert client.plan.version == 2 and client.check_plan("recs") == []
+            np.testing.assert_array_equal(client.lookup("recs", "users", model.users_keys), model.users)
+    finally:
+        hps("local", "down", "--state-dir", state, check=False)
+    assert (state / "plan.json").exists()  # kept for the next up to re-plan from
+    hps("local", "down", "--state-dir", state, "--purge")
+    assert not state.exists()

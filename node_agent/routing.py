@@ -1,0 +1,449 @@
+"""Plan-aware lookups: :class:`RoutedClient` sends each key to the partition whose agents cache its hash
+bucket under the placement plan, and reassembles the answer in the caller's order.
+
+Routing decides speed, never correctness: every agent answers every key (from L2/L3 when its L1 does
+not hold the bucket), so a partition with no agent answering is served by another partition's agents,
+and a plan the agents do not run yet (a rollout in progress) only costs cache hits. Both are counted
+(:meth:`RoutedClient.routing_stats`) and the second is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node_agent import wire
+from node_agent.client import Client, ModelInfo
+from node_agent.errors import HpsError, InvalidArgumentError, UnavailableError
+from node_agent.plan import Plan, bucket_of
+
+log = logging.getLogger(__name__)
+
+ROUTING_FORMAT = "hps.dev/routing/v1"
+#: most partitions asked at once by one call (the rest queue in the client's pool)
+MAX_PARALLEL_PARTITIONS = 8
+#: the Describe that checks each agent's plan must not hold up a first lookup for long
+_PLAN_CHECK_TIMEOUT_S = 2.0
+
+#: per partition: ``{table: (positions of its keys in the caller's array or None for all, keys)}``
+_Split = dict[int, dict[str, tuple[np.ndarray | None, np.ndarray]]]
+
+
+def owner_partitions(plan: Plan, table: str) -> np.ndarray | None:
+    """The partition each bucket of ``table`` is routed to (``-1`` where no partition caches it), or
+    ``None`` when the plan holds no shard of the table.
+
+    Unlike :meth:`Plan.partitions_of` (which names the lowest owner), a bucket cached by several
+    partitions (strategy ``replicate``) goes to one of them chosen by the bucket's number, so the
+    partitions share its load instead of the first one taking all of it."""
+    spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for a in plan.assignments_for(table=table):
+        spans[a.partition].append(a.buckets)
+    if not spans:
+        return None
+    count = plan.bucket_count
+    # several GPUs of one partition may hold the same buckets (replicate): count each partition once
+    merged = {p: _merge(ranges) for p, ranges in sorted(spans.items())}
+    holders = np.zeros(count, dtype=np.int32)
+    for ranges in merged.values():
+        for lo, hi in ranges:
+            holders[lo:hi] += 1
+    owner = np.full(count, -1, dtype=np.int32)
+    if int(holders.max()) <= 1:
+        for p, ranges in merged.items():
+            for lo, hi in ranges:
+                owner[lo:hi] = p
+        return owner
+    choice = np.arange(count, dtype=np.int64) % np.maximum(holders, 1)
+    seen = np.zeros(count, dtype=np.int32)
+    for p, ranges in merged.items():  # ascending partition: the i-th holder of a bucket is the i-th seen
+        for lo, hi in ranges:
+            mine = seen[lo:hi] == choice[lo:hi]
+            owner[lo:hi][mine] = p
+            seen[lo:hi] += 1
+    return owner
+
+
+def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+@dataclass(frozen=True)
+class PlanMismatch:
+    """An agent that does not serve what the routing map says: another plan version (a rollout in
+    progress) or another partition (an endpoint listed under the wrong partition)."""
+
+    endpoint: str
+    #: the partition the routing map lists the endpoint under, and the plan version it routes by
+    partition: int
+    plan_version: int
+    #: what the agent itself reports (Describe)
+    reported_partition: int
+    reported_version: int
+
+    def __str__(self) -> str:
+        return (
+            f"agent {self.endpoint} listed as partition {self.partition} of plan version {self.plan_version} "
+            f"serves partition {self.reported_partition} of plan version {self.reported_version}"
+        )
+
+
+def routing_document(plan: Plan, endpoints: Mapping[int, Sequence[str]]) -> dict[str, Any]:
+    """The routing file's content: the plan and each partition's endpoints (what
+    :meth:`RoutedClient.from_routing_file` reads)."""
+    return {
+        "format": ROUTING_FORMAT,
+        "plan": plan.to_dict(),
+        "endpoints": {str(p): list(eps) for p, eps in sorted(endpoints.items())},
+    }
+
+
+class RoutedClient:
+    """Lookups routed by ``plan`` to the agents of each partition (``endpoints``: partition → its
+    agents' ``HOST:PORT``); the same calls as :class:`~node_agent.client.Client`.
+
+    Keys of one call that belong to several partitions are sent to them concurrently, one request
+    per partition holding all of its tables. A partition whose agents do not answer (UNAVAILABLE or
+    DEADLINE_EXCEEDED on each of them) is skipped for ``cooloff_s`` and its keys go to the next
+    partition that answers. Thread-safe."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        endpoints: Mapping[int, Sequence[str] | str],
+        *,
+        timeout: float = 5.0,
+        retries: int = 2,
+        cooloff_s: float = 1.0,
+    ) -> None:
+        listed: dict[int, list[str]] = {}
+        for partition, eps in endpoints.items():
+            p = int(partition)
+            if p < 0:
+                raise InvalidArgumentError(f"partition numbers must not be negative, got {p}")
+            names = (
+                [e.strip() for e in eps.split(",")] if isinstance(eps, str) else [str(e).strip() for e in eps]
+            )
+            names = [e for e in names if e]
+            if names:
+                listed[p] = names
+        if not listed:
+            raise InvalidArgumentError("no endpoint given for any partition")
+        self.plan = plan
+        self.endpoints: dict[int, list[str]] = dict(sorted(listed.items()))
+        self.timeout = timeout
+        self.cooloff_s = cooloff_s
+        self._clients = {
+            p: Client(eps, timeout=timeout, retries=retries) for p, eps in self.endpoints.items()
+        }
+        self._order = list(self._clients)
+        self._owners: dict[str, np.ndarray | None] = {}
+        self._owners_lock = threading.Lock()
+        self._down_until: dict[int, float] = {}
+        self._checked: dict[str, list[PlanMismatch]] = {}
+        self._check_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._requests: dict[int, int] = dict.fromkeys(self._order, 0)
+        self._keys: dict[int, int] = dict.fromkeys(self._order, 0)
+        self._fallbacks = 0
+        self._fallback_keys = 0
+        self._unowned_keys = 0
+
+    # -- construction from files -----------------------------------------------------------------
+
+    @classmethod
+    def from_routing(cls, raw: Mapping[str, Any], **options: Any) -> RoutedClient:
+        """From a routing document ``{"plan": {...}, "endpoints": {"0": [...], ...}}``."""
+        try:
+            plan = Plan.from_dict(raw["plan"])
+            endpoints = {int(p): eps for p, eps in dict(raw["endpoints"]).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"not a routing document (plan and endpoints): {exc!r}") from None
+        return cls(plan, endpoints, **options)
+
+    @classmethod
+    def from_routing_file(cls, path: str | Path, **options: Any) -> RoutedClient:
+        """From a JSON file as :func:`routing_document` writes it."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InvalidArgumentError(f"routing file {path} not found") from None
+        except ValueError as exc:
+            raise InvalidArgumentError(f"routing file {path} is not JSON: {exc}") from None
+        return cls.from_routing(raw, **options)
+
+    @classmethod
+    def from_local_state(cls, state_dir: str | Path | None = None, **options: Any) -> RoutedClient:
+        """Routes by the plan of the ``hps local`` stack in ``state_dir`` (default: as ``hps local``)."""
+        from node_agent.local.stack import LocalStack
+
+        plan, endpoints = LocalStack(state_dir).routing()
+        return cls(plan, endpoints, **options)
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def lookup(self, model: str, table: str, keys: Any) -> np.ndarray:
+        """Vectors of ``keys`` in ``table``: ``(len(keys), dim)`` in the table's dtype, as
+        :meth:`Client.lookup`."""
+        return self.lookup_many(model, {table: keys})[table]
+
+    def lookup_many(self, model: str, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``{table: keys}`` → ``{table: (len(keys), dim)}``, each partition asked once."""
+        self._check_once(model)
+        keyed = {table: wire.as_keys(keys) for table, keys in batch.items()}
+        split = self._split(keyed)
+        answers = self._ask_partitions(model, split)
+        out: dict[str, np.ndarray] = {}
+        for table, keys in keyed.items():
+            parts = [(sub[table][0], answers[p][table]) for p, sub in split.items() if table in sub]
+            if len(parts) == 1 and parts[0][0] is None:
+                out[table] = parts[0][1]
+                continue
+            first = parts[0][1]
+            rows = np.empty((keys.shape[0], *first.shape[1:]), dtype=first.dtype)
+            for positions, vectors in parts:
+                rows[positions] = vectors
+            out[table] = rows
+        return out
+
+    def _split(self, keyed: Mapping[str, np.ndarray]) -> _Split:
+        split: _Split = defaultdict(dict)
+        empty: list[str] = []
+        unowned = 0
+        for table, keys in keyed.items():
+            if keys.shape[0] == 0:
+                empty.append(table)
+                continue
+            owners_of_buckets = self._owner_array(table)
+            if owners_of_buckets is None:
+                # not in the plan (a table newer than the plan, or a typo the agent will name)
+                owners = np.full(keys.shape[0], -1, dtype=np.int32)
+            else:
+                owners = owners_of_buckets[bucket_of(keys, self.plan.bucket_count)]
+            lost = owners < 0
+            if lost.any():
+                unowned += int(lost.sum())
+                owners = np.where(lost, self._order[0], owners)
+            low, high = int(owners.min()), int(owners.max())
+            if low == high:
+                split[low][table] = (None, keys)
+                continue
+            order = np.argsort(owners, kind="stable")
+            cuts = np.flatnonzero(np.diff(owners[order])) + 1
+            for positions in np.split(order, cuts):
+                split[int(owners[positions[0]])][table] = (positions, keys[positions])
+        # a table asked with no keys still needs its (0, dim) shape and dtype: any partition tells
+        for table in empty:
+            split[next(iter(split), self._order[0])][table] = (None, keyed[table])
+        if unowned:
+            with self._stats_lock:
+                self._unowned_keys += unowned
+        return dict(split)
+
+    def _owner_array(self, table: str) -> np.ndarray | None:
+        try:
+            return self._owners[table]
+        except KeyError:
+            pass
+        with self._owners_lock:  # built once per table: a plan may have up to 2^20 buckets
+            if table not in self._owners:
+                self._owners[table] = owner_partitions(self.plan, table)
+            return self._owners[table]
+
+    def _ask_partitions(self, model: str, split: _Split) -> dict[int, dict[str, np.ndarray]]:
+        items = list(split.items())
+        if len(items) == 1:
+            partition, tables = items[0]
+            return {partition: self._ask(model, partition, tables)}
+        pool = self._executor()
+        pending: list[tuple[int, Future[dict[str, np.ndarray]]]] = [
+            (partition, pool.submit(self._ask, model, partition, tables)) for partition, tables in items[1:]
+        ]
+        # the caller's thread asks one partition itself rather than idle while the pool works
+        answers = {items[0][0]: self._ask(model, items[0][0], items[0][1])}
+        for partition, future in pending:
+            answers[partition] = future.result()
+        return answers
+
+    def _ask(
+        self, model: str, partition: int, tables: Mapping[str, tuple[np.ndarray | None, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """One partition's share of a call, from its agents or, failing them, another partition's."""
+        request = {table: keys for table, (_, keys) in tables.items()}
+        count = sum(int(k.shape[0]) for k in request.values())
+        failures: list[str] = []
+        for candidate in self._candidates(partition):
+            try:
+                answer = self._clients[candidate].lookup_many(model, request)
+            except UnavailableError as exc:
+                with self._stats_lock:
+                    self._down_until[candidate] = time.monotonic() + self.cooloff_s
+                failures.append(f"partition {candidate}: {exc}")
+                continue
+            with self._stats_lock:
+                self._down_until.pop(candidate, None)
+                self._requests[candidate] += 1
+                self._keys[candidate] += count
+                if candidate != partition:
+                    self._fallbacks += 1
+                    self._fallback_keys += count
+            if candidate != partition:
+                log.debug(
+                    "partition %d did not answer; %d keys served by partition %d", partition, count, candidate
+                )
+            return answer
+        raise UnavailableError(
+            f"no partition's agents answered a lookup of model {model!r}: {'; '.join(failures)}"
+        )
+
+    def _candidates(self, partition: int) -> list[int]:
+        """Who to ask for ``partition``'s keys, in order: its own agents, then the other partitions
+        (the next ones first, so one partition's load spreads rather than piling on partition 0);
+        partitions that failed within ``cooloff_s`` go last."""
+        start = next((i for i, p in enumerate(self._order) if p > partition), 0)
+        ring = self._order[start:] + self._order[:start]
+        ordered = ([partition] if partition in self._clients else []) + [p for p in ring if p != partition]
+        now = time.monotonic()
+        with self._stats_lock:
+            cooling = {p for p in ordered if self._down_until.get(p, 0.0) > now}
+        return [p for p in ordered if p not in cooling] + [p for p in ordered if p in cooling]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                workers = min(len(self._order), MAX_PARALLEL_PARTITIONS)
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hps-route")
+            return self._pool
+
+    # -- the plan the agents run -----------------------------------------------------------------
+
+    def check_plan(self, model: str) -> list[PlanMismatch]:
+        """Asks every listed agent (Describe) which partition and plan version it serves; logs a
+        warning for each that differs from the routing map and returns them. Agents that do not
+        answer are left out (lookups fail over around them)."""
+        jobs = [(p, e) for p, eps in self.endpoints.items() for e in eps]
+        pool = self._executor()
+        futures = [(p, e, pool.submit(self._describe_one, model, e)) for p, e in jobs]
+        mismatches: list[PlanMismatch] = []
+        for partition, endpoint, future in futures:
+            info = future.result()
+            if info is None:
+                continue
+            if info.plan_version != self.plan.version or info.partition != partition:
+                mismatch = PlanMismatch(
+                    endpoint, partition, self.plan.version, info.partition, info.plan_version
+                )
+                log.warning("%s: lookups stay exact, but keys routed to it may miss its cache", mismatch)
+                mismatches.append(mismatch)
+        with self._check_lock:
+            self._checked[model] = mismatches
+        return mismatches
+
+    def _describe_one(self, model: str, endpoint: str) -> ModelInfo | None:
+        try:
+            with Client(endpoint, timeout=min(self.timeout, _PLAN_CHECK_TIMEOUT_S), retries=0) as client:
+                return client.describe(model)
+        except HpsError as exc:
+            log.debug("plan check: %s did not describe model %s: %s", endpoint, model, exc)
+            return None
+
+    def _check_once(self, model: str) -> None:
+        if model in self._checked:
+            return
+        with self._check_lock:
+            if model in self._checked:
+                return
+            # marked first: a second thread's lookup must not wait for (or repeat) this check
+            self._checked[model] = []
+        self.check_plan(model)
+
+    def describe(self, model: str) -> ModelInfo:
+        """What the first answering partition serves of ``model`` (the tables are the same on all)."""
+        self._check_once(model)
+        failures: list[str] = []
+        for candidate in self._candidates(self._order[0]):
+            try:
+                return self._clients[candidate].describe(model)
+            except UnavailableError as exc:
+                failures.append(f"partition {candidate}: {exc}")
+        raise UnavailableError(
+            f"no partition's agents answered Describe of model {model!r}: {'; '.join(failures)}"
+        )
+
+    def describe_partitions(self, model: str) -> dict[int, ModelInfo]:
+        """Each partition's Describe (partitions with no agent answering are left out)."""
+        out: dict[int, ModelInfo] = {}
+        for partition, client in self._clients.items():
+            try:
+                out[partition] = client.describe(model)
+            except UnavailableError:
+                continue
+        return out
+
+    def agent_stats(self, model: str) -> dict[int, dict[str, Any]]:
+        """Each partition's agent counters (Stats of one of its agents); silent partitions left out."""
+        out: dict[int, dict[str, Any]] = {}
+        for partition, client in self._clients.items():
+            try:
+                out[partition] = client.stats(model)
+            except UnavailableError:
+                continue
+        return out
+
+    def routing_stats(self) -> dict[str, Any]:
+        """What this client routed: requests and keys per partition that answered, the sub-requests
+        (and their keys) another partition served, keys of buckets the plan gives no partition,
+        and the agents found on another plan."""
+        with self._stats_lock:
+            partitions = {
+                p: {
+                    "endpoints": list(self.endpoints[p]),
+                    "requests": self._requests[p],
+                    "keys": self._keys[p],
+                }
+                for p in self._order
+            }
+            stats: dict[str, Any] = {
+                "plan_version": self.plan.version,
+                "partitions": partitions,
+                "fallbacks": self._fallbacks,
+                "fallback_keys": self._fallback_keys,
+                "unowned_keys": self._unowned_keys,
+            }
+        with self._check_lock:
+            stats["plan_mismatches"] = [str(m) for found in self._checked.values() for m in found]
+        return stats
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for client in self._clients.values():
+            client.close()
+
+    def __enter__(self) -> RoutedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
