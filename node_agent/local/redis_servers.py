@@ -20,11 +20,20 @@ from node_agent.errors import UnavailableError
 _START_TIMEOUT_S = 15.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the kernel's pick; racy, so callers retry on EADDRINUSE)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+#: a cluster node also listens on port + 10000 (its bus), so cluster ports must stay at or below this
+CLUSTER_MAX_PORT = 65535 - 10000
+
+
+def free_port(host: str = "127.0.0.1", *, max_port: int = 65535) -> int:
+    """A port nothing listens on right now, at most ``max_port`` (the kernel's pick; racy, so
+    callers retry when the server cannot bind)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port <= max_port:
+            return port
+    raise UnavailableError(f"no free port at or below {max_port} on {host}")
 
 
 def redis_server_binary() -> str:
@@ -104,7 +113,7 @@ def start_redis(
     wd.mkdir(parents=True, exist_ok=True)
     last_error = ""
     for _ in range(5):
-        chosen = port or free_port(host)
+        chosen = port or free_port(host, max_port=CLUSTER_MAX_PORT if cluster else 65535)
         args = [
             binary, "--bind", host, "--port", str(chosen), "--dir", str(wd),
             "--save", "", "--appendonly", "no", "--protected-mode", "no",
