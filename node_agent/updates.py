@@ -1,21 +1,38 @@
 """Online updates over a Redis Stream: training publishes ``(table, keys, vectors)`` batches, every node
 agent consumes them, writes them through its lookup path (L2/L3, then its own L1) and acknowledges.
 
-Two promises HPS's Kafka source does not keep: a publish that Redis did not take raises
-:class:`UnavailableError` (never a silent drop), and an update is acknowledged only after the lookup
-path has applied it, so one that failed stays pending and is applied again (XAUTOCLAIM after a
-restart). Every agent reads through its *own* consumer group, because each has its own L1 to
-refresh; the L2/L3 writes that several agents then repeat are idempotent overwrites.
+HPS's Kafka source drops updates silently when no broker answers; every way an update can be lost
+here is either closed or reported (``docs/updates.md`` has the whole list):
+
+- a publish Redis did not take, or took without our being able to confirm the entry, raises
+  :class:`UnavailableError`; ``wait_replicas`` also requires replication (``WAIT``);
+- an update is acknowledged only after the lookup path applied it, so one that failed stays pending
+  and is applied again, after a restart too (XAUTOCLAIM);
+- a new consumer group starts where the agent's data stands (a :class:`StreamPosition` read before
+  loading, or ``0``: all retained history, re-applied in order — updates are idempotent overwrites);
+- an agent keeps its group across restarts (:func:`stable_consumer_identity`);
+- entries trimmed (``MAXLEN ~``) before this agent read them are detected from the stream's counters
+  (Redis 7: ``entries-added``, the group's ``entries-read``): the consumer turns degraded, clears its
+  L1 and logs and counts the gap; it is never silent.
+
+Every agent reads through its *own* consumer group, because each has its own L1 to refresh; the
+L2/L3 writes that several agents then repeat are idempotent overwrites.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,10 +53,30 @@ log = logging.getLogger(__name__)
 #: message layout version, so a consumer can refuse a layout it does not know instead of misreading it
 MESSAGE_VERSION = b"1"
 
-#: stream entries kept (``XADD MAXLEN ~``); an agent lagging further behind than this misses entries
+#: stream entries kept (``XADD MAXLEN ~``); an agent lagging further behind is told so (a gap)
 DEFAULT_MAXLEN = 10_000
 
+#: consumer groups of agents not heard of for this long are deleted (their pending lists would grow)
+DEFAULT_STALE_GROUP_IDLE_S = 24 * 3600.0
+
+#: every agent's group is named ``agent:<identity>``; only such groups are ever deleted as stale
+AGENT_GROUP_PREFIX = "agent:"
+
+#: file under an agent's state directory holding the random part of its stable identity
+IDENTITY_FILE = "hps-agent-id"
+
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
+
+#: failures after which the entry may or may not be in the stream, or the slot map is stale: the
+#: publisher reconnects (fresh slot map), looks for its entry and sends it at most once more
+_PUBLISH_RETRYABLE = (
+    *_REDIS_DOWN,
+    redis.exceptions.AskError,  # MovedError is a subclass
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+)
 
 
 def stream_name(model: ModelSpec | str) -> str:
@@ -91,12 +128,128 @@ def connect_stream_redis(
     return redis.Redis(host=host, port=port, **common)
 
 
+# -- stream ids and positions -------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_id(entry_id: Any) -> tuple[int, int]:
+    """``"<ms>-<seq>"`` as a pair that orders like Redis orders stream ids."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _id_before(entry_id: tuple[int, int]) -> str:
+    """The largest id smaller than ``entry_id`` (a group set there reads ``entry_id`` next)."""
+    ms, seq = entry_id
+    if seq > 0:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{2**64 - 1}" if ms > 0 else "0-0"
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream stood at one moment: its last entry id and how many entries it had ever taken.
+
+    Read it (:func:`stream_position`) *before* an agent loads its tables and pass it as the consumer's
+    ``start_id``: the group then reads every entry published after the snapshot, and the count lets
+    the consumer tell whether any of them were trimmed before it read them."""
+
+    last_id: str
+    entries_added: int
+
+
+def _stream_info(client: redis.Redis | redis.RedisCluster, stream: str) -> dict[str, Any] | None:
+    """XINFO STREAM with bytes keys turned to text, or None when the stream does not exist."""
+    try:
+        info: Any = client.xinfo_stream(stream)
+    except redis.ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+    return {_text(k): v for k, v in dict(info).items()}
+
+
+def read_stream_position(client: redis.Redis | redis.RedisCluster, stream: str) -> StreamPosition:
+    """The stream's :class:`StreamPosition` now (``0-0``/0 for a stream that does not exist yet)."""
+    info = _stream_info(client, stream)
+    if info is None:
+        return StreamPosition("0-0", 0)
+    return StreamPosition(_text(info["last-generated-id"]), int(info.get("entries-added") or 0))
+
+
+def stream_position(
+    addresses: str | Sequence[str],
+    stream: str,
+    *,
+    password: str | None = None,
+    cluster: bool = False,
+    timeout: float = 2.0,
+) -> StreamPosition:
+    """:func:`read_stream_position` over a connection of its own; :class:`UnavailableError` when the
+    stream's Redis cannot be reached (the caller then falls back to ``start_id="0"``)."""
+    client = connect_stream_redis(addresses, password=password, cluster=cluster, timeout=timeout)
+    try:
+        return read_stream_position(client, stream)
+    except redis.RedisError as exc:
+        raise UnavailableError(f"position of update stream {stream} unknown: {exc}") from None
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            client.close()
+
+
+def stable_consumer_identity(
+    model: str, partition: int, *, state_dir: str | Path | None = None, instance: str | int | None = None
+) -> str:
+    """An agent identity that survives restarts, so a restarted agent resumes its own consumer group.
+
+    With ``state_dir`` (the agent's own writable state, e.g. its RocksDB directory) the identity is
+    ``<model>-p<partition>-<random id>``, the random id kept in ``state_dir/hps-agent-id`` (made on the
+    first call): it follows the data, wherever the agent runs. Without one it is
+    ``<model>-p<partition>-<hostname>[-<instance>]``: stable where the host name is (a StatefulSet
+    pod), and several agents of one partition on one host must pass distinct ``instance`` values
+    (a fixed port, a replica index). A state directory that cannot be written falls back to it."""
+    if partition < 0:
+        raise InvalidArgumentError(f"partition must not be negative, got {partition}")
+    base = f"{model}-p{partition}"
+    if state_dir is not None:
+        path = Path(state_dir) / IDENTITY_FILE
+        try:
+            return f"{base}-{_read_or_create_id(path)}"
+        except OSError as exc:
+            log.warning("agent identity cannot be kept in %s (%s): using the host name", path, exc)
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{base}-{host}" + (f"-{instance}" if instance is not None else "")
+
+
+def _read_or_create_id(path: Path) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = uuid.uuid4().hex[:12]
+    try:
+        # O_EXCL: of two agents starting on one directory, one writes and both read its id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return path.read_text().strip() or fresh
+    with os.fdopen(fd, "w") as out:
+        out.write(fresh + "\n")
+    return fresh
+
+
+# -- the producer -------------------------------------------------------------------------------
+
+
 class UpdatePublisher:
     """Publishes update batches to a model's stream (what a training job runs).
 
-    ``publish`` returns the stream entry id once Redis holds the entry, and raises
-    :class:`UnavailableError` when it cannot: the caller decides whether to retry, nothing is dropped
-    behind its back."""
+    ``publish`` returns the stream entry id once Redis holds the entry (and, with ``wait_replicas``,
+    once that many replicas have it), and raises :class:`UnavailableError` when it cannot say so: the
+    caller decides whether to retry, nothing is dropped behind its back."""
 
     def __init__(
         self,
@@ -113,22 +266,46 @@ class UpdatePublisher:
             raise InvalidArgumentError("UpdatePublisher needs a stream name or a model name")
         self.stream = stream or stream_name(str(model))
         self.maxlen = maxlen
+        self.retries = 0
         self._addresses = addresses
         self._password = password
         self._cluster = cluster
         self._timeout = timeout
         self._redis: redis.Redis | redis.RedisCluster | None = None
+        # tags every entry, so after an ambiguous failure the publisher can tell whether it landed
+        self._producer = uuid.uuid4().hex[:16]
+        self._sequence = itertools.count()
+        self._last_entry = "-"
 
-    def publish(self, table: str, keys: Any, vectors: Any, dtype: str | None = None) -> str:
+    def publish(
+        self,
+        table: str,
+        keys: Any,
+        vectors: Any,
+        dtype: str | None = None,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> str:
         """XADDs one batch; ``vectors`` is ``(len(keys), dim)``, sent as ``dtype`` (default: its own
-        dtype when float32/float16, else float32). Returns the entry id."""
+        dtype when float32/float16, else float32). Returns the entry id.
+
+        A failure that leaves the entry's fate unknown (connection lost mid-call, a Cluster ``MOVED``
+        or ``TRYAGAIN``) is retried once on a fresh connection and slot map, after checking whether
+        the entry landed (so it is never added twice); a second failure raises. With
+        ``wait_replicas=N`` Redis ``WAIT``\\s up to ``wait_timeout_ms`` for N replicas to hold the
+        entry and raises when fewer did (the entry is then on the master only; publishing it again
+        is safe: updates are idempotent overwrites)."""
         if not table:
             raise InvalidArgumentError("table name is empty")
+        if wait_replicas < 0 or wait_timeout_ms < 0:
+            raise InvalidArgumentError("wait_replicas and wait_timeout_ms must not be negative")
         k = wire.as_keys(keys)
         v = wire.as_vectors(vectors, rows=int(k.size))
         sent = dtype or v.dtype.name
         if sent not in wire.VECTOR_WIRE_DTYPES:
             raise InvalidArgumentError(f"dtype must be float32 or float16, got {sent!r}")
+        uid = f"{self._producer}-{next(self._sequence)}".encode()
         fields: dict[Any, Any] = {
             b"v": MESSAGE_VERSION,
             b"table": table.encode(),
@@ -137,30 +314,105 @@ class UpdatePublisher:
             b"keys": k.tobytes(),
             b"vectors": wire.pack_vectors(v, sent),
             b"ts": str(time.time_ns()).encode(),
+            b"uid": uid,
         }
         try:
-            if self._redis is None:
-                self._redis = connect_stream_redis(
-                    self._addresses, password=self._password, cluster=self._cluster, timeout=self._timeout
-                )
-            entry = self._redis.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-        except _REDIS_DOWN as exc:
-            raise UnavailableError(f"update not published: Redis for stream {self.stream} unreachable: {exc}") from None
+            entry, replicas = self._send(fields, wait_replicas, wait_timeout_ms)
+        except _PUBLISH_RETRYABLE as first:
+            self.retries += 1
+            log.warning("publish to %s failed (%s): reconnecting and retrying once", self.stream, first)
+            self._reset()
+            try:
+                found = self._find(uid)
+                if found is None:
+                    entry, replicas = self._send(fields, wait_replicas, wait_timeout_ms)
+                else:
+                    entry, replicas = found, self._wait(wait_replicas, wait_timeout_ms)
+            except redis.RedisError as second:
+                raise UnavailableError(
+                    f"update not published to stream {self.stream} (failed twice: {first}; then {second})"
+                ) from None
         except redis.RedisError as exc:
             raise UnavailableError(f"update not published to stream {self.stream}: {exc}") from None
-        return entry.decode() if isinstance(entry, bytes) else str(entry)
+        self._last_entry = entry
+        if replicas < wait_replicas:
+            raise UnavailableError(
+                f"update {entry} is in stream {self.stream} but reached {replicas} of {wait_replicas} "
+                f"replicas within {wait_timeout_ms} ms: not durable"
+            )
+        return entry
 
-    def close(self) -> None:
+    def _client(self) -> redis.Redis | redis.RedisCluster:
+        if self._redis is None:
+            self._redis = connect_stream_redis(
+                self._addresses, password=self._password, cluster=self._cluster, timeout=self._timeout
+            )
+        return self._redis
+
+    def _node_client(self) -> redis.Redis:
+        """The connection to the master holding the stream: XADD and WAIT must share one connection,
+        as WAIT counts the replicas that hold *this connection's* writes."""
+        client = self._client()
+        if isinstance(client, redis.RedisCluster):
+            return client.get_redis_connection(client.get_node_from_key(self.stream))
+        return client
+
+    def _send(self, fields: Mapping[Any, Any], wait_replicas: int, wait_timeout_ms: int) -> tuple[str, int]:
+        try:
+            pipe = self._node_client().pipeline(transaction=False)
+        except (redis.exceptions.RedisClusterException, UnavailableError) as exc:
+            raise redis.ConnectionError(str(exc)) from None
+        pipe.xadd(self.stream, dict(fields), maxlen=self.maxlen, approximate=True)
+        if wait_replicas:
+            pipe.wait(wait_replicas, wait_timeout_ms)
+        replies = pipe.execute()
+        if not replies or not replies[0]:
+            # Redis answered but gave no entry id: nothing says the entry exists
+            raise redis.ResponseError(f"XADD to {self.stream} returned no entry id ({replies!r})")
+        return _text(replies[0]), int(replies[1]) if wait_replicas else 0
+
+    def _wait(self, wait_replicas: int, wait_timeout_ms: int) -> int:
+        if not wait_replicas:
+            return 0
+        return int(self._node_client().wait(wait_replicas, wait_timeout_ms))
+
+    def _find(self, uid: bytes, *, limit: int = 256) -> str | None:
+        """The id of the entry tagged ``uid`` among those newer than the last one this publisher
+        confirmed (at most ``limit``), or None: tells a retry whether the first attempt landed."""
+        try:
+            client = self._node_client()
+        except (redis.exceptions.RedisClusterException, UnavailableError) as exc:
+            raise redis.ConnectionError(str(exc)) from None
+        newest = "+"
+        seen = 0
+        while seen < limit:
+            page: Any = client.xrevrange(self.stream, max=newest, min=self._last_entry, count=64)
+            for entry_id, entry_fields in page:
+                if entry_fields.get(b"uid") == uid:
+                    return _text(entry_id)
+            seen += len(page)
+            if len(page) < 64:
+                return None
+            newest = "(" + _text(page[-1][0])
+        return None
+
+    def _reset(self) -> None:
         if self._redis is not None:
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException):
                 self._redis.close()
             self._redis = None
+
+    def close(self) -> None:
+        self._reset()
 
     def __enter__(self) -> UpdatePublisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- the consumer -------------------------------------------------------------------------------
 
 
 class _Rejected(Exception):
@@ -175,6 +427,15 @@ class UpdateConsumer:
     be applied now (no durable tier took it) stops the batch, stays pending and is retried, with the
     ones after it, once the tier is back. Entries pending from an earlier run of the same group are
     claimed (XAUTOCLAIM) at start and then every ``claim_interval_s``.
+
+    Where a *new* group starts is ``start_id``: a :class:`StreamPosition` read before the agent
+    loaded its data (exact, and gaps before the first read are detected), ``"0"`` (the default: all
+    retained history, re-applied in order) or any stream id / ``"$"``. An existing group resumes
+    where it stopped, unless ``reset_group`` (the agent rebuilt its tiers from the sources, so what
+    the group acknowledged before is gone from them): then it is moved back to ``start_id``.
+    On start, groups of other agents idle longer than ``stale_group_idle_s`` are deleted (None: never).
+    Every ``gap_check_interval_s`` the group's counters are compared with the stream's to detect
+    entries trimmed before this agent read them (see :attr:`degraded`).
     """
 
     def __init__(
@@ -187,7 +448,10 @@ class UpdateConsumer:
         consumer: str | None = None,
         password: str | None = None,
         cluster: bool = False,
-        start_id: str = "$",
+        start_id: str | StreamPosition = "0",
+        reset_group: bool = False,
+        stale_group_idle_s: float | None = DEFAULT_STALE_GROUP_IDLE_S,
+        gap_check_interval_s: float = 5.0,
         block_ms: int = 200,
         batch: int = 64,
         claim_idle_ms: int = 10_000,
@@ -201,22 +465,30 @@ class UpdateConsumer:
         self._addresses = addresses
         self._password = password
         self._cluster = cluster
-        self._start_id = start_id
+        self._start = start_id
+        self._reset_pending = reset_group
+        self._stale_group_idle_s = stale_group_idle_s
+        self._gap_check_interval_s = gap_check_interval_s
         self._block_ms = block_ms
         self._batch = batch
         self._claim_idle_ms = claim_idle_ms
         self._claim_interval_s = claim_interval_s
         self._retry_delay_s = retry_delay_s
         self._stopping = threading.Event()
+        self._caught_up = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis: redis.Redis | redis.RedisCluster | None = None
         self._lock = threading.Lock()
         self._lags_ms: deque[float] = deque(maxlen=1024)
         self._counters: dict[str, int] = {
             "applied_entries": 0, "applied_keys": 0, "rejected_entries": 0, "skipped_entries": 0,
-            "retries": 0, "claimed_entries": 0, "redis_errors": 0,
+            "retries": 0, "claimed_entries": 0, "redis_errors": 0, "gaps": 0, "missed_entries": 0,
+            "l1_invalidations": 0, "stale_groups_deleted": 0,
         }  # fmt: skip
-        self._degraded = False
+        self._unreachable = False
+        self._gap = ""
+        self._group_seen = False
+        self._gap_check_blind = False
         self._last_error = ""
         self._last_applied_id = ""
 
@@ -238,12 +510,20 @@ class UpdateConsumer:
             with contextlib.suppress(redis.RedisError):
                 self._redis.close()
 
+    def wait_caught_up(self, timeout: float) -> bool:
+        """Blocks until the consumer has applied everything the stream held when it started (its
+        first empty read), or ``timeout``; True if it did. An agent that replays history at start
+        waits here before it reports ready, so it never serves a row the replay is about to change."""
+        return self._caught_up.wait(timeout)
+
     # -- what Describe/Stats read --------------------------------------------------------------
 
     @property
     def degraded(self) -> bool:
-        """True while the stream's Redis cannot be reached (updates wait; nothing is lost)."""
-        return self._degraded
+        """True while the stream's Redis cannot be reached (updates wait; nothing is lost), and for
+        good once entries were trimmed before this agent applied them (a gap: some rows of its own
+        tiers may be older than the stream's; its L1 was cleared). A restart that reloads clears it."""
+        return self._unreachable or bool(self._gap)
 
     @property
     def last_applied_id(self) -> str:
@@ -254,8 +534,9 @@ class UpdateConsumer:
             lags = sorted(self._lags_ms)
             out: dict[str, Any] = dict(self._counters)
         out.update(
-            stream=self.stream, group=self.group, degraded=self._degraded, last_error=self._last_error,
-            last_applied_id=self._last_applied_id,
+            stream=self.stream, group=self.group, degraded=self.degraded, unreachable=self._unreachable,
+            gap=self._gap, last_error=self._last_error, last_applied_id=self._last_applied_id,
+            caught_up=self._caught_up.is_set(),
             lag_ms_p50=lags[len(lags) // 2] if lags else None,
             lag_ms_p99=lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else None,
             lag_ms_last=self._lags_ms[-1] if self._lags_ms else None,
@@ -269,6 +550,7 @@ class UpdateConsumer:
         group_ready = False
         read_pending = True  # first drain what an earlier run of this group left unacknowledged
         next_claim = 0.0
+        next_gap_check = 0.0
         while not self._stopping.is_set():
             try:
                 if self._redis is None:
@@ -276,10 +558,15 @@ class UpdateConsumer:
                 if not group_ready:
                     self._ensure_group()
                     group_ready = True
+                    next_gap_check = 0.0
                 if time.monotonic() >= next_claim:
                     if self._claim():
                         read_pending = True
                     next_claim = time.monotonic() + self._claim_interval_s
+                if time.monotonic() >= next_gap_check:
+                    # mid-stream the counters cannot tell yet (see _check_gap): look again soon
+                    wait = self._gap_check_interval_s if self._check_gap() else min(self._gap_check_interval_s, 0.5)
+                    next_gap_check = time.monotonic() + wait
                 if read_pending:
                     entries = self._read("0", block=None)
                     if not entries:
@@ -287,15 +574,21 @@ class UpdateConsumer:
                         continue
                 else:
                     entries = self._read(">", block=self._block_ms)
-                if self._degraded:
+                    if not entries:
+                        self._caught_up.set()
+                if self._unreachable:
                     log.info("update stream %s reachable again", self.stream)
-                self._degraded = False
+                self._unreachable = False
                 if not self._apply_all(entries):
                     read_pending = True
                     self._count(retries=1)
                     self._stopping.wait(self._retry_delay_s)
             except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis restarted empty or someone deleted the group
+                if "NOGROUP" in str(exc):
+                    if self._group_seen:
+                        # our group vanished: Redis restarted empty or someone deleted it; whatever
+                        # was published and not yet read went with it
+                        self._report_gap(-1, f"consumer group {self.group} vanished ({exc})")
                     group_ready = False
                     continue
                 self._fail(exc)
@@ -309,62 +602,210 @@ class UpdateConsumer:
                 self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
-        if not self._degraded:
+        if not self._unreachable:
             log.warning("update stream %s unreachable, updates wait: %s", self.stream, exc)
-        self._degraded = True
+        self._unreachable = True
         self._last_error = str(exc)
         self._count(redis_errors=1)
         self._stopping.wait(self._retry_delay_s)
 
+    # -- the group: where it starts, and the stale ones ----------------------------------------
+
+    def _start_point(self) -> tuple[str, int | None]:
+        """The id a new (or reset) group starts after, and its ``entries-read`` when known."""
+        assert self._redis is not None
+        if isinstance(self._start, StreamPosition):
+            return self._start.last_id, self._start.entries_added
+        if self._start in ("0", "0-0"):
+            # "all retained history": what was trimmed before the group existed is not counted as
+            # missed (it is older than anything this start point promises)
+            info = _stream_info(self._redis, self.stream)
+            if info is None:
+                return "0", 0
+            return "0", int(info.get("entries-added") or 0) - int(info.get("length") or 0)
+        return self._start, None
+
     def _ensure_group(self) -> None:
         assert self._redis is not None
+        start, entries_read = self._start_point()
         try:
-            self._redis.xgroup_create(self.stream, self.group, id=self._start_id, mkstream=True)
-            log.info("created consumer group %s on %s (from %s)", self.group, self.stream, self._start_id)
+            self._redis.xgroup_create(self.stream, self.group, id=start, mkstream=True, entries_read=entries_read)
+            log.info("created consumer group %s on %s (after %s)", self.group, self.stream, start)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            if self._reset_pending:
+                self._redis.xgroup_setid(self.stream, self.group, id=start, entries_read=entries_read)
+                log.info("moved consumer group %s on %s back to %s: this agent's tiers were rebuilt",
+                         self.group, self.stream, start)  # fmt: skip
+        self._reset_pending = False  # once per consumer: a reconnect must not rewind again
+        self._group_seen = True
+        if self._stale_group_idle_s is not None:
+            self._delete_stale_groups(self._stale_group_idle_s)
+
+    def _delete_stale_groups(self, idle_s: float) -> None:
+        """Deletes other agents' groups that hold entries nobody took (pending, or not yet delivered)
+        while none of their consumers got an entry for ``idle_s``. Redis before 7.2 counts a
+        consumer's idle time from its last *delivery*, so a caught-up group on a quiet stream looks
+        idle: it is left alone (it costs nothing; its first undelivered entry starts its clock)."""
+        assert self._redis is not None
+        info = _stream_info(self._redis, self.stream)
+        if info is None:
+            return
+        newest = _parse_id(info["last-generated-id"])
+        groups: Any = self._redis.xinfo_groups(self.stream)
+        now_ms = int(time.time() * 1000)
+        for raw in groups:
+            g = {_text(k): v for k, v in dict(raw).items()}
+            name = _text(g["name"])
+            if name == self.group or not name.startswith(AGENT_GROUP_PREFIX):
+                continue
+            delivered = _parse_id(g["last-delivered-id"])
+            if not int(g["pending"]) and delivered >= newest:
+                continue
+            if int(g["consumers"]):
+                consumers: Any = self._redis.xinfo_consumers(self.stream, name)
+                quiet_ms = min(int({_text(k): v for k, v in dict(c).items()}["idle"]) for c in consumers)
+            elif delivered[0]:
+                quiet_ms = now_ms - delivered[0]  # the ms part of a stream id is its creation time
+            else:
+                continue  # created and never read: just starting, maybe; left alone
+            if quiet_ms > idle_s * 1000:
+                self._redis.xgroup_destroy(self.stream, name)
+                self._count(stale_groups_deleted=1)
+                log.warning("deleted consumer group %s of %s: no agent read through it for %.1f s "
+                            "(its %s pending entries go with it)", name, self.stream, quiet_ms / 1000,
+                            g["pending"])  # fmt: skip
+
+    # -- gaps: entries trimmed before this agent applied them ----------------------------------
+
+    def _check_gap(self) -> bool:
+        """Compares the group's ``entries-read`` with the stream's ``entries-added``. Exact when the
+        group is behind the first retained entry or at the stream's end; False (check again soon)
+        when it is in between, where the counters cannot tell a hole from entries still to read."""
+        assert self._redis is not None
+        info = _stream_info(self._redis, self.stream)
+        if info is None:
+            return True
+        mine = self._group_info()
+        if mine is None:
+            return True
+        if mine.get("entries-read") is None or "entries-added" not in info:
+            # Redis older than 7.0, or a group started at an id Redis cannot count from
+            if not self._gap_check_blind:
+                log.warning("update stream %s: Redis does not count entries for group %s; entries "
+                            "trimmed before this agent reads them cannot be detected", self.stream, self.group)  # fmt: skip
+                self._gap_check_blind = True
+            return True
+        delivered_text = _text(mine["last-delivered-id"])
+        delivered = _parse_id(delivered_text)
+        added = int(info["entries-added"])
+        length = int(info["length"])
+        last = _text(info["last-generated-id"])
+        first = info.get("first-entry")
+        if length and first is not None and delivered < _parse_id(first[0]):
+            # behind the first retained entry: all `length` retained entries are still to read
+            resume, read_at_resume = _id_before(_parse_id(first[0])), added - length
+        elif delivered >= _parse_id(last):
+            resume, read_at_resume = delivered_text, added  # at the end: nothing left to read
+        elif not length:
+            resume, read_at_resume = last, added  # everything after the group's position was trimmed
+        else:
+            return False
+        missing = read_at_resume - int(mine["entries-read"])
+        if missing > 0:
+            # Move the group past the hole with its counter made whole, so the hole is reported once,
+            # across restarts too. Pending entries stay pending.
+            self._redis.xgroup_setid(self.stream, self.group, id=resume, entries_read=read_at_resume)
+            self._report_gap(missing, f"{missing} entries after {delivered_text} were trimmed before "
+                                      "this agent read them")  # fmt: skip
+        return True
+
+    def _group_info(self) -> dict[str, Any] | None:
+        assert self._redis is not None
+        groups: Any = self._redis.xinfo_groups(self.stream)
+        for g in groups:
+            fields = {_text(k): v for k, v in dict(g).items()}
+            if _text(fields["name"]) == self.group:
+                return fields
+        return None
+
+    def _report_gap(self, missing: int, why: str) -> None:
+        """Never silent: counts, logs at ERROR, turns degraded and clears L1 (L2/L3 are shared or
+        durable and were written by the agents that did read the entries)."""
+        self._count(gaps=1, missed_entries=max(missing, 0))
+        self._gap = why
+        log.error("UPDATES LOST for this agent on stream %s (group %s): %s; its L1 is cleared and it "
+                  "reports degraded", self.stream, self.group, why)  # fmt: skip
+        self._invalidate_l1()
+
+    def _invalidate_l1(self) -> None:
+        clear = getattr(self._lookup, "invalidate_l1", None)
+        if callable(clear):
+            clear()
+        else:
+            # LookupPath has no public "clear every L1" yet: do what its update does for a table
+            # (bump the epoch so no fill started before lands after), for all rows
+            lookup: Any = self._lookup
+            for table, l1 in dict(getattr(lookup, "_l1", {})).items():
+                with lookup._l1_locks[table]:
+                    lookup._epochs[table] += 1
+                    l1.clear()
+        self._count(l1_invalidations=1)
+
+    # -- reading and applying ------------------------------------------------------------------
 
     def _claim(self) -> bool:
         """XAUTOCLAIMs entries of this group left idle by another consumer name (an earlier run)."""
         assert self._redis is not None
         start = "0-0"
         claimed = 0
+        vanished = 0
         for _ in range(100):  # bounded: 100 pages of `batch` entries per claim round
             reply = self._redis.xautoclaim(
                 self.stream, self.group, self.consumer, min_idle_time=self._claim_idle_ms,
                 start_id=start, count=self._batch,
             )  # fmt: skip
-            # [next cursor, claimed entries, deleted ids]; redis-py drops the cursor with JUSTID
+            # [next cursor, claimed entries, ids deleted from the stream (Redis drops them from the PEL)]
             start_raw, entries = reply[0], reply[1]
             claimed += len(entries)
-            start = start_raw.decode() if isinstance(start_raw, bytes) else str(start_raw)
+            vanished += len(reply[2]) if len(reply) > 2 else 0
+            start = _text(start_raw)
             if start == "0-0":
                 break
+        if vanished:
+            self._report_gap(vanished, f"{vanished} pending entries were trimmed before they were applied")
         if claimed:
             log.info("claimed %d pending update entries of group %s", claimed, self.group)
             self._count(claimed_entries=claimed)
         return claimed > 0
 
     def _read(self, start: str, *, block: int | None) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
+        """XREADGROUP; in a pending read, an entry trimmed from the stream meanwhile comes back with
+        no fields: it is kept here (with empty fields) so that :meth:`_apply_all` reports it."""
         assert self._redis is not None
         reply: Any = self._redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self._batch, block=block)
         if not reply:
             return []
         if isinstance(reply, dict):  # RESP3 shape
-            return [(eid, fields) for batch in reply.values() for eid, fields in batch[0] if fields]
-        # In a pending read, an entry trimmed from the stream meanwhile comes back with no fields.
-        return [(eid, fields) for _, batch in reply for eid, fields in batch if fields]
+            return [(eid, fields or {}) for batch in reply.values() for eid, fields in batch[0]]
+        return [(eid, fields or {}) for _, batch in reply for eid, fields in batch]
 
     def _apply_all(self, entries: list[tuple[bytes, Mapping[bytes, bytes]]]) -> bool:
         """Applies entries in order, acknowledging each; False when one must wait for a retry."""
         assert self._redis is not None
+        trimmed = 0
         for entry_id, fields in entries:
+            if not fields:  # pending, and trimmed from the stream before it was applied
+                trimmed += 1
+                self._redis.xack(self.stream, self.group, entry_id)
+                continue
             try:
                 keys = self._apply(fields)
             except UnavailableError as exc:
                 self._last_error = f"entry {entry_id.decode()}: {exc}"
                 log.warning("update %s not applied yet, will retry: %s", entry_id.decode(), exc)
+                self._report_trimmed(trimmed)
                 return False
             except _Rejected as exc:
                 self._count(rejected_entries=1)
@@ -382,7 +823,12 @@ class UpdateConsumer:
                 if sent:
                     with self._lock:
                         self._lags_ms.append((time.time_ns() - int(sent)) / 1e6)
+        self._report_trimmed(trimmed)
         return True
+
+    def _report_trimmed(self, trimmed: int) -> None:
+        if trimmed:
+            self._report_gap(trimmed, f"{trimmed} pending entries were trimmed before they were applied")
 
     def _apply(self, fields: Mapping[bytes, bytes]) -> int:
         try:

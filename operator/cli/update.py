@@ -25,6 +25,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--keys", required=True, help="comma-separated integer keys")
     p.add_argument("--vectors-file", required=True, help=".npy file of shape (len(keys), dim)")
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--wait-replicas", type=int, default=0, metavar="N",
+                   help="with --redis: fail unless N Redis replicas hold the entry (Redis WAIT)")
+    p.add_argument("--wait-timeout-ms", type=int, default=1000, metavar="MS",
+                   help="how long --wait-replicas waits (default: 1000)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.endpoint and not args.redis:
         raise InvalidArgumentError("give --endpoint (Update RPC) or --redis (update stream), or both")
+    if args.wait_replicas and not (args.redis and (args.stream or not args.endpoint)):
+        raise InvalidArgumentError("--wait-replicas needs --redis (and --stream when --endpoint is given too)")
     password = None
     if args.redis_password_env:
         password = os.environ.get(args.redis_password_env)
@@ -52,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
         with UpdatePublisher(args.redis, password=password, cluster=args.redis_cluster, stream=args.stream,
                              model=args.model) as publisher:  # fmt: skip
-            entry = publisher.publish(args.table, keys, vectors)
-        print(f"published {keys.size} rows of {args.model}/{args.table} to {publisher.stream} as {entry}")
+            entry = publisher.publish(args.table, keys, vectors, wait_replicas=args.wait_replicas,
+                                      wait_timeout_ms=args.wait_timeout_ms)  # fmt: skip
+        held = f", held by {args.wait_replicas} replica(s)" if args.wait_replicas else ""
+        print(f"published {keys.size} rows of {args.model}/{args.table} to {publisher.stream} as {entry}{held}")
         return 0
     from node_agent.client import Client
 
