@@ -7,6 +7,7 @@ and the CLI can print it in one line. Field names follow DESIGN.md's contract (c
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +27,20 @@ CACHE_POLICIES = ("lru", "lfu")
 PLACEMENT_STRATEGIES = ("auto", "replicate", "table", "row")
 VOLATILE_TYPES = ("redis", "hashmap", "none")
 PERSISTENT_TYPES = ("rocksdb", "none")
+#: hostPath types that make sense for files the pods only read (``DirectoryOrCreate`` would mount an
+#: empty directory and fail later, at load time, instead of at pod start)
+HOST_PATH_TYPES = ("Directory", "File", "")
+DEFAULT_MODEL_STORE_MOUNT = "/models"
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+#: an absolute, normalised path: no empty, ``.`` or ``..`` segment and no trailing slash
+ABSOLUTE_PATH_PATTERN = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
+_ABSOLUTE_PATH = re.compile(ABSOLUTE_PATH_PATTERN)
+#: a label or annotation key: an optional DNS subdomain prefix and a name of at most 63 characters
+_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 _QUANTITY_FACTORS = {
     None: 1,
@@ -139,6 +152,56 @@ class AutoscalingSpec:
 
 
 @dataclass(frozen=True)
+class PersistentVolumeClaimSource:
+    claim_name: str
+    #: read-only by default: the pods never write the store, and the kubelet skips the recursive
+    #: ``fsGroup`` ownership change of a read-only volume (hours on a large model store)
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class NFSSource:
+    server: str
+    path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class HostPathSource:
+    path: str
+    type: str = "Directory"
+
+
+ModelStoreVolume = PersistentVolumeClaimSource | NFSSource | HostPathSource
+
+
+@dataclass(frozen=True)
+class ModelStoreSpec:
+    """Shared storage holding the table sources, mounted read-only at ``mount_path`` in the pods that
+    read sources (the loader Job, and the agents when they load)."""
+
+    volume: ModelStoreVolume
+    mount_path: str = DEFAULT_MODEL_STORE_MOUNT
+
+    def cluster_path(self, source: str, *, field: str) -> str:
+        """Where ``source`` lies inside the pods: absolute sources as they are, relative ones under the
+        mount path. Raises :class:`InvalidSpecError` naming ``field`` when it lies outside the store."""
+        raw = source[len("file://") :] if source.startswith("file://") else source
+        if "://" in raw:
+            raise InvalidSpecError(field, f"unsupported URI scheme in {source!r}; use file:// or a path")
+        # posixpath, not Path: pod paths are POSIX whatever the operator runs on; join keeps an
+        # absolute ``raw`` as it is, and normpath folds ``..`` so it cannot climb out of the store
+        path = posixpath.normpath(posixpath.join(self.mount_path, raw))
+        if path != self.mount_path and not path.startswith(self.mount_path + "/"):
+            raise InvalidSpecError(
+                field,
+                f"{source!r} lies outside the model store mounted at {self.mount_path}: use a path "
+                f"under {self.mount_path}/ or one relative to it",
+            )
+        return path
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     image: str | None = None
     resources: Mapping[str, Any] = field(default_factory=dict)
@@ -150,6 +213,12 @@ class AgentSpec:
     #: largest number of keys one Lookup may carry (RESOURCE_EXHAUSTED above it)
     max_batch_keys: int = 1 << 20
     port: int = 50051
+    priority_class_name: str | None = None
+    #: names of Secrets in the model's namespace to pull the agent image with
+    image_pull_secrets: tuple[str, ...] = ()
+    #: extra labels and annotations on every pod running the agent image (agents and the loader)
+    pod_labels: Mapping[str, str] = field(default_factory=dict)
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,6 +236,7 @@ class ModelSpec:
     updates: UpdatesSpec = field(default_factory=UpdatesSpec)
     autoscaling: AutoscalingSpec | None = None
     agent: AgentSpec = field(default_factory=AgentSpec)
+    model_store: ModelStoreSpec | None = None
 
     def table(self, name: str) -> TableSpec:
         for table in self.tables:
@@ -261,6 +331,100 @@ def _name(value: Any, field: str) -> str:
             "starting and ending with a letter or digit, at most 63 characters)",
         )
     return value
+
+
+def _string(obj: Mapping[str, Any], key: str, field: str, *, pattern: re.Pattern[str] | None = None,
+            what: str = "", max_length: int = 253) -> str:  # fmt: skip
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidSpecError(f"{field}.{key}", "is required and must be a non-empty string")
+    if len(value) > max_length or (pattern is not None and not pattern.match(value)):
+        raise InvalidSpecError(f"{field}.{key}", f"{value!r} is not {what} (at most {max_length} characters)")
+    return value
+
+
+def _absolute_path(obj: Mapping[str, Any], key: str, field: str, default: str | None = None) -> str:
+    if default is not None and obj.get(key) is None:
+        return default
+    return _string(obj, key, field, pattern=_ABSOLUTE_PATH, max_length=1024,
+                   what="an absolute path without '.', '..', empty segments or a trailing '/'")  # fmt: skip
+
+
+def _qualified_key(key: Any, field: str) -> str:
+    """A label or annotation key: ``[prefix/]name``, the prefix a DNS subdomain."""
+    if not isinstance(key, str):
+        raise InvalidSpecError(field, f"keys must be strings, got {key!r}")
+    prefix, _, name = key.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix))) or (
+        len(name) > 63 or not _QUALIFIED_NAME.match(name)
+    ):
+        raise InvalidSpecError(
+            field,
+            f"{key!r} is not a valid key ([prefix/]name: a DNS subdomain prefix, and a name of at most 63 "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
+        )
+    return key
+
+
+def _string_map(raw: Any, field: str, *, label_values: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in _mapping(raw, field).items():
+        _qualified_key(key, field)
+        if not isinstance(value, str):
+            raise InvalidSpecError(f"{field}.{key}", f"expected a string, got {value!r}")
+        if label_values and (len(value) > 63 or not _LABEL_VALUE.match(value)):
+            raise InvalidSpecError(
+                f"{field}.{key}",
+                f"{value!r} is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and "
+                "ending with a letter or digit)",
+            )
+        out[key] = value
+    return dict(sorted(out.items()))
+
+
+def _image_pull_secrets(raw: Any, field: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidSpecError(field, "expected a list of {name: SECRET}")
+    names: list[str] = []
+    for i, item in enumerate(raw):
+        name = _string(_mapping(item, f"{field}[{i}]"), "name", f"{field}[{i}]", pattern=_DNS1123_SUBDOMAIN,
+                       what="a Secret name (a DNS-1123 subdomain)")  # fmt: skip
+        if name in names:
+            raise InvalidSpecError(f"{field}[{i}].name", f"duplicate Secret {name!r}")
+        names.append(name)
+    return tuple(names)
+
+
+def parse_model_store(raw: Any, field: str = "spec.modelStore") -> ModelStoreSpec:
+    obj = _mapping(raw, field)
+    given = [key for key in ("persistentVolumeClaim", "nfs", "hostPath") if obj.get(key) is not None]
+    if len(given) != 1:
+        got = ", ".join(given) or "none"
+        raise InvalidSpecError(field, f"set exactly one of persistentVolumeClaim, nfs or hostPath; got {got}")
+    (kind,) = given
+    sub = _mapping(obj[kind], f"{field}.{kind}")
+    volume: ModelStoreVolume
+    if kind == "persistentVolumeClaim":
+        volume = PersistentVolumeClaimSource(
+            claim_name=_string(sub, "claimName", f"{field}.{kind}", pattern=_DNS1123_SUBDOMAIN,
+                               what="a PersistentVolumeClaim name (a DNS-1123 subdomain)"),
+            read_only=_bool(sub, "readOnly", f"{field}.{kind}", True),
+        )  # fmt: skip
+    elif kind == "nfs":
+        volume = NFSSource(
+            server=_string(sub, "server", f"{field}.{kind}", what="a host name or IP address"),
+            path=_absolute_path(sub, "path", f"{field}.{kind}"),
+            read_only=_bool(sub, "readOnly", f"{field}.{kind}", True),
+        )
+    else:
+        volume = HostPathSource(
+            path=_absolute_path(sub, "path", f"{field}.{kind}"),
+            type=_enum(sub, "type", f"{field}.{kind}", "Directory", HOST_PATH_TYPES),
+        )
+    return ModelStoreSpec(volume=volume,
+                          mount_path=_absolute_path(obj, "mountPath", field, DEFAULT_MODEL_STORE_MOUNT))  # fmt: skip
 
 
 def parse_table(raw: Any, field: str) -> TableSpec:
@@ -379,7 +543,22 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         gpu_resource_name=str(ag.get("gpuResourceName", "nvidia.com/gpu")),
         max_batch_keys=_int(ag, "maxBatchKeys", "spec.agent", 1 << 20, minimum=1),
         port=_int(ag, "port", "spec.agent", 50051, minimum=1, maximum=65535),
-    )
+        priority_class_name=(
+            _string(ag, "priorityClassName", "spec.agent", pattern=_DNS1123_SUBDOMAIN,
+                    what="a PriorityClass name (a DNS-1123 subdomain)")
+            if ag.get("priorityClassName") is not None else None
+        ),
+        image_pull_secrets=_image_pull_secrets(ag.get("imagePullSecrets"), "spec.agent.imagePullSecrets"),
+        pod_labels=_string_map(ag.get("podLabels"), "spec.agent.podLabels", label_values=True),
+        pod_annotations=_string_map(ag.get("podAnnotations"), "spec.agent.podAnnotations", label_values=False),
+    )  # fmt: skip
+
+    model_store = None
+    if s.get("modelStore") is not None:
+        model_store = parse_model_store(s.get("modelStore"))
+        for i, t in enumerate(tables):
+            if t.source is not None:
+                model_store.cluster_path(t.source, field=f"spec.tables[{i}].source")
 
     return ModelSpec(
         name=name,
@@ -395,6 +574,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         updates=updates,
         autoscaling=autoscaling,
         agent=agent,
+        model_store=model_store,
     )
 
 

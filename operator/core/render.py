@@ -14,6 +14,12 @@ Choices a reader will look for:
   Redis runs ``maxmemory-policy noeviction``: a full Redis rejects writes loudly instead of silently
   dropping table rows or unconsumed online updates. ``maxmemory`` is 85% of ``redis.memory`` (the
   container limit) to leave room for client buffers, replication backlog and fragmentation.
+- Table sources on shared storage (``spec.modelStore``: a PVC, an NFS share or a hostPath) are mounted
+  read-only at the store's mount path in the pods that read sources: the loader Job, and the agents
+  when they load (``--load``). Relative sources resolve against the mount path there, so the model
+  file in the ConfigMap carries them as absolute ``file://`` paths (the pods read it from
+  ``/etc/hps``, which would otherwise be their base). A hostPath store exists only on some nodes, so
+  the loader then schedules like the agents.
 - A new plan does not restart every agent. Agents read ``serving.json`` from the plan ConfigMap at
   start; each partition's pod template carries a hash of *its own* assignments, so a new plan rolls
   only the partitions whose share changed. Make-before-break (see ``rollout.py``): while Warming and
@@ -25,6 +31,7 @@ Choices a reader will look for:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -35,7 +42,17 @@ from hps_operator.core.rollout import Phase
 
 from node_agent.errors import InvalidSpecError
 from node_agent.plan import Assignment, Plan
-from node_agent.spec import API_GROUP, API_VERSION, KIND, ModelSpec, format_quantity
+from node_agent.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    HostPathSource,
+    ModelSpec,
+    ModelStoreSpec,
+    NFSSource,
+    PersistentVolumeClaimSource,
+    format_quantity,
+)
 
 Manifest = dict[str, Any]
 
@@ -51,6 +68,7 @@ MODEL_HASH_ANNOTATION = f"{API_GROUP}/model-hash"
 CONFIG_DIR = "/etc/hps"
 DATA_DIR = "/var/lib/hps"
 ROCKSDB_DIR = f"{DATA_DIR}/rocksdb"
+MODEL_STORE_VOLUME = "models"
 #: keys of the plan ConfigMap
 MODEL_KEY = "model.yaml"
 PLAN_KEY = "plan.json"  # the target plan: what the planner produced last (its ``previous`` next time)
@@ -66,7 +84,6 @@ DEFAULT_REDIS_IMAGE = "redis:7.4"
 QPS_METRIC = "hps_lookup_requests_per_second"
 #: "<name>-agent-p9999" must stay within a StatefulSet name's 52 characters
 MAX_MODEL_NAME = 40
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +183,24 @@ def check_renderable(model: ModelSpec) -> None:
         raise InvalidSpecError(
             "spec.volatileStore.redis.shards", f"a Redis Cluster needs at least 3 shards, got {redis.shards}"
         )
+    if model.model_store is not None:
+        mount = model.model_store.mount_path
+        for ours in (CONFIG_DIR, DATA_DIR):
+            if mount == ours or ours.startswith(mount + "/") or mount.startswith(ours + "/"):
+                raise InvalidSpecError(
+                    "spec.modelStore.mountPath",
+                    f"{mount} overlaps {ours}, where the agent keeps its own files; choose another path",
+                )
+    # the selector and the restart-on-change hashes depend on these: a user's value must not replace them
+    taken_labels = labels(model, "loader") | labels(model, "agent", **{PARTITION_LABEL: "0"})
+    for key in model.agent.pod_labels:
+        if key in taken_labels or key.startswith(f"{API_GROUP}/"):
+            raise InvalidSpecError(f"spec.agent.podLabels.{key}", "is set by the operator")
+    for key in model.agent.pod_annotations:
+        if key.startswith(f"{API_GROUP}/"):
+            raise InvalidSpecError(
+                f"spec.agent.podAnnotations.{key}", f"keys under {API_GROUP}/ are set by the operator"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +254,16 @@ def model_manifest(model: ModelSpec) -> Manifest:
     }
     if model.agent.image:
         agent["image"] = model.agent.image
+    # spelled out only when set, so a model without them keeps its hashes (and its running pods and
+    # loader Job) across an operator upgrade that added them
+    if model.agent.priority_class_name:
+        agent["priorityClassName"] = model.agent.priority_class_name
+    if model.agent.image_pull_secrets:
+        agent["imagePullSecrets"] = [{"name": name} for name in model.agent.image_pull_secrets]
+    if model.agent.pod_labels:
+        agent["podLabels"] = dict(model.agent.pod_labels)
+    if model.agent.pod_annotations:
+        agent["podAnnotations"] = dict(model.agent.pod_annotations)
     spec: dict[str, Any] = {
         "tables": tables,
         "replicas": model.replicas,
@@ -246,12 +291,42 @@ def model_manifest(model: ModelSpec) -> Manifest:
             "maxReplicas": model.autoscaling.max_replicas,
             "targetQPSPerReplica": model.autoscaling.target_qps_per_replica,
         }
+    if model.model_store is not None:
+        spec["modelStore"] = _model_store_manifest(model.model_store)
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
         "metadata": {"name": model.name, "namespace": model.namespace},
         "spec": spec,
     }
+
+
+def _model_store_manifest(store: ModelStoreSpec) -> dict[str, Any]:
+    volume = store.volume
+    out: dict[str, Any] = {"mountPath": store.mount_path}
+    if isinstance(volume, PersistentVolumeClaimSource):
+        out["persistentVolumeClaim"] = {"claimName": volume.claim_name, "readOnly": volume.read_only}
+    elif isinstance(volume, NFSSource):
+        out["nfs"] = {"server": volume.server, "path": volume.path, "readOnly": volume.read_only}
+    else:
+        out["hostPath"] = {"path": volume.path, "type": volume.type}
+    return out
+
+
+def sources_in_pods(model: ModelSpec) -> ModelSpec:
+    """``model`` with every table source as the absolute ``file://`` path the pods read, relative ones
+    under the model store's mount path: the pods would resolve them against the model file's folder.
+    Unchanged without a model store."""
+    store = model.model_store
+    if store is None:
+        return model
+    tables = []
+    for i, t in enumerate(model.tables):
+        if t.source is not None:
+            path = store.cluster_path(t.source, field=f"spec.tables[{i}].source")
+            t = dataclasses.replace(t, source=f"file://{path}")
+        tables.append(t)
+    return dataclasses.replace(model, tables=tuple(tables))
 
 
 def _agent_model_hash(model: ModelSpec) -> str:
@@ -328,7 +403,7 @@ def render_plan_configmap(
             extra_labels={PLAN_VERSION_LABEL: str(plan.version), ROUTING_VERSION_LABEL: str(routing.version)},
         ),
         "data": {
-            MODEL_KEY: yaml.safe_dump(model_manifest(model), sort_keys=True),
+            MODEL_KEY: yaml.safe_dump(model_manifest(sources_in_pods(model)), sort_keys=True),
             PLAN_KEY: plan.to_json(),
             ROUTING_KEY: routing.to_json(),
             SERVING_KEY: serving.to_json(),
@@ -679,6 +754,51 @@ def _agent_resources(model: ModelSpec) -> dict[str, Any]:
     return {k: dict(sorted(v.items())) for k, v in sorted(resources.items())}
 
 
+def _model_store_volume(store: ModelStoreSpec) -> dict[str, Any]:
+    volume = store.volume
+    if isinstance(volume, PersistentVolumeClaimSource):
+        return {"name": MODEL_STORE_VOLUME,
+                "persistentVolumeClaim": {"claimName": volume.claim_name, "readOnly": volume.read_only}}
+    if isinstance(volume, NFSSource):
+        return {"name": MODEL_STORE_VOLUME,
+                "nfs": {"server": volume.server, "path": volume.path, "readOnly": volume.read_only}}
+    host_path: dict[str, Any] = {"path": volume.path}
+    if volume.type:
+        host_path["type"] = volume.type
+    return {"name": MODEL_STORE_VOLUME, "hostPath": host_path}  # fmt: skip
+
+
+def _mount_model_store(model: ModelSpec, pod_spec: dict[str, Any]) -> None:
+    """Adds the model store to a pod that reads table sources: read-only whatever the volume says,
+    as nothing of ours writes there."""
+    store = model.model_store
+    if store is None:
+        return
+    pod_spec["volumes"].append(_model_store_volume(store))
+    pod_spec["containers"][0]["volumeMounts"].append(
+        {"name": MODEL_STORE_VOLUME, "mountPath": store.mount_path, "readOnly": True}
+    )
+
+
+def _pod_metadata(model: ModelSpec, own_labels: Mapping[str, str],
+                  own_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A pod template's metadata: the user's ``podLabels``/``podAnnotations`` under ours
+    (``check_renderable`` has already refused keys that would collide)."""
+    meta: dict[str, Any] = {"labels": {**model.agent.pod_labels, **own_labels}}
+    annotations = {**model.agent.pod_annotations, **(own_annotations or {})}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def _add_pod_knobs(model: ModelSpec, pod_spec: dict[str, Any]) -> None:
+    """What every pod running the agent image takes from ``spec.agent``, beyond scheduling."""
+    if model.agent.priority_class_name:
+        pod_spec["priorityClassName"] = model.agent.priority_class_name
+    if model.agent.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in model.agent.image_pull_secrets]
+
+
 def _partition_assignments(plan: Plan, partition: int) -> list[dict[str, Any]]:
     return [a.to_dict() for a in sorted(plan.assignments_for(partition=partition))]
 
@@ -720,6 +840,7 @@ def render_agent_statefulset(
         pod_spec["tolerations"] = [dict(t) for t in model.agent.tolerations]
     if model.agent.affinity:
         pod_spec["affinity"] = dict(model.agent.affinity)
+    _add_pod_knobs(model, pod_spec)
     spec: dict[str, Any] = {
         "serviceName": agent_name(model, partition),
         "replicas": model.replicas,
@@ -728,17 +849,18 @@ def render_agent_statefulset(
         "updateStrategy": {"type": "RollingUpdate"},
         "selector": {"matchLabels": selector_labels(model, "agent", **{PARTITION_LABEL: str(partition)})},
         "template": {
-            "metadata": {
-                "labels": labels(model, "agent", **{PARTITION_LABEL: str(partition)}),
+            "metadata": _pod_metadata(
+                model,
+                labels(model, "agent", **{PARTITION_LABEL: str(partition)}),
                 # only what this partition's process reads: a new plan that leaves the partition's
                 # shards alone, or a change of replicas, does not restart it
-                "annotations": {
+                {
                     PARTITION_PLAN_ANNOTATION: _digest(
                         [serving.bucket_count, _partition_assignments(serving, partition)]
                     ),
                     MODEL_HASH_ANNOTATION: _agent_model_hash(model),
                 },
-            },
+            ),
             "spec": pod_spec,
         },
     }
@@ -759,6 +881,10 @@ def render_agent_statefulset(
         spec["volumeClaimTemplates"] = [claim]
         # the store is refilled from the table sources: drop it with the model, keep it across scale-down
         spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    if _agent_loads_tables(model):
+        # agents that read no source do without it: an RWO claim or a hostPath on some nodes must
+        # not limit where they can run
+        _mount_model_store(model, pod_spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -848,49 +974,79 @@ def render_agents(model: ModelSpec, serving: Plan, *, owner: Mapping[str, Any], 
 # loader and autoscaler
 
 
+def _loader_pod_extras(model: ModelSpec) -> dict[str, Any]:
+    """What the loader's pod template takes from the spec beyond the tables, Redis and image: only
+    what is set, so the Job name of a model without them stays what it was (a re-run of the loader
+    would write the tables' rows over online updates already applied)."""
+    extras: dict[str, Any] = {}
+    if model.model_store is not None:
+        extras["modelStore"] = _model_store_manifest(model.model_store)
+        if isinstance(model.model_store.volume, HostPathSource):
+            extras["scheduling"] = [dict(model.agent.node_selector), list(model.agent.tolerations),
+                                    dict(model.agent.affinity).get("nodeAffinity")]  # fmt: skip
+    agent = model_manifest(model)["spec"]["agent"]
+    for key in ("priorityClassName", "imagePullSecrets", "podLabels", "podAnnotations"):
+        if key in agent:
+            extras[key] = agent[key]
+    return extras
+
+
 def loader_job_name(model: ModelSpec, image: str) -> str:
-    """``<model>-load-<hash>``: a Job's pod template cannot change, so what it loads is in its name
-    and a changed table or Redis layout gets a new Job (the handler deletes the stale one)."""
+    """``<model>-load-<hash>``: a Job's pod template cannot change, so what it loads and how its pod
+    runs is in its name, and a change gets a new Job (the handler deletes the stale one)."""
     redis = model.volatile_store.redis
-    what = [
+    what: list[Any] = [
         [[t.name, t.rows, t.dim, t.dtype, t.source, t.default_value] for t in model.tables],
         [redis.shards, redis.replicas_per_shard, redis.cluster],
         model.agent.image or image,
     ]
+    extras = _loader_pod_extras(model)
+    if extras:
+        what.append(extras)
     return f"{model.name}-load-{_digest(what, 8)}"
 
 
 def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str) -> Manifest:
     """Loads every table into the shared Redis tier (``hps load``); retries while Redis comes up."""
     args = ["load", "-f", f"{CONFIG_DIR}/{MODEL_KEY}", *_redis_args(model), "--no-progress"]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "OnFailure",
+        "containers": [
+            {
+                "name": "loader",
+                "image": model.agent.image or image,
+                "command": ["hps"],
+                "args": args,
+                "env": [_secret_env(model, REDIS_PASSWORD_ENV)],
+                "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+        "volumes": [{"name": "config", "configMap": {"name": plan_configmap_name(model)}}],
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    _add_pod_knobs(model, pod_spec)
+    _mount_model_store(model, pod_spec)
+    if model.model_store is not None and isinstance(model.model_store.volume, HostPathSource):
+        # the files exist only on the nodes the agents run on: go where they go (node affinity only;
+        # the agents' pod (anti-)affinity is about agents, not this Job)
+        if model.agent.node_selector:
+            pod_spec["nodeSelector"] = dict(sorted(model.agent.node_selector.items()))
+        if model.agent.tolerations:
+            pod_spec["tolerations"] = [dict(t) for t in model.agent.tolerations]
+        node_affinity = model.agent.affinity.get("nodeAffinity")
+        if node_affinity:
+            pod_spec["affinity"] = {"nodeAffinity": node_affinity}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _metadata(model, loader_job_name(model, image), "loader", owner),
         "spec": {
             "backoffLimit": 10,
-            "template": {
-                "metadata": {"labels": labels(model, "loader")},
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "containers": [
-                        {
-                            "name": "loader",
-                            "image": model.agent.image or image,
-                            "command": ["hps"],
-                            "args": args,
-                            "env": [_secret_env(model, REDIS_PASSWORD_ENV)],
-                            "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                        }
-                    ],
-                    "volumes": [{"name": "config", "configMap": {"name": plan_configmap_name(model)}}],
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                },
-            },
+            "template": {"metadata": _pod_metadata(model, labels(model, "loader")), "spec": pod_spec},
         },
     }
 

@@ -8,7 +8,17 @@ from typing import Any
 import pytest
 
 from node_agent.errors import InvalidSpecError
-from node_agent.spec import format_quantity, load_model_file, parse_model, parse_quantity, resolve_source
+from node_agent.spec import (
+    HostPathSource,
+    ModelStoreSpec,
+    NFSSource,
+    PersistentVolumeClaimSource,
+    format_quantity,
+    load_model_file,
+    parse_model,
+    parse_quantity,
+    resolve_source,
+)
 
 
 def manifest(**spec: Any) -> dict[str, Any]:
@@ -126,3 +136,109 @@ def test_model_file_and_relative_sources(tmp_path: Path) -> None:
         load_model_file(tmp_path / "bad.yaml")
     with pytest.raises(InvalidSpecError, match="unsupported URI scheme"):
         resolve_source("s3://bucket/t")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model store: table sources on shared storage
+
+
+def test_model_store_parses_each_volume_kind_with_safe_defaults() -> None:
+    pvc = parse_model(manifest(modelStore={"persistentVolumeClaim": {"claimName": "models"}}))
+    assert pvc.model_store == ModelStoreSpec(PersistentVolumeClaimSource("models", read_only=True), "/models")
+    nfs = parse_model(manifest(modelStore={"nfs": {"server": "10.0.0.2", "path": "/exports/models",
+                                                   "readOnly": False}, "mountPath": "/mnt/models"}))  # fmt: skip
+    assert nfs.model_store == ModelStoreSpec(NFSSource("10.0.0.2", "/exports/models", False), "/mnt/models")
+    host = parse_model(manifest(modelStore={"hostPath": {"path": "/data/models"}}))
+    assert host.model_store == ModelStoreSpec(HostPathSource("/data/models", "Directory"), "/models")
+    assert parse_model(manifest()).model_store is None
+
+
+@pytest.mark.parametrize(
+    ("store", "field"),
+    [
+        ({}, "spec.modelStore"),
+        ({"persistentVolumeClaim": {"claimName": "m"}, "hostPath": {"path": "/m"}}, "spec.modelStore"),
+        ({"persistentVolumeClaim": {}}, "spec.modelStore.persistentVolumeClaim.claimName"),
+        ({"persistentVolumeClaim": {"claimName": "Models_PVC"}}, "spec.modelStore.persistentVolumeClaim.claimName"),
+        ({"nfs": {"server": "nfs", "path": "exports/models"}}, "spec.modelStore.nfs.path"),
+        ({"hostPath": {"path": "/m", "type": "DirectoryOrCreate"}}, "spec.modelStore.hostPath.type"),
+        ({"hostPath": {"path": "/m"}, "mountPath": "models"}, "spec.modelStore.mountPath"),
+        ({"hostPath": {"path": "/m"}, "mountPath": "/models/"}, "spec.modelStore.mountPath"),
+        ({"hostPath": {"path": "/m"}, "mountPath": "/models/../etc"}, "spec.modelStore.mountPath"),
+    ],
+)
+def test_invalid_model_stores_are_named(store: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(manifest(modelStore=store))
+    assert err.value.field == field
+
+
+def _with_sources(*sources: str, mount: str = "/models") -> dict[str, Any]:
+    tables = [{"name": f"t{i}", "rows": 4, "dim": 2, "source": s} for i, s in enumerate(sources)]
+    return manifest(tables=tables, modelStore={"persistentVolumeClaim": {"claimName": "m"}, "mountPath": mount})
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["/data/t", "file:///data/t", "/models-old/t", "../t", "file://dlrm/../../t", "s3://bucket/t"],
+)
+def test_a_source_outside_the_model_store_names_the_table(source: str) -> None:
+    """Absolute sources must lie under the mount path, and relative ones may not climb out of it
+    (``/models-old`` is not under ``/models``); the error names the table's source field."""
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(_with_sources("dlrm/ok", source))
+    assert err.value.field == "spec.tables[1].source"
+    assert source in str(err.value)
+
+
+def test_sources_resolve_under_the_mount_path_in_the_pods() -> None:
+    model = parse_model(_with_sources("dlrm/user", "file://dlrm/./item/../item", "/mnt/models/v2/ads",
+                                      mount="/mnt/models/v2"))  # fmt: skip
+    store = model.model_store
+    assert store is not None
+    # relative sources resolve against the mount path; /models lies outside /mnt/models/v2
+    assert store.cluster_path("dlrm/user", field="f") == "/mnt/models/v2/dlrm/user"
+    assert store.cluster_path("file://dlrm/./item/../item", field="f") == "/mnt/models/v2/dlrm/item"
+    assert store.cluster_path("/mnt/models/v2/ads", field="f") == "/mnt/models/v2/ads"
+    assert store.cluster_path("/mnt/models/v2", field="f") == "/mnt/models/v2"
+    with pytest.raises(InvalidSpecError, match="outside the model store"):
+        store.cluster_path("file:///models/dlrm/ads", field="f")
+    # without a model store, sources are whatever the pods' own filesystem holds
+    assert parse_model(manifest(tables=[{"name": "t", "rows": 1, "dim": 1, "source": "/anywhere/t"}]))
+
+
+def test_pod_knobs_parse() -> None:
+    model = parse_model(manifest(agent={
+        "priorityClassName": "gpu-inference",
+        "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror.pull"}],
+        "podLabels": {"team": "recsys", "example.com/cost-center": "ads-42", "empty": ""},
+        "podAnnotations": {"sidecar.istio.io/inject": "false", "note": "any text: even spaces"},
+    }))  # fmt: skip
+    agent = model.agent
+    assert agent.priority_class_name == "gpu-inference"
+    assert agent.image_pull_secrets == ("regcred", "mirror.pull")
+    assert dict(agent.pod_labels) == {"empty": "", "example.com/cost-center": "ads-42", "team": "recsys"}
+    assert agent.pod_annotations["note"] == "any text: even spaces"
+    defaults = parse_model(manifest()).agent
+    assert (defaults.priority_class_name, defaults.image_pull_secrets) == (None, ())
+    assert (dict(defaults.pod_labels), dict(defaults.pod_annotations)) == ({}, {})
+
+
+@pytest.mark.parametrize(
+    ("agent", "field"),
+    [
+        ({"priorityClassName": "High_Priority"}, "spec.agent.priorityClassName"),
+        ({"imagePullSecrets": [{"name": "a"}, {"name": "a"}]}, "spec.agent.imagePullSecrets[1].name"),
+        ({"imagePullSecrets": [{}]}, "spec.agent.imagePullSecrets[0].name"),
+        ({"imagePullSecrets": "regcred"}, "spec.agent.imagePullSecrets"),
+        ({"podLabels": {"team": "recsys ml"}}, "spec.agent.podLabels.team"),
+        ({"podLabels": {"team": "a" * 64}}, "spec.agent.podLabels.team"),
+        ({"podLabels": {"bad key": "x"}}, "spec.agent.podLabels"),
+        ({"podLabels": {"Example.com/x": "x"}}, "spec.agent.podLabels"),
+        ({"podAnnotations": {"n": 5}}, "spec.agent.podAnnotations.n"),
+    ],
+)
+def test_invalid_pod_knobs_are_named(agent: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(manifest(agent=agent))
+    assert err.value.field == field

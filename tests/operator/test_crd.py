@@ -9,12 +9,16 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from hps_operator.core.render import model_manifest
+from hps_operator.core.render import model_manifest, render_children
 
 from node_agent.errors import InvalidSpecError
+from node_agent.plan import Plan, PlanMetrics
 from node_agent.spec import (
+    ABSOLUTE_PATH_PATTERN,
     CACHE_POLICIES,
     DTYPES,
+    HOST_PATH_TYPES,
+    LABEL_VALUE_PATTERN,
     PERSISTENT_TYPES,
     PLACEMENT_STRATEGIES,
     VOLATILE_TYPES,
@@ -124,13 +128,19 @@ def test_every_field_the_spec_parser_reads_is_declared() -> None:
         {**minimal(), "spec": {**minimal()["spec"], "autoscaling": {},
                                "volatileStore": {"redis": {"passwordSecret": "s"}},
                                "persistentStore": {"storageClassName": "fast"},
-                               "updates": {"stream": "x"}, "agent": {"image": "img"}}}
+                               "updates": {"stream": "x"},
+                               "modelStore": {"nfs": {"server": "nfs", "path": "/exports"}},
+                               "agent": {"image": "img", "priorityClassName": "p",
+                                         "imagePullSecrets": [{"name": "regcred"}], "podLabels": {"a": "b"},
+                                         "podAnnotations": {"c": "d"}}}}
     )  # fmt: skip
     manifest = model_manifest(full)
     manifest["spec"]["tables"][0].update(source="file:///t", hotness=0.5)
     undeclared: list[str] = []
 
     def visit(node: dict[str, Any], value: Any, path: str) -> None:
+        if isinstance(value, dict) and "additionalProperties" in node:
+            return  # a map: any key
         if isinstance(value, dict) and "properties" in node:
             for key, sub in value.items():
                 if key not in node["properties"]:
@@ -144,12 +154,25 @@ def test_every_field_the_spec_parser_reads_is_declared() -> None:
     visit(openapi_schema()["properties"]["spec"], manifest["spec"], "spec")
     assert undeclared == []
     assert validation_errors(manifest) == []
+    # each model store kind too
+    for store in ({"persistentVolumeClaim": {"claimName": "m"}}, {"hostPath": {"path": "/m"}}):
+        with_store = model_manifest(parse_model({**minimal(), "spec": {**minimal()["spec"], "modelStore": store}}))
+        visit(openapi_schema()["properties"]["spec"], with_store["spec"], "spec")
+        assert undeclared == []
+        assert validation_errors(with_store) == []
 
 
-def test_schema_defaults_agree_with_the_spec_parser() -> None:
+@pytest.mark.parametrize(
+    "store",
+    [None, {"persistentVolumeClaim": {"claimName": "m"}}, {"nfs": {"server": "s", "path": "/e"}},
+     {"hostPath": {"path": "/m"}}],
+)  # fmt: skip
+def test_schema_defaults_agree_with_the_spec_parser(store: dict[str, Any] | None) -> None:
     """What the API server fills in must be what ``parse_model`` assumes when a field is absent."""
     raw = minimal()
     raw["spec"]["autoscaling"] = {}
+    if store is not None:
+        raw["spec"]["modelStore"] = store
     assert parse_model(apply_defaults(raw)) == parse_model(raw)
 
 
@@ -159,6 +182,13 @@ def test_enums_agree_with_the_spec_parser() -> None:
     assert _node("spec.volatileStore.type")["enum"] == list(VOLATILE_TYPES)
     assert _node("spec.persistentStore.type")["enum"] == list(PERSISTENT_TYPES)
     assert _node("spec.placement.strategy")["enum"] == list(PLACEMENT_STRATEGIES)
+    assert _node("spec.modelStore.hostPath.type")["enum"] == list(HOST_PATH_TYPES)
+
+
+def test_path_and_label_patterns_agree_with_the_spec_parser() -> None:
+    for path in ("spec.modelStore.mountPath", "spec.modelStore.nfs.path", "spec.modelStore.hostPath.path"):
+        assert _node(path)["pattern"] == ABSOLUTE_PATH_PATTERN, path
+    assert _node("spec.agent.podLabels")["additionalProperties"]["pattern"] == LABEL_VALUE_PATTERN
 
 
 def test_table_names_are_unique_dns_labels() -> None:
@@ -215,6 +245,24 @@ REJECTED = [
     ("spec.autoscaling", {"minReplicas": 0}),
     ("spec.agent.port", 70000),
     ("spec.agent.maxBatchKeys", 0),
+    ("spec.modelStore", {}),
+    ("spec.modelStore", {"persistentVolumeClaim": {"claimName": "m"}, "hostPath": {"path": "/m"}}),
+    ("spec.modelStore", {"persistentVolumeClaim": {}}),
+    ("spec.modelStore", {"persistentVolumeClaim": {"claimName": "Models_PVC"}}),
+    ("spec.modelStore", {"persistentVolumeClaim": {"claimName": "m", "readOnly": "yes"}}),
+    ("spec.modelStore", {"nfs": {"server": "nfs.local", "path": "exports/models"}}),
+    ("spec.modelStore", {"nfs": {"path": "/exports/models"}}),
+    ("spec.modelStore", {"hostPath": {"path": "/data/models", "type": "DirectoryOrCreate"}}),
+    ("spec.modelStore", {"hostPath": {"path": "/m"}, "mountPath": "models"}),
+    ("spec.modelStore", {"hostPath": {"path": "/m"}, "mountPath": "/"}),
+    ("spec.modelStore", {"hostPath": {"path": "/m"}, "mountPath": "/models/"}),
+    ("spec.modelStore", {"hostPath": {"path": "/m"}, "mountPath": "/models/../etc"}),
+    ("spec.agent.priorityClassName", "High_Priority"),
+    ("spec.agent.imagePullSecrets", [{"name": "regcred"}, {"name": "regcred"}]),
+    ("spec.agent.imagePullSecrets", [{}]),
+    ("spec.agent.podLabels", {"team": "recsys ml"}),
+    ("spec.agent.podLabels", {"team": "a" * 64}),
+    ("spec.agent.podAnnotations", {"note": 5}),
 ]
 
 # boundary values both accept
@@ -234,7 +282,15 @@ ACCEPTED = [
     ("spec.autoscaling", {"minReplicas": 3, "maxReplicas": 3}),
     ("spec.agent.tolerations", [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
     ("spec.agent.gpuResourceName", "nvidia.com/mig-1g.10gb"),
-]
+    ("spec.modelStore", {"persistentVolumeClaim": {"claimName": "models"}}),
+    ("spec.modelStore", {"nfs": {"server": "10.0.0.2", "path": "/exports/models", "readOnly": False},
+                         "mountPath": "/mnt/.models/..v2"}),
+    ("spec.modelStore", {"hostPath": {"path": "/data/models", "type": ""}, "mountPath": "/var/models"}),
+    ("spec.agent.priorityClassName", "system-node-critical"),
+    ("spec.agent.imagePullSecrets", [{"name": "regcred"}, {"name": "mirror.pull"}]),
+    ("spec.agent.podLabels", {"team": "recsys", "example.com/cost-center": "", "v": "1.2_a-b"}),
+    ("spec.agent.podAnnotations", {"sidecar.istio.io/inject": "false", "note": "free text: any"}),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("path", "value"), REJECTED, ids=[f"{p}={v!r}" for p, v in REJECTED])
@@ -262,7 +318,7 @@ def test_duplicate_table_names_are_rejected_by_the_list_map() -> None:
 
 def test_cel_rules_say_what_a_schema_cannot() -> None:
     rules = dict(cel_rules())
-    assert set(rules) == {"", ".spec.volatileStore.redis", ".spec.autoscaling"}
+    assert set(rules) == {"", ".spec.volatileStore.redis", ".spec.autoscaling", ".spec.modelStore"}
     cluster_of_two = _set(minimal(), "spec.volatileStore.redis", {"cluster": True, "shards": 2})
     assert validation_errors(cluster_of_two) == [
         ".spec.volatileStore.redis.shards: a Redis Cluster needs at least 3 shards (masters)"
@@ -278,3 +334,34 @@ def test_model_names_fit_the_children_names(name: str, ok: bool) -> None:
     """``<name>-agent-p9999`` must be a valid StatefulSet name and ``<name>-redis`` a Service name."""
     errors = validation_errors(_set(minimal(), "metadata.name", name))
     assert (errors == []) is ok, errors
+
+
+@pytest.mark.parametrize("mount", ["/etc", "/etc/hps", "/etc/hps/models", "/var/lib", "/var/lib/hps/models"])
+def test_the_model_store_cannot_hide_the_agents_own_files(mount: str) -> None:
+    """Mounted over ``/etc/hps`` (the model file and plan) or ``/var/lib/hps`` (RocksDB), the store
+    would break every agent: the CRD refuses it, and so does rendering (``Ready=False`` naming it)."""
+    bad = _set(minimal(), "spec.modelStore", {"hostPath": {"path": "/m"}, "mountPath": mount})
+    assert validation_errors(bad) == [
+        ".spec.modelStore.mountPath: mountPath must not overlap /etc/hps or /var/lib/hps, where the agent "
+        "keeps its own files"
+    ]
+    model = parse_model(bad)
+    plan = Plan(1, 1, 1, 1, "table", (), PlanMetrics(1.0, 1.0, 0, 0, 0), "dlrm")
+    owner = {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "name": "dlrm", "uid": "u"}
+    with pytest.raises(InvalidSpecError) as caught:
+        render_children(model, plan, owner=owner, image="i", redis_password="pw")
+    assert caught.value.field == "spec.modelStore.mountPath"
+
+
+def test_what_only_the_spec_parser_can_check() -> None:
+    """No CEL rule can afford to walk 10000 tables' sources against the mount path, nor every label
+    key, within the API server's cost budget: the operator reports these as ``Ready=False`` naming
+    the field. This pins that gap so a future CEL rule updates this test deliberately."""
+    outside = _set(minimal(), "spec.modelStore", {"persistentVolumeClaim": {"claimName": "m"}})
+    outside["spec"]["tables"][0]["source"] = "file:///data/user-id"
+    bad_key = _set(minimal(), "spec.agent.podLabels", {"bad key": "x"})
+    for manifest, field in ((outside, "spec.tables[0].source"), (bad_key, "spec.agent.podLabels")):
+        assert validation_errors(manifest) == []
+        with pytest.raises(InvalidSpecError) as caught:
+            parse_model(manifest)
+        assert caught.value.field == field

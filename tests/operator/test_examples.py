@@ -14,7 +14,7 @@ from hps_operator.core.planner import plan_placement
 from hps_operator.core.render import render_children
 from hps_operator.core.topology import Topology
 
-from node_agent.spec import load_model_file, parse_model
+from node_agent.spec import PersistentVolumeClaimSource, load_model_file, parse_model
 from tests.operator.crd_schema import validation_errors
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -69,3 +69,23 @@ def test_criteo_is_heavy_tailed_like_criteo_1tb() -> None:
     assert 0.25 <= max(rows) / sum(rows) <= 0.30
     # does not fit one pod's GPUs: the planner has to spread it over partitions
     assert model.total_bytes > model.gpus_per_pod * model.cache.memory_per_gpu
+
+
+def test_criteo_reads_its_tables_from_a_read_only_claim() -> None:
+    """Every source lies on the claim, which the loader Job and the agents mount read-only."""
+    model = load_model_file(EXAMPLES / "criteo.yaml")
+    store = model.model_store
+    assert store is not None and store.volume == PersistentVolumeClaimSource("criteo-models", read_only=True)
+    for t in model.tables:
+        assert t.source is not None
+        assert store.cluster_path(t.source, field=t.name) == f"{store.mount_path}/criteo/{t.name}"
+    plan = plan_placement(model, Topology.from_model(model), None)
+    owner = {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "name": model.name, "uid": "uid-1"}
+    readers = [m for m in render_children(model, plan, owner=owner, image="hps:test", redis_password="pw")
+               if m["kind"] in ("StatefulSet", "Job") and m["metadata"]["labels"]["app.kubernetes.io/component"]
+               in ("agent", "loader")]  # fmt: skip
+    assert {m["kind"] for m in readers} == {"StatefulSet", "Job"}
+    for m in readers:
+        pod = m["spec"]["template"]["spec"]
+        assert {"name": "models", "persistentVolumeClaim": {"claimName": "criteo-models", "readOnly": True}} in pod["volumes"]
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]

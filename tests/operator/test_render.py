@@ -6,6 +6,7 @@ configuration the StatefulSet generates is run on a real redis-server (master + 
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import time
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import numpy as np
 import pytest
 import redis
 import yaml
+from hps_operator.cli import main as hps_main
+from hps_operator.core.planner import plan_placement
 from hps_operator.core.render import (
     MODEL_KEY,
     PLAN_KEY,
@@ -25,16 +29,21 @@ from hps_operator.core.render import (
     model_manifest,
     render_agent_statefulset,
     render_children,
+    render_loader_job,
     render_plan_configmap,
     serving_plan,
+    sources_in_pods,
 )
+from hps_operator.core.topology import Topology
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from node_agent.errors import InvalidSpecError
-from node_agent.local.redis_servers import free_port, redis_server_binary
+from node_agent.errors import InvalidSpecError, TableSourceError
+from node_agent.loader import open_source
+from node_agent.local.redis_servers import RedisProcess, free_port, redis_server_binary
 from node_agent.plan import Assignment, Plan, PlanMetrics
 from node_agent.spec import ModelSpec, load_model_file, parse_model
+from node_agent.tiers import TableLayout, open_tiers
 
 KUBERNETES_VERSION = "1.35"
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +56,17 @@ LABELS = {
     "app.kubernetes.io/part-of": "hps",
 }
 OWNER_REFS = [{**OWNER, "controller": True, "blockOwnerDeletion": True}]
+AGENT: dict[str, Any] = {
+    "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
+    "nodeSelector": {"gpu": "a100"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+KNOBS: dict[str, Any] = {
+    "priorityClassName": "gpu-inference",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "podLabels": {"team": "recsys"},
+    "podAnnotations": {"sidecar.istio.io/inject": "false"},
+}
 
 
 def model(**spec: Any) -> ModelSpec:
@@ -60,11 +80,7 @@ def model(**spec: Any) -> ModelSpec:
         "partitions": 2,
         "volatileStore": {"redis": {"shards": 2, "replicasPerShard": 1, "memory": "2Gi"}},
         "persistentStore": {"storage": "20Gi", "storageClassName": "fast-ssd"},
-        "agent": {
-            "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
-            "nodeSelector": {"gpu": "a100"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
+        "agent": AGENT,
     }
     base.update(spec)
     return parse_model({"metadata": {"name": "dlrm", "namespace": "recsys"}, "spec": base})
@@ -240,6 +256,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "read-only-rocksdb": {"persistentStore": {"readOnly": True, "storage": "1Ti"}},
     "user-secret": {"volatileStore": {"redis": {"passwordSecret": "my-redis-auth"}}},
     "scaled-to-zero": {"replicas": 0},
+    "model-store-pvc": {"modelStore": {"persistentVolumeClaim": {"claimName": "models"}}},
+    "model-store-nfs": {"modelStore": {"nfs": {"server": "10.0.0.2", "path": "/exports/models"},
+                                       "mountPath": "/mnt/models"},
+                        "tables": [{"name": "user-id", "rows": 1000, "dim": 16, "source": "dlrm/user-id"},
+                                   {"name": "item-id", "rows": 3000, "dim": 8, "source": "/mnt/models/item-id"}],
+                        "volatileStore": {"type": "hashmap"}},
+    "model-store-hostpath": {
+        "modelStore": {"hostPath": {"path": "/data/models", "type": ""}},
+        "agent": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}},
+            "nodeSelector": {"pool": "gpu"}}},
+    "pod-knobs": {"agent": {"priorityClassName": "gpu-inference", "imagePullSecrets": [{"name": "regcred"}],
+                            "podLabels": {"team": "recsys"}, "podAnnotations": {"sidecar.istio.io/inject": "false"}}},
 }  # fmt: skip
 
 
@@ -363,11 +392,19 @@ def test_serving_plan_across_bucket_counts_keeps_old_owners_whole_tables() -> No
 
 
 def test_model_file_round_trips_through_the_spec_parser() -> None:
+    """The pods' model file parses back to the spec, but for sources, which it spells as the absolute
+    paths the pods read (unchanged without a model store)."""
     specs = [model(**v) for v in VARIANTS.values()]
     specs += [load_model_file(ROOT / "examples" / name) for name in ("demo.yaml", "criteo.yaml")]
+    specs.append(model(tables=[{"name": "t", "rows": 1, "dim": 1, "source": "dlrm/t"}],
+                       modelStore={"hostPath": {"path": "/m"}}))  # fmt: skip
     for spec in specs:
         cm = render_plan_configmap(spec, _partition_plan(2), owner=OWNER)
-        assert parse_model(yaml.safe_load(cm["data"][MODEL_KEY])) == spec
+        in_pods = parse_model(yaml.safe_load(cm["data"][MODEL_KEY]))
+        assert in_pods == sources_in_pods(spec)
+        assert sources_in_pods(in_pods) == in_pods
+        if spec.model_store is None:
+            assert in_pods == spec
         assert parse_model(model_manifest(spec)) == spec
 
 
@@ -449,6 +486,206 @@ def test_what_kubernetes_cannot_name_is_an_invalid_spec(name: str, spec: dict[st
     with pytest.raises(InvalidSpecError) as caught:
         render_children(parse_model(raw), plan(), owner=OWNER, image=IMAGE, redis_password="pw")
     assert caught.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------
+# table sources on shared storage, and the pod knobs
+
+
+def test_model_store_and_pod_knobs_in_the_agent_statefulset() -> None:
+    """Against the whole-manifest golden above, a PVC model store and the pod knobs add exactly this;
+    the model hash changes too, as the agents read a different model file."""
+    base = render_agent_statefulset(model(), plan(), 1, owner=OWNER, image=IMAGE)
+    spec = model(modelStore={"persistentVolumeClaim": {"claimName": "models"}}, agent={**AGENT, **KNOBS})
+    sts = render_agent_statefulset(spec, plan(), 1, owner=OWNER, image=IMAGE)
+    expected = copy.deepcopy(base)
+    template = expected["spec"]["template"]
+    template["metadata"]["labels"]["team"] = "recsys"
+    template["metadata"]["annotations"].update({
+        "sidecar.istio.io/inject": "false",
+        "hps.dev/model-hash": sts["spec"]["template"]["metadata"]["annotations"]["hps.dev/model-hash"],
+    })  # fmt: skip
+    pod = template["spec"]
+    pod["priorityClassName"] = "gpu-inference"
+    pod["imagePullSecrets"] = [{"name": "regcred"}]
+    pod["volumes"].append({"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}})
+    pod["containers"][0]["volumeMounts"].append({"name": "models", "mountPath": "/models", "readOnly": True})
+    assert sts == expected
+    assert template["metadata"]["annotations"]["hps.dev/model-hash"] != "6219a5560671158b"
+    # the selector still selects the pods
+    assert sts["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+
+def test_loader_job_whole_with_a_host_path_store() -> None:
+    """A hostPath exists on the GPU nodes only: the loader goes where the agents go (their node
+    selector, tolerations and node affinity, not their pod anti-affinity), mounts it read-only, and
+    takes the pod knobs."""
+    anti = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm": {
+        "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "x"}}}}]}
+    node = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}
+    spec = model(modelStore={"hostPath": {"path": "/data/models"}, "mountPath": "/models"},
+                 agent={**AGENT, **KNOBS, "affinity": {"nodeAffinity": node, "podAntiAffinity": anti}})
+    job = render_loader_job(spec, owner=OWNER, image=IMAGE)
+    assert job == {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job["metadata"]["name"],
+            "namespace": "recsys",
+            "labels": {**LABELS, "app.kubernetes.io/component": "loader"},
+            "ownerReferences": OWNER_REFS,
+        },
+        "spec": {
+            "backoffLimit": 10,
+            "template": {
+                "metadata": {
+                    "labels": {**LABELS, "app.kubernetes.io/component": "loader", "team": "recsys"},
+                    "annotations": {"sidecar.istio.io/inject": "false"},
+                },
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "containers": [{
+                        "name": "loader",
+                        "image": IMAGE,
+                        "command": ["hps"],
+                        "args": [
+                            "load", "-f", "/etc/hps/model.yaml",
+                            "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
+                            "--redis-password-env", "REDIS_PASSWORD", "--no-progress",
+                        ],
+                        "env": [{"name": "REDIS_PASSWORD",
+                                 "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}}],
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/hps", "readOnly": True},
+                                         {"name": "models", "mountPath": "/models", "readOnly": True}],
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                    }],
+                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-plan"}},
+                                {"name": "models", "hostPath": {"path": "/data/models", "type": "Directory"}}],
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "priorityClassName": "gpu-inference",
+                    "imagePullSecrets": [{"name": "regcred"}],
+                    "nodeSelector": {"gpu": "a100"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "affinity": {"nodeAffinity": node},
+                },
+            },
+        },
+    }  # fmt: skip
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_model_store_is_mounted_only_where_sources_are_read() -> None:
+    """Agents that load nothing (Redis filled by the loader, a read-only RocksDB) do without it, so an
+    RWO claim or a hostPath on some nodes does not limit where they run."""
+    store = {"modelStore": {"persistentVolumeClaim": {"claimName": "models"}}}
+
+    def mounts(children: dict[tuple[str, str], dict[str, Any]]) -> dict[str, bool]:
+        return {kind: any(v["name"] == "models" for v in m["spec"]["template"]["spec"].get("volumes", []))
+                for (kind, _), m in children.items() if kind in ("StatefulSet", "Job") and "redis" not in _}  # fmt: skip
+
+    def render(**spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return by_name(render_children(model(**store, **spec), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+
+    assert mounts(render()) == {"StatefulSet": True, "Job": True}  # agents fill their own RocksDB
+    assert mounts(render(persistentStore={"readOnly": True})) == {"StatefulSet": False, "Job": True}
+    assert mounts(render(volatileStore={"type": "hashmap"})) == {"StatefulSet": True}  # no loader Job
+    assert mounts(by_name(render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))) == {
+        "StatefulSet": False, "Job": False}  # fmt: skip
+
+
+def test_loader_job_name_changes_only_with_what_its_pod_runs() -> None:
+    """A Job's pod template cannot change, so whatever changes it changes the Job's name; a model
+    without the new fields keeps the name it had (a re-run would write over online updates)."""
+
+    def name(**spec: Any) -> str:
+        return str(render_loader_job(model(**spec), owner=OWNER, image=IMAGE)["metadata"]["name"])
+
+    assert name() == "dlrm-load-26bca7cf"
+    claim = {"persistentVolumeClaim": {"claimName": "models"}}
+    names = [
+        name(),
+        name(modelStore=claim),
+        name(modelStore={"persistentVolumeClaim": {"claimName": "models", "readOnly": False}}),
+        name(modelStore={"persistentVolumeClaim": {"claimName": "models-v2"}}),
+        name(modelStore={"hostPath": {"path": "/data/models"}}),
+        name(modelStore={"hostPath": {"path": "/data/models"}}, agent={**AGENT, "nodeSelector": {"gpu": "h100"}}),
+        *(name(agent={**AGENT, key: value}) for key, value in KNOBS.items()),
+    ]
+    assert len(set(names)) == len(names)
+    # the agents' node selector is none of a PVC-fed loader's business
+    assert name(modelStore=claim) == name(modelStore=claim, agent={**AGENT, "nodeSelector": {"gpu": "h100"}})
+
+
+@pytest.mark.parametrize(
+    ("agent", "field"),
+    [
+        ({"podLabels": {"app.kubernetes.io/instance": "other"}}, "spec.agent.podLabels.app.kubernetes.io/instance"),
+        ({"podLabels": {"app.kubernetes.io/component": "x"}}, "spec.agent.podLabels.app.kubernetes.io/component"),
+        ({"podLabels": {"hps.dev/partition": "0"}}, "spec.agent.podLabels.hps.dev/partition"),
+        ({"podAnnotations": {"hps.dev/model-hash": "0"}}, "spec.agent.podAnnotations.hps.dev/model-hash"),
+    ],
+)
+def test_pod_labels_and_annotations_cannot_replace_the_operators(agent: dict[str, Any], field: str) -> None:
+    """The selectors and the restart-on-change hashes rest on them: a user's value is refused, naming it."""
+    with pytest.raises(InvalidSpecError) as caught:
+        render_children(model(agent=agent), plan(), owner=OWNER, image=IMAGE, redis_password="pw")
+    assert caught.value.field == field
+    # a label of the same family the operator does not set is the user's to use
+    render_children(model(agent={"podLabels": {"app.kubernetes.io/version": "1.2"}}), plan(), owner=OWNER,
+                    image=IMAGE, redis_password="pw")  # fmt: skip
+
+
+def test_the_loader_reads_relative_sources_from_the_mounted_store(
+    tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader pod, played on this machine: the store is a folder at its mountPath, the ConfigMap's
+    model file lies in a folder of its own as at /etc/hps, and the Job's own command line runs the
+    real ``hps load`` into a real redis-server with AUTH. Relative sources are found in the store."""
+    store = tmp_path / "store"
+    rng = np.random.default_rng(7)
+    user = rng.standard_normal((50, 8)).astype(np.float32)
+    item_keys = np.arange(1000, 1030, dtype=np.int64)
+    item = rng.standard_normal((30, 4)).astype(np.float16)
+    (store / "dlrm" / "user-id").mkdir(parents=True)
+    (store / "dlrm" / "item-id").mkdir()
+    np.save(store / "dlrm" / "user-id" / "vectors.npy", user)
+    np.save(store / "dlrm" / "item-id" / "vectors.npy", item)
+    np.save(store / "dlrm" / "item-id" / "keys.npy", item_keys)
+    spec = parse_model({"metadata": {"name": "storeload", "namespace": "recsys"}, "spec": {
+        "tables": [{"name": "user-id", "rows": 50, "dim": 8, "source": "dlrm/user-id"},
+                   {"name": "item-id", "rows": 30, "dim": 4, "dtype": "float16", "source": "file://dlrm/./item-id"}],
+        "volatileStore": {"redis": {"shards": 1}},
+        "modelStore": {"persistentVolumeClaim": {"claimName": "models"}, "mountPath": str(store)}}})  # fmt: skip
+    the_plan = plan_placement(spec, Topology.from_model(spec), None)
+    children = by_name(render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="pw"))
+    (job,) = [m for key, m in children.items() if key[0] == "Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "models", "mountPath": str(store), "readOnly": True} in container["volumeMounts"]
+
+    etc = tmp_path / "etc-hps"
+    etc.mkdir()
+    (etc / "model.yaml").write_text(children[("ConfigMap", "storeload-plan")]["data"][MODEL_KEY])
+    args = list(container["args"])
+    args[args.index("-f") + 1] = str(etc / "model.yaml")
+    args[args.index("--redis") + 1] = redis_server.address
+    monkeypatch.setenv("REDIS_PASSWORD", "test-secret")
+    in_pods = load_model_file(etc / "model.yaml")
+    (tier,) = open_tiers([TableLayout.of(t) for t in in_pods.tables], model=in_pods.name,
+                         redis_addresses=[redis_server.address], redis_password="test-secret")  # fmt: skip
+    try:
+        assert hps_main(args) == 0
+        values, found = tier.fetch("user-id", np.arange(50, dtype=np.int64))
+        assert found.all() and np.array_equal(values, user)
+        values, found = tier.fetch("item-id", item_keys)
+        assert found.all() and np.array_equal(values, item)
+    finally:
+        for t in in_pods.tables:
+            tier.evict(t.name)
+        tier.close()
+    # the user's relative source, read from the model file's folder as the pods would, finds nothing
+    with pytest.raises(TableSourceError, match="does not exist"):
+        open_source(spec.table("user-id"), base_dir=etc)
 
 
 # ---------------------------------------------------------------------------------------------
