@@ -1,20 +1,15 @@
 """The operator's "observe → decide" step: what an EmbeddingModel and the cluster look like now → which
 children to apply or delete, the status to report, and the events to post. Pure: no I/O, no clock.
 
+It composes the other pure parts and adds none of their logic: the planner places, ``rollout.advance``
+moves the make-before-break rollout one step, ``render.render_children`` builds the manifests for the
+rollout's phase, and ``status.compute_status`` writes the whole status (``status.rebalance`` is
+``Rollout.to_status()``, one shape, the CRD's).
+
 The plan ConfigMap the renderer writes (``<model>-plan``) is the record of placement: ``plan.json``
 is the newest plan (the planner's ``previous`` next time) and ``routing.json`` the one clients route
-by. A change of ``gpusPerPod`` or ``partitions`` makes a new plan version and rolls it out
-make-before-break, one phase per reconcile once the cluster has caught up:
-
-``Warming``   agents serve the union of the old and the new plan; routing stays on the old one;
-``Switching`` (once every agent workload is ready) routing flips to the new plan;
-``Draining``  (``drain_seconds`` later, so clients have re-read the plan) agents serve the new plan
-              alone and workloads the new plan does not need are deleted;
-``Idle``      (once they are ready again).
-
-``replicas`` makes no plan: it only scales the agent workloads. The rollout phase lives in
-``status.rebalance``; the plan being left is kept in the plan ConfigMap (``rollout-from.json``) so a
-restarted operator resumes where it was.
+by; during Warming and Switching ``rollout-from.json`` keeps the plan being left, so a restarted
+operator resumes where it was. ``replicas`` makes no plan: it only scales the agent workloads.
 """
 
 from __future__ import annotations
@@ -29,7 +24,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from hps_operator.core.planner import plan_placement
-from hps_operator.core.render import PLAN_KEY, ROUTING_KEY, plan_configmap_name, render_children
+from hps_operator.core.render import (
+    PLAN_KEY,
+    ROUTING_KEY,
+    check_renderable,
+    plan_configmap_name,
+    render_children,
+)
+from hps_operator.core.rollout import (
+    DEFAULT_SWITCH_GRACE_S,
+    Action,
+    Phase,
+    Rollout,
+    RolloutObservation,
+    advance,
+)
+from hps_operator.core.status import (
+    COMPONENT_LABEL,
+    compute_status,
+    get_condition,
+    observe_children,
+    statefulset_rolled_out,
+)
 from hps_operator.core.topology import Topology
 
 from node_agent.errors import InsufficientGPUMemoryError, InvalidSpecError
@@ -39,9 +55,12 @@ from node_agent.spec import ModelSpec, parse_model
 APPLIED_HASH_ANNOTATION = "hps.dev/applied-hash"
 ROLLOUT_FROM_KEY = "rollout-from.json"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
-COMPONENT_LABEL = "app.kubernetes.io/component"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB, set by NVIDIA's GPU feature discovery
-CONDITION_TYPES = ("Ready", "Placed", "Loaded", "Progressing", "Degraded")
+
+#: ``Decision.outcome`` values (the operator's reconcile metric counts them)
+RECONCILED = "Reconciled"
+INVALID_SPEC = "InvalidSpec"
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 
 
 @dataclass(frozen=True)
@@ -54,7 +73,7 @@ class Observed:
     children: Sequence[Mapping[str, Any]]
     #: the Redis AUTH password: the one in the live Secret, or a fresh one the handler generated
     redis_password: str
-    #: current time, RFC 3339 (conditions' lastTransitionTime, drain timing)
+    #: current time, RFC 3339 (conditions' lastTransitionTime, rollout timing)
     now: str
 
 
@@ -62,8 +81,10 @@ class Observed:
 class Options:
     #: the agent image when ``spec.agent.image`` is empty
     image: str
-    #: seconds between the routing switch and dropping the old plan's shards
-    drain_seconds: float = 30.0
+    #: seconds between the routing switch and dropping the old plan's shards (clients re-read routing)
+    drain_seconds: float = DEFAULT_SWITCH_GRACE_S
+    #: ``imagePullPolicy`` of the agent and loader containers; None leaves Kubernetes' default
+    image_pull_policy: str | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -89,14 +110,8 @@ class Decision:
     #: the whole status to report (the handler writes it only when it differs)
     status: dict[str, Any]
     events: tuple[EventNote, ...]
-
-
-@dataclass(frozen=True)
-class _Rollout:
-    phase: str  # Idle | Warming | Switching | Draining
-    target: Plan
-    active: Plan | None = None  # the plan being left (Warming, Switching)
-    switched_at: str | None = None
+    #: RECONCILED, INVALID_SPEC or INSUFFICIENT_GPU_MEMORY
+    outcome: str = RECONCILED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,64 +121,117 @@ class _Rollout:
 def reconcile(observed: Observed, options: Options) -> Decision:
     """Decides the next step for one EmbeddingModel (see the module docstring)."""
     old_status = dict(observed.model.get("status") or {})
+    rollout = _rollout_from_status(old_status)
     try:
         model = parse_model(observed.model)
-        return _reconcile_valid(model, observed, options, old_status)
+        check_renderable(model)
     except InvalidSpecError as exc:
-        status = _base_status(observed, old_status, ready=_ready_replicas(observed.children))
-        _set(status, observed.now, "Ready", "False", "InvalidSpec", str(exc))
-        return Decision((), (), status, (EventNote("Warning", "InvalidSpec", str(exc)),))
+        # nothing is touched: the running deployment keeps serving the last valid spec
+        status = _status(observed, old_status, model=None, plan=None, rollout=rollout, error=exc)
+        return Decision((), (), status, tuple(_condition_events(old_status, status)), INVALID_SPEC)
+    return _reconcile_valid(model, observed, options, old_status, rollout)
 
 
-def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options,
-                     old_status: dict[str, Any]) -> Decision:  # fmt: skip
-    events: list[EventNote] = []
+def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old_status: dict[str, Any],
+                     rollout: Rollout) -> Decision:  # fmt: skip
     children = _index(observed.children)
-    plan_cm = next((c for c in observed.children
-                    if c.get("kind") == "ConfigMap" and c["metadata"]["name"] == plan_configmap_name(model)), None)  # fmt: skip
-    stored = _load_plans(plan_cm)
+    stored = _load_plans(_plan_configmap(model, observed.children))
     previous = stored.get(PLAN_KEY)
     try:
         planned = _plan(model, observed.nodes, previous)
     except InsufficientGPUMemoryError as exc:
         # the running deployment keeps serving: no child is touched, the plan stays
-        status = _base_status(observed, old_status, ready=_ready_replicas(observed.children))
-        _set(status, observed.now, "Placed", "False", "InsufficientGPUMemory", str(exc))
-        return Decision((), (), status, (EventNote("Warning", "InsufficientGPUMemory", str(exc)),))
+        status = _status(observed, old_status, model=model, plan=previous, rollout=rollout, error=exc,
+                         active_plan=_plan_of(stored, rollout.active_version))  # fmt: skip
+        return Decision((), (), status, tuple(_condition_events(old_status, status)), INSUFFICIENT_GPU_MEMORY)
 
-    rollout = _current_rollout(old_status, stored, previous)
-    if rollout is None:
-        rollout = _Rollout("Idle", dataclasses.replace(planned, version=1))
-        events.append(EventNote("Normal", "Placed", f"plan v1: {_plan_summary(rollout.target)}"))
-    elif not _same_placement(planned, rollout.target):
-        new = dataclasses.replace(planned, version=rollout.target.version + 1)
-        # clients keep routing by what they route by now while the new owners warm up
-        routing = stored.get(ROUTING_KEY) or rollout.target
-        rollout = _Rollout("Warming", new, active=routing)
-        events.append(EventNote("Normal", "RebalanceStarted",
-                                f"plan v{routing.version} → v{new.version}: {_plan_summary(new)}"))  # fmt: skip
+    if previous is None:
+        # The first plan, or the ConfigMap was deleted. The planner is deterministic, so the same spec
+        # gives the same plan again: it keeps the version the status reports, and a rollout whose
+        # plans are lost finishes onto it.
+        version = rollout.target_version or 1
+        target = dataclasses.replace(planned, version=version)
+        if rollout.target_version is not None:
+            rollout = Rollout(Phase.IDLE, version, version, rollout.since)
+    else:
+        if rollout.target_version != previous.version:
+            # the status lags the ConfigMap (a lost status write): the ConfigMap is the record
+            rollout = Rollout(Phase.IDLE, previous.version, previous.version, rollout.since)
+        same = _same_placement(planned, previous)
+        target = previous if same else dataclasses.replace(planned, version=previous.version + 1)
+    plans: dict[int | None, Plan] = {**{p.version: p for p in stored.values()}, target.version: target}
 
-    desired = _render(model, observed, options, rollout)
-    advanced = _advance(rollout, desired, children, observed.now, options)
-    if advanced != rollout:
-        events.append(_phase_event(rollout, advanced))
-        rollout = advanced
-        desired = _render(model, observed, options, rollout)
+    agents_ready = False
+    if rollout.phase is not Phase.IDLE and rollout.target_version == target.version:
+        current = _render(model, observed, options, target, plans.get(rollout.active_version), rollout.phase)
+        agents_ready = _agents_rolled_out(current, children)
+    advanced, actions = advance(
+        rollout,
+        RolloutObservation(
+            desired_version=target.version, agents_ready=agents_ready, now=_parse_time(observed.now)
+        ),
+        switch_grace_s=options.drain_seconds,
+    )
+    active = (
+        plans.get(advanced.active_version) if advanced.phase in (Phase.WARMING, Phase.SWITCHING) else None
+    )
+    if advanced.phase in (Phase.WARMING, Phase.SWITCHING) and active is None:
+        # the plan being left is gone (the ConfigMap was replaced): nothing can serve it, finish onto the target
+        advanced, actions = dataclasses.replace(advanced, phase=Phase.DRAINING), (Action.DROP_OLD_SHARDS,)
 
+    desired = _render(model, observed, options, target, active, advanced.phase)
     desired_refs = {_ref(m) for m in desired}
     apply = tuple(m for m in desired if _needs_apply(m, children.get(_ref(m))))
     delete = tuple(sorted(ref for ref in children if ref not in desired_refs))
-    ready = _ready_replicas([children[r] for r in desired_refs if r in children])
-    status = _base_status(observed, old_status, ready=ready)
-    target = rollout.target
-    status["placement"] = {"version": target.version, "imbalance": round(target.metrics.imbalance, 6),
-                           "movedBytes": target.metrics.moved_bytes}  # fmt: skip
-    status["rebalance"] = _rebalance_status(rollout)
-    _serving_conditions(status, observed.now, rollout)
-    if apply and not events:
-        events.append(EventNote("Normal", "Applied",
-                                ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in apply)))  # fmt: skip
+    status = _status(observed, old_status, model=model, plan=target, rollout=advanced, active_plan=active,
+                     desired=desired)  # fmt: skip
+
+    events = [_action_event(action, rollout, advanced, target) for action in actions]
+    steady = not actions and old_status.get("observedGeneration") == status.get("observedGeneration")
+    if steady and (apply or delete):
+        # the spec and the plan did not move: what differs was changed or deleted behind our back
+        missing = [m for m in apply if _ref(m) not in children]
+        changed = [m for m in apply if _ref(m) in children]
+        if missing:
+            events.append(
+                EventNote("Warning", "ChildRecreated", f"recreated what was missing: {_names(missing)}")
+            )
+        if changed:
+            events.append(
+                EventNote("Warning", "DriftCorrected", f"re-applied what was changed: {_names(changed)}")
+            )
+    elif (apply or delete) and not events:
+        summary = [f"applied {_names(apply)}"] if apply else []
+        summary += [f"deleted {', '.join(f'{r.kind}/{r.name}' for r in delete)}"] if delete else []
+        events.append(EventNote("Normal", "Applied", "; ".join(summary)))
+    events += _condition_events(old_status, status)
     return Decision(apply, delete, status, tuple(events))
+
+
+def _status(observed: Observed, old_status: Mapping[str, Any], *, model: ModelSpec | None, plan: Plan | None,
+            rollout: Rollout, error: InvalidSpecError | InsufficientGPUMemoryError | None = None,
+            active_plan: Plan | None = None, desired: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    meta = observed.model["metadata"]
+    generation = meta.get("generation")
+    return compute_status(
+        name=meta["name"],
+        generation=int(generation) if generation is not None else None,
+        model=model,
+        plan=plan,
+        observed=observe_children(observed.children, desired=desired),
+        rollout=rollout,
+        now=observed.now,
+        error=error,
+        active_plan=active_plan,
+        previous=old_status,
+    )
+
+
+def _rollout_from_status(status: Mapping[str, Any]) -> Rollout:
+    try:
+        return Rollout.from_status(status.get("rebalance"))
+    except (ValueError, TypeError):
+        return Rollout()  # a hand-edited status: the plan ConfigMap decides (see _reconcile_valid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +245,8 @@ def gpu_capacity(model: ModelSpec, nodes: Sequence[Mapping[str, Any]]) -> tuple[
     memories = [
         int(str(_labels(n)[GPU_MEMORY_LABEL])) * 2**20
         for n in gpu_nodes
-        if _allocatable_gpus(model, n) >= model.gpus_per_pod and str(_labels(n).get(GPU_MEMORY_LABEL, "")).isdigit()
+        if _allocatable_gpus(model, n) >= model.gpus_per_pod
+        and str(_labels(n).get(GPU_MEMORY_LABEL, "")).isdigit()
     ]
     return (min(memories) if memories else None), len(gpu_nodes)
 
@@ -210,12 +279,15 @@ def _same_placement(a: Plan, b: Plan) -> bool:
 
 
 def _plan_summary(plan: Plan) -> str:
-    return (f"{plan.partitions} partition(s) x {plan.gpus_per_pod} GPU(s), imbalance "
-            f"{plan.metrics.imbalance:.3f}, moved {plan.metrics.moved_bytes} bytes")  # fmt: skip
+    metrics = plan.metrics
+    return (f"{plan.strategy}, {plan.partitions} partition(s) x {plan.gpus_per_pod} GPU(s), imbalance "
+            f"{metrics.imbalance:.3f}, moves {metrics.moved_bytes} bytes (lower bound "
+            f"{metrics.movement_lower_bound})")  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------
-# rollout
+def _plan_configmap(model: ModelSpec, children: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    name = plan_configmap_name(model)
+    return next((c for c in children if c.get("kind") == "ConfigMap" and c["metadata"]["name"] == name), None)
 
 
 def _load_plans(plan_cm: Mapping[str, Any] | None) -> dict[str, Plan]:
@@ -230,98 +302,110 @@ def _load_plans(plan_cm: Mapping[str, Any] | None) -> dict[str, Plan]:
     return plans
 
 
-def _current_rollout(old_status: Mapping[str, Any], stored: Mapping[str, Plan], previous: Plan | None) -> _Rollout | None:
-    if previous is None:
-        return None
-    rebalance = old_status.get("rebalance") or {}
-    phase = str(rebalance.get("phase", "Idle")) if rebalance.get("state") == "Rebalancing" else "Idle"
-    if int(rebalance.get("toVersion", previous.version)) != previous.version:
-        phase = "Idle"  # the status lags the ConfigMap (a lost status write): trust the ConfigMap
-    active = stored.get(ROLLOUT_FROM_KEY)
-    if phase in ("Warming", "Switching") and active is None:
-        phase = "Draining"  # the plan being left is gone: finish onto the target
-    return _Rollout(phase, previous, active if phase in ("Warming", "Switching") else None,
-                    rebalance.get("switchedAt"))  # fmt: skip
+def _plan_of(stored: Mapping[str, Plan], version: int | None) -> Plan | None:
+    return next((p for p in stored.values() if p.version == version), None)
 
 
-def _render(model: ModelSpec, observed: Observed, options: Options, rollout: _Rollout) -> list[dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------
+# rendering and the rollout's view of the agents
+
+
+def _render(model: ModelSpec, observed: Observed, options: Options, target: Plan, active: Plan | None,
+            phase: Phase) -> list[dict[str, Any]]:  # fmt: skip
     meta = observed.model["metadata"]
     owner = {"apiVersion": observed.model.get("apiVersion", "hps.dev/v1alpha1"),
              "kind": observed.model.get("kind", "EmbeddingModel"), "name": meta["name"], "uid": meta.get("uid", "")}  # fmt: skip
-    manifests = render_children(model, rollout.target, owner=owner, image=options.image,
-                                redis_password=observed.redis_password, active_plan=rollout.active,
-                                phase=rollout.phase)  # fmt: skip
+    manifests = render_children(model, target, owner=owner, image=options.image,
+                                redis_password=observed.redis_password, active_plan=active, phase=phase)  # fmt: skip
+    agent_image = model.agent.image or options.image
     result = []
     for m in manifests:
         m = copy.deepcopy(m)
-        if m["kind"] == "ConfigMap" and m["metadata"]["name"] == plan_configmap_name(model) and rollout.active:
-            m["data"][ROLLOUT_FROM_KEY] = rollout.active.to_json()
+        if (
+            m["kind"] == "ConfigMap"
+            and m["metadata"]["name"] == plan_configmap_name(model)
+            and active is not None
+        ):
+            m["data"][ROLLOUT_FROM_KEY] = active.to_json()
+        if options.image_pull_policy:
+            _set_pull_policy(m, agent_image, options.image_pull_policy)
         result.append(_with_hash(m))
     return result
+
+
+def _set_pull_policy(manifest: dict[str, Any], image: str, policy: str) -> None:
+    """The operator-wide pull policy on every container that runs the agent image (agents, loader)."""
+    pod = ((manifest.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for container in (*pod.get("initContainers", ()), *pod.get("containers", ())):
+        if container.get("image") == image:
+            container["imagePullPolicy"] = policy
 
 
 def _is_agent_workload(manifest: Mapping[str, Any]) -> bool:
     return manifest.get("kind") == "StatefulSet" and _labels(manifest).get(COMPONENT_LABEL) == "agent"
 
 
-def _workloads_ready(desired: Sequence[Mapping[str, Any]], children: Mapping[ChildRef, Mapping[str, Any]]) -> bool:
-    """Whether every desired agent workload runs its desired version with all replicas ready."""
+def _agents_rolled_out(
+    desired: Sequence[Mapping[str, Any]], children: Mapping[ChildRef, Mapping[str, Any]]
+) -> bool:
+    """Every agent StatefulSet rendered for the current phase runs that manifest (nothing left to
+    apply) and the controller reports all its pods updated and ready."""
     for m in desired:
         if not _is_agent_workload(m):
             continue
         live = children.get(_ref(m))
-        if live is None or _needs_apply(m, live):
-            return False
-        status = live.get("status") or {}
-        if int(status.get("observedGeneration", 0)) < int(live["metadata"].get("generation", 0)):
-            return False
-        want = int(m["spec"].get("replicas", 1))
-        if int(status.get("readyReplicas", 0)) < want or int(status.get("updatedReplicas", want)) < want:
+        if live is None or _needs_apply(m, live) or not statefulset_rolled_out(live):
             return False
     return True
 
 
-def _advance(rollout: _Rollout, desired: Sequence[Mapping[str, Any]], children: Mapping[ChildRef, Mapping[str, Any]],
-             now: str, options: Options) -> _Rollout:  # fmt: skip
-    if rollout.phase == "Warming" and _workloads_ready(desired, children):
-        return _Rollout("Switching", rollout.target, rollout.active, now)
-    if rollout.phase == "Switching":
-        switched = _parse_time(rollout.switched_at or now)
-        if (_parse_time(now) - switched).total_seconds() >= options.drain_seconds:
-            return _Rollout("Draining", rollout.target, None, rollout.switched_at)
-    if rollout.phase == "Draining" and _workloads_ready(desired, children):
-        return _Rollout("Idle", rollout.target)
-    return rollout
+# ---------------------------------------------------------------------------------------------
+# events
 
 
-def _phase_event(before: _Rollout, after: _Rollout) -> EventNote:
-    version = after.target.version
-    messages = {
-        "Switching": ("RoutingSwitched", f"new owners are warm; clients now route by plan v{version}"),
-        "Draining": ("Draining", f"dropping shards that plan v{version} moved away"),
-        "Idle": ("RebalanceCompleted", f"serving plan v{version}"),
-    }
-    reason, message = messages.get(after.phase, (after.phase, f"plan v{version}"))
-    return EventNote("Normal", reason, message)
+def _action_event(action: Action, before: Rollout, after: Rollout, target: Plan) -> EventNote:
+    version = after.target_version
+    if action is Action.ACTIVATE and before.active_version is None:
+        return EventNote("Normal", "PlanCreated", f"plan v{version}: {_plan_summary(target)}")
+    if action is Action.ACTIVATE:
+        return EventNote("Normal", "RebalanceCompleted", f"serving plan v{version} alone")
+    if action is Action.WARM_NEW_OWNERS:
+        return EventNote("Normal", "RebalanceStarted",
+                         f"plan v{after.active_version} -> v{version}: {_plan_summary(target)}; "
+                         f"warming the new owners while clients route by v{after.active_version}")  # fmt: skip
+    if action is Action.SWITCH_ROUTING:
+        return EventNote(
+            "Normal", "RoutingSwitched", f"new owners are warm; clients now route by plan v{version}"
+        )
+    return EventNote("Normal", "DrainingOldShards", f"dropping the shards plan v{version} moved away")
 
 
-def _rebalance_status(rollout: _Rollout) -> dict[str, Any]:
-    if rollout.phase == "Idle":
-        return {"state": "Idle", "version": rollout.target.version}
-    result: dict[str, Any] = {"state": "Rebalancing", "phase": rollout.phase, "toVersion": rollout.target.version}
-    if rollout.active is not None:
-        result["fromVersion"] = rollout.active.version
-    if rollout.switched_at:
-        result["switchedAt"] = rollout.switched_at
-    return result
+def _condition_events(old_status: Mapping[str, Any], status: Mapping[str, Any]) -> list[EventNote]:
+    """Events for condition changes a user acts on, posted once per change (not every round)."""
+    events: list[EventNote] = []
+
+    def changed(type_: str) -> tuple[Mapping[str, Any], bool]:
+        new = get_condition(status.get("conditions"), type_) or {}
+        old = get_condition(old_status.get("conditions"), type_) or {}
+        return new, any(new.get(k) != old.get(k) for k in ("status", "reason", "message"))
+
+    ready, ready_changed = changed("Ready")
+    if ready_changed and ready.get("status") == "False" and ready.get("reason") == INVALID_SPEC:
+        events.append(EventNote("Warning", INVALID_SPEC, str(ready.get("message"))))
+    placed, placed_changed = changed("Placed")
+    if placed_changed and placed.get("status") == "False" and placed.get("reason") == INSUFFICIENT_GPU_MEMORY:
+        events.append(EventNote("Warning", INSUFFICIENT_GPU_MEMORY, str(placed.get("message"))))
+    degraded, degraded_changed = changed("Degraded")
+    old_degraded = get_condition(old_status.get("conditions"), "Degraded") or {}
+    if degraded_changed and degraded.get("status") == "True":
+        events.append(EventNote("Warning", str(degraded.get("reason")), str(degraded.get("message"))))
+    elif degraded_changed and old_degraded.get("status") == "True":
+        events.append(EventNote("Normal", "Recovered", f"no longer degraded ({old_degraded.get('reason')})"))
+    return events
 
 
-def _ready_replicas(children: Sequence[Mapping[str, Any]]) -> int:
-    """Replicas that serve: a replica needs every partition, so the fewest ready over the agents."""
-    agents = [c for c in children if _is_agent_workload(c)]
-    if not agents:
-        return 0
-    return min(int((c.get("status") or {}).get("readyReplicas", 0)) for c in agents)
+def _names(manifests: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in manifests)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,74 +447,15 @@ def _contains(live: Any, desired: Any) -> bool:
     """Whether every field of ``desired`` is in ``live`` with the same value (the API server adds
     defaults, so extra fields in ``live`` are fine)."""
     if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(k in live and _contains(live[k], v) for k, v in desired.items())
+        return isinstance(live, Mapping) and all(
+            k in live and _contains(live[k], v) for k, v in desired.items()
+        )
     if isinstance(desired, list):
         return isinstance(live, list) and len(live) == len(desired) and all(
             _contains(a, b) for a, b in zip(live, desired, strict=True))  # fmt: skip
     return bool(live == desired)
 
 
-# ---------------------------------------------------------------------------------------------
-# status
-
-
 def _parse_time(text: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _set(status: dict[str, Any], now: str, type_: str, value: str, reason: str, message: str) -> None:
-    """Sets one metav1.Condition; lastTransitionTime moves only when the status value changes."""
-    conditions = status.setdefault("conditions", [])
-    for c in conditions:
-        if c["type"] == type_:
-            if c["status"] != value:
-                c["lastTransitionTime"] = now
-            c.update(status=value, reason=reason, message=message)
-            c["observedGeneration"] = status.get("observedGeneration", 0)
-            return
-    conditions.append({"type": type_, "status": value, "reason": reason, "message": message,
-                       "lastTransitionTime": now, "observedGeneration": status.get("observedGeneration", 0)})  # fmt: skip
-
-
-def _base_status(observed: Observed, old: Mapping[str, Any], *, ready: int) -> dict[str, Any]:
-    """The status fields that do not depend on a placement; placement and rebalance carry over."""
-    meta = observed.model["metadata"]
-    replicas = (observed.model.get("spec") or {}).get("replicas", 1)
-    status: dict[str, Any] = {
-        "observedGeneration": int(meta.get("generation", 0)),
-        "conditions": [dict(c) for c in old.get("conditions") or [] if c.get("type") in CONDITION_TYPES],
-        "replicas": replicas if isinstance(replicas, int) and not isinstance(replicas, bool) else 0,
-        "readyReplicas": ready,
-        "selector": f"{INSTANCE_LABEL}={meta['name']}",
-    }
-    for key in ("placement", "rebalance"):
-        if key in old:
-            status[key] = copy.deepcopy(old[key])
-    for c in status["conditions"]:
-        c["observedGeneration"] = status["observedGeneration"]
-    for type_ in CONDITION_TYPES:  # every condition is reported from the first reconcile on
-        if not any(c["type"] == type_ for c in status["conditions"]):
-            _set(status, observed.now, type_, "False" if type_ == "Degraded" else "Unknown", "Pending", "")
-    return status
-
-
-def _serving_conditions(status: dict[str, Any], now: str, rollout: _Rollout) -> None:
-    want, ready = status["replicas"], status["readyReplicas"]
-    version = rollout.target.version
-    _set(status, now, "Placed", "True", "Placed", f"plan v{version}: {_plan_summary(rollout.target)}")
-    loaded = ready > 0 or want == 0
-    _set(status, now, "Loaded", "True" if loaded else "False", "TablesLoaded" if loaded else "Loading",
-         f"{ready}/{want} replicas have loaded their shards")  # fmt: skip
-    if rollout.phase != "Idle":
-        source = f"v{rollout.active.version} → " if rollout.active else ""
-        _set(status, now, "Progressing", "True", "Rebalancing", f"plan {source}v{version}: {rollout.phase}")
-    elif ready != want:
-        _set(status, now, "Progressing", "True", "Scaling", f"{ready}/{want} replicas ready")
-    else:
-        _set(status, now, "Progressing", "False", "Idle", f"serving plan v{version}")
-    degraded = 0 < ready < want and rollout.phase == "Idle"
-    _set(status, now, "Degraded", "True" if degraded else "False",
-         "ReplicasUnavailable" if degraded else "AsExpected", f"{ready}/{want} replicas ready")  # fmt: skip
-    ok = ready >= want
-    _set(status, now, "Ready", "True" if ok else "False", "Serving" if ok else "ReplicasNotReady",
-         f"{ready}/{want} replicas ready")  # fmt: skip
+    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)

@@ -9,8 +9,10 @@ Conditions (metav1.Condition shape; ``lastTransitionTime`` moves only when ``sta
 - **Placed**: a plan exists for the spec (False ``InsufficientGPUMemory`` when none fits).
 - **Loaded**: the tables are in the tiers (the loader Job for Redis; agents fill their own tiers).
 - **Progressing**: a plan rollout, a scale or a load is under way.
-- **Degraded**: serving, but not fully: Redis down (lookups fall back to L1/L3), a load failed, or a
-  partition without a ready pod.
+- **Degraded**: serving, but not fully: the Redis StatefulSet is not ready (lookups fall back to
+  L1/L3), the loader Job failed, a partition has no ready pod, or replicas that served stopped being
+  ready. The reason names the first of these; the message lists every one. A model that serves
+  nothing at all is not Degraded but not Ready.
 
 The helpers ``statefulset_*`` and ``job_state`` turn observed objects into the plain facts used here,
 so the handler stays a thin observer.
@@ -31,6 +33,7 @@ from node_agent.plan import Plan
 from node_agent.spec import ModelSpec
 
 CONDITION_TYPES = ("Ready", "Placed", "Loaded", "Progressing", "Degraded")
+COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
 def set_condition(
@@ -92,8 +95,9 @@ class AgentObservation:
     replicas: int
     #: pods passing their readiness probe (``status.readyReplicas``)
     ready_replicas: int
-    #: the controller has seen the latest spec and every pod runs the current template
-    rolled_out: bool
+    #: the controller has seen the latest spec and every wanted pod exists on the current template,
+    #: ready or not (a scale or a template change is no longer under way)
+    updated: bool
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,9 @@ class ChildrenObservation:
     load_message: str = ""
 
 
-def statefulset_rolled_out(sts: Mapping[str, Any]) -> bool:
-    """The controller has acted on the latest spec and every wanted pod runs it and is ready."""
+def statefulset_updated(sts: Mapping[str, Any]) -> bool:
+    """The controller has acted on the latest spec: every wanted pod exists and runs the current
+    template (whether it is ready is :func:`statefulset_rolled_out`'s question)."""
     spec = sts.get("spec") or {}
     status = sts.get("status") or {}
     wanted = int(spec.get("replicas", 1))
@@ -119,10 +124,15 @@ def statefulset_rolled_out(sts: Mapping[str, Any]) -> bool:
     return (
         (generation is None or status.get("observedGeneration") == generation)
         and int(status.get("replicas", 0)) == wanted
-        and int(status.get("readyReplicas", 0)) == wanted
         and int(status.get("updatedReplicas", wanted)) == wanted
         and status.get("updateRevision", status.get("currentRevision")) == status.get("currentRevision")
     )
+
+
+def statefulset_rolled_out(sts: Mapping[str, Any]) -> bool:
+    """The controller has acted on the latest spec and every wanted pod runs it and is ready."""
+    wanted = int((sts.get("spec") or {}).get("replicas", 1))
+    return statefulset_updated(sts) and int((sts.get("status") or {}).get("readyReplicas", 0)) == wanted
 
 
 def agent_observation(sts: Mapping[str, Any]) -> AgentObservation:
@@ -133,7 +143,7 @@ def agent_observation(sts: Mapping[str, Any]) -> AgentObservation:
         partition=int(labels[PARTITION_LABEL]),
         replicas=int(status.get("replicas", 0)),
         ready_replicas=int(status.get("readyReplicas", 0)),
-        rolled_out=statefulset_rolled_out(sts),
+        updated=statefulset_updated(sts),
     )
 
 
@@ -157,6 +167,53 @@ def redis_ready(sts: Mapping[str, Any] | None) -> bool:
         return False
     wanted = int((sts.get("spec") or {}).get("replicas", 1))
     return int((sts.get("status") or {}).get("readyReplicas", 0)) >= wanted
+
+
+def _component(obj: Mapping[str, Any]) -> str:
+    return str(((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL, ""))
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    return str(obj.get("kind")), str((obj.get("metadata") or {}).get("name"))
+
+
+def observe_children(
+    live: Sequence[Mapping[str, Any]], *, desired: Sequence[Mapping[str, Any]] | None = None
+) -> ChildrenObservation:
+    """The model's live children (as read from the API) → a :class:`ChildrenObservation`.
+
+    With ``desired`` (the manifests rendered this round) Redis and the loader are the ones rendered:
+    none rendered means the model has no Redis (``redis_ready`` None) or loads nothing centrally
+    (``load`` "NotNeeded"), and a stale loader Job of an older spec does not count. Without it (the
+    spec could not be rendered) what is live is reported as it is."""
+    by_key = {_key(c): c for c in live}
+    agents = tuple(
+        agent_observation(c)
+        for c in live
+        if c.get("kind") == "StatefulSet" and _component(c) == "agent"
+        and PARTITION_LABEL in ((c.get("metadata") or {}).get("labels") or {})
+    )  # fmt: skip
+    if desired is not None:
+        redis = [
+            by_key.get(_key(m))
+            for m in desired
+            if m.get("kind") == "StatefulSet" and _component(m) == "redis"
+        ]
+        loaders = [
+            by_key.get(_key(m)) for m in desired if m.get("kind") == "Job" and _component(m) == "loader"
+        ]
+        redis_state = redis_ready(redis[0]) if redis else None
+        if not loaders:
+            return ChildrenObservation(agents, redis_state, "NotNeeded", "")
+        load, message = job_state(loaders[0])
+        return ChildrenObservation(agents, redis_state, load, message)
+    redis_sets = [c for c in live if c.get("kind") == "StatefulSet" and _component(c) == "redis"]
+    states = [job_state(c) for c in live if c.get("kind") == "Job" and _component(c) == "loader"]
+    load, message = next(
+        ((s, m) for wanted in ("Failed", "Running", "Succeeded") for s, m in states if s == wanted),
+        (None, ""),
+    )
+    return ChildrenObservation(agents, redis_ready(redis_sets[0]) if redis_sets else None, load, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,12 +325,12 @@ def compute_status(
         for key in ("tableCount", "endpoint", "placement"):
             if key in previous:
                 status[key] = previous[key]
-        put(
-            "Ready",
-            False,
-            error_reason(error) if error else "InvalidSpec",
-            error_message(error) if error else "the spec could not be read",
-        )
+        reason = error_reason(error) if error else "InvalidSpec"
+        message = error_message(error) if error else "the spec could not be read"
+        put("Ready", False, reason, message)
+        for type in CONDITION_TYPES:  # a new model reports every condition from its first round on
+            if get_condition(conditions, type) is None:
+                put(type, "Unknown", reason, "the spec could not be read")
         status["conditions"] = _sorted_conditions(conditions)
         return status
 
@@ -314,9 +371,45 @@ def compute_status(
     else:
         put("Loaded", False, "Pending", "the loader has not started")
 
-    # Progressing
+    # Degraded: serving, but not fully
     desired = model.replicas
-    all_rolled_out = all(a.rolled_out for a in observed.agents)
+    all_updated = all(a.updated for a in observed.agents)
+    serving = any(a.ready_replicas > 0 for a in observed.agents)
+    issues: list[tuple[str, str]] = []
+    if observed.redis_ready is False:
+        issues.append(
+            (
+                "VolatileStoreUnavailable",
+                "the Redis StatefulSet is not ready: lookups are answered from the GPU cache and the "
+                "persistent store",
+            )
+        )
+    if load == "Failed":
+        issues.append(("LoadFailed", f"the loader Job failed: {observed.load_message or 'no message'}"))
+    ready_by_partition = {a.partition: a.ready_replicas for a in observed.agents}
+    partitions_down = [p for p in range(partitions) if ready_by_partition.get(p, 0) == 0]
+    if partitions_down and serving and rollout.phase is Phase.IDLE:
+        issues.append(
+            (
+                "PartitionUnavailable",
+                f"partition(s) {', '.join(map(str, partitions_down))} have no ready agent: lookups of "
+                "their shards fail",
+            )
+        )
+    elif (
+        0 < ready < desired == replicas
+        and all_updated
+        and rollout.phase is Phase.IDLE
+        and not _still_scaling(previous, ready)
+    ):
+        issues.append(("ReplicasUnavailable", f"{ready}/{desired} replicas ready"))
+    if serving and issues:
+        put("Degraded", True, issues[0][0], "; ".join(message for _, message in issues))
+    else:
+        put("Degraded", False, "AsExpected", "every tier answers" if serving else "nothing serves yet")
+    replicas_degraded = any(reason == "ReplicasUnavailable" for reason, _ in issues)
+
+    # Progressing
     if rollout.phase is not Phase.IDLE:
         put(
             "Progressing",
@@ -324,40 +417,19 @@ def compute_status(
             "Rebalancing",
             f"plan version {rollout.active_version} -> {rollout.target_version}: {rollout.phase}",
         )
-    elif replicas != desired or not all_rolled_out or ready < desired:
+    elif replicas != desired or not all_updated or (ready < desired and not replicas_degraded):
         put("Progressing", True, "Scaling", f"{ready}/{desired} replicas ready")
     elif load == "Running":
         put("Progressing", True, "Loading", "the loader Job is loading the tables")
+    elif replicas_degraded:
+        put("Progressing", False, "Stalled", f"{ready}/{desired} replicas ready; see Degraded")
     else:
         put("Progressing", False, "Complete", f"{ready}/{desired} replicas ready")
 
-    # Degraded
-    partitions_down = sorted(a.partition for a in observed.agents if a.replicas > 0 and a.ready_replicas == 0)
-    if observed.redis_ready is False:
-        put(
-            "Degraded",
-            True,
-            "VolatileStoreUnavailable",
-            "Redis is not ready: lookups are answered from the GPU cache and the persistent store",
-        )
-    elif load == "Failed":
-        put("Degraded", True, "LoadFailed", observed.load_message or "the loader Job failed")
-    elif partitions_down and ready == 0 and any(a.ready_replicas > 0 for a in observed.agents):
-        put(
-            "Degraded",
-            True,
-            "PartitionUnavailable",
-            f"partition(s) {', '.join(map(str, partitions_down))} have no ready agent",
-        )
-    elif 0 < ready < desired and all_rolled_out and rollout.phase is Phase.IDLE:
-        put("Degraded", True, "ReplicasUnavailable", f"{ready}/{desired} replicas ready")
-    else:
-        put("Degraded", False, "AsExpected", "every tier answers")
-
     # Ready
     if error is not None:
-        serving = f"; still serving plan version {plan.version}" if plan is not None and ready > 0 else ""
-        put("Ready", False, error_reason(error), error_message(error) + serving)
+        still = f"; still serving plan version {plan.version}" if plan is not None and ready > 0 else ""
+        put("Ready", False, error_reason(error), error_message(error) + still)
     elif plan is None:
         put("Ready", False, "Pending", "no placement plan yet")
     elif desired == 0:
@@ -381,6 +453,19 @@ def compute_status(
 
     status["conditions"] = _sorted_conditions(conditions)
     return status
+
+
+def _still_scaling(previous: Mapping[str, Any], ready: int) -> bool:
+    """Replicas not ready yet after a scale-up are progress, not degradation, as long as none of the
+    ready ones is lost: the round before said Scaling and no more replicas were ready then."""
+    progressing = get_condition(previous.get("conditions"), "Progressing") or {}
+    degraded = get_condition(previous.get("conditions"), "Degraded") or {}
+    return (
+        progressing.get("status") == "True"
+        and progressing.get("reason") == "Scaling"
+        and degraded.get("status") != "True"
+        and ready >= int(previous.get("readyReplicas") or 0)
+    )
 
 
 def _sorted_conditions(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import datetime
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ import kopf
 from hps_operator.core import reconcile as core
 from hps_operator.core.render import REDIS_PASSWORD_KEY, redis_secret_name
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi
+from hps_operator.metrics import OperatorMetrics
 
 from node_agent.errors import InvalidSpecError
 from node_agent.spec import API_GROUP, API_VERSION, KIND, parse_model
@@ -25,7 +27,9 @@ from node_agent.spec import API_GROUP, API_VERSION, KIND, parse_model
 MODEL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 #: the kinds a model's children come in (what drift detection lists)
 CHILD_KINDS = tuple(
-    key for key, info in KINDS.items() if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment")
+    key
+    for key, info in KINDS.items()
+    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment")
 )
 
 _locks_guard = threading.Lock()
@@ -69,7 +73,9 @@ def _redis_password(api: KubeApi, model: Mapping[str, Any], children: list[dict[
         secret_name = redis_secret_name(parse_model(model))
     except InvalidSpecError:
         return ""  # nothing is rendered for an invalid spec
-    secret = next((c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] == secret_name), None)
+    secret = next(
+        (c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] == secret_name), None
+    )
     if secret is None:
         secret = api.get("v1", "Secret", model["metadata"]["namespace"], secret_name)
     encoded = ((secret or {}).get("data") or {}).get(REDIS_PASSWORD_KEY)
@@ -79,32 +85,63 @@ def _redis_password(api: KubeApi, model: Mapping[str, Any], children: list[dict[
 
 
 def reconcile_model(api: KubeApi, model: Mapping[str, Any], *, options: core.Options,
-                    logger: logging.Logger | logging.LoggerAdapter[Any]) -> core.Decision:  # fmt: skip
+                    logger: logging.Logger | logging.LoggerAdapter[Any],
+                    metrics: OperatorMetrics | None = None) -> core.Decision:  # fmt: skip
     """Observe → decide → apply → report, for one model. Writes nothing when nothing differs."""
     meta = model["metadata"]
-    with model_lock(meta["namespace"], meta["name"]):
-        # the body kopf hands over can be a few events old: decide on the live object
-        live = api.get(MODEL_API_VERSION, KIND, meta["namespace"], meta["name"])
-        if live is None or live["metadata"].get("deletionTimestamp"):
-            return core.Decision((), (), {}, ())
-        decision = core.reconcile(observe(api, live), options)
-        for manifest in decision.apply:
-            api.apply(manifest)
-        for ref in decision.delete:
-            api.delete(ref.api_version, ref.kind, ref.namespace, ref.name)
-        if not _contains(live.get("status") or {}, decision.status):
-            api.patch_status(MODEL_API_VERSION, KIND, meta["namespace"], meta["name"], decision.status)
-        for note in decision.events:
-            kopf.event(kopf.Body(cast(kopf.RawBody, live)), type=note.type, reason=note.reason, message=note.message)
-        if decision.apply or decision.delete:
-            logger.info("applied %d, deleted %d children", len(decision.apply), len(decision.delete))
+    namespace, name = meta["namespace"], meta["name"]
+    with model_lock(namespace, name):
+        started = time.monotonic()
+        try:
+            decision, spec = _reconcile_locked(api, namespace, name, options=options, logger=logger)
+        except Exception:
+            if metrics is not None:
+                metrics.observe_reconcile("Error", time.monotonic() - started)
+            raise
+        if metrics is not None:
+            if decision.status:
+                metrics.observe_reconcile(decision.outcome, time.monotonic() - started)
+                metrics.observe_model(namespace, name, spec=spec, status=decision.status)
+            else:  # the model is gone or going
+                metrics.forget_model(namespace, name)
         return decision
 
 
-def _contains(live: Any, desired: Any) -> bool:
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(k in live and _contains(live[k], v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return isinstance(live, list) and len(live) == len(desired) and all(
-            _contains(a, b) for a, b in zip(live, desired, strict=True))  # fmt: skip
-    return bool(live == desired)
+def _reconcile_locked(api: KubeApi, namespace: str, name: str, *, options: core.Options,
+                      logger: logging.Logger | logging.LoggerAdapter[Any]) -> tuple[core.Decision, Mapping[str, Any]]:  # fmt: skip
+    """The decision, and the live spec it was made for."""
+    # the body kopf hands over can be a few events old: decide on the live object
+    live = api.get(MODEL_API_VERSION, KIND, namespace, name)
+    if live is None or live["metadata"].get("deletionTimestamp"):
+        return core.Decision((), (), {}, ()), {}
+    decision = core.reconcile(observe(api, live), options)
+    for manifest in decision.apply:
+        api.apply(manifest)
+    for ref in decision.delete:
+        api.delete(ref.api_version, ref.kind, ref.namespace, ref.name)
+    patch = status_patch(live.get("status") or {}, decision.status)
+    if patch:
+        api.patch_status(MODEL_API_VERSION, KIND, namespace, name, patch)
+    for note in decision.events:
+        kopf.event(
+            kopf.Body(cast(kopf.RawBody, live)), type=note.type, reason=note.reason, message=note.message
+        )
+    if decision.apply or decision.delete:
+        logger.info("applied %d, deleted %d children", len(decision.apply), len(decision.delete))
+    return decision, live.get("spec") or {}
+
+
+def status_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch turning ``live`` into ``desired``: changed keys, and ``None`` for keys
+    ``desired`` no longer has (a merge patch keeps what it does not mention, so ``status.rebalance``
+    would otherwise keep its ``fromVersion`` after a rollout). Empty when nothing differs."""
+    patch: dict[str, Any] = {key: None for key in live if key not in desired}
+    for key, value in desired.items():
+        old = live.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            inner = status_patch(old, value)
+            if inner:
+                patch[key] = inner
+        elif key not in live or old != value:
+            patch[key] = value
+    return patch

@@ -4,13 +4,14 @@ logs in. Every handler is a few lines that end in :func:`embedding_model.reconci
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from hps_operator.core.reconcile import INSTANCE_LABEL, Options
 from hps_operator.kopf_handlers.embedding_model import CHILD_KINDS, MODEL_API_VERSION, reconcile_model
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
+from hps_operator.metrics import OperatorMetrics
 
 from node_agent.spec import API_GROUP, API_VERSION, KIND
 
@@ -23,6 +24,11 @@ class OperatorConfig:
     options: Options
     #: seconds between drift checks of each model (a deleted child is also noticed by its event)
     resync_seconds: float = 60.0
+    #: serve Prometheus metrics on this port from start-up to clean-up (None: no endpoint; 0: any free port)
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"
+    #: what the handlers record; read ``metrics.port`` for the port actually bound
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
 
 def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kopf.OperatorRegistry:
@@ -40,13 +46,20 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kube().connection_info()
 
+    @kopf.on.startup(registry=registry)
+    def serve_metrics(logger: kopf.Logger, **_: Any) -> None:
+        if config.metrics_port is not None:
+            port = config.metrics.serve(config.metrics_port, config.metrics_address)
+            logger.info("serving Prometheus metrics on %s:%d/metrics", config.metrics_address, port)
+
     @kopf.on.cleanup(registry=registry)
     def close(**_: Any) -> None:
+        config.metrics.stop()
         if "api" in state and api is None:
             state.pop("api").close()
 
     def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-        reconcile_model(kube(), body, options=config.options, logger=logger)
+        reconcile_model(kube(), body, options=config.options, logger=logger, metrics=config.metrics)
 
     @kopf.on.resume(API_GROUP, API_VERSION, PLURAL, registry=registry, id="resumed")
     @kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=registry, id="created")
@@ -69,7 +82,7 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
             return
         model = {"metadata": {"namespace": body.metadata.namespace, "name": owner["name"]}}
         try:
-            reconcile_model(kube(), model, options=config.options, logger=logger)
+            reconcile_model(kube(), model, options=config.options, logger=logger, metrics=config.metrics)
         except KubeApiError as exc:
             logger.warning("reconciling %s after a child's event failed: %s", owner["name"], exc)
 
@@ -82,7 +95,13 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
-    """Settings every deployment wants: events and status under our own names."""
+    """Settings every deployment wants: events and status under our own names, and no scanning.
+
+    Scanning off: kopf neither watches CustomResourceDefinitions nor lists namespaces, so the operator
+    needs no cluster-wide read of either (least privilege). It discovers its resources once at start
+    (API discovery, open to every authenticated client); a CRD installed later is served after a
+    restart, and ``--namespace`` takes exact names, not globs."""
+    settings.scanning.disabled = True
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)

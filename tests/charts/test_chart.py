@@ -15,6 +15,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from hps_operator.cli import build_parser
+from hps_operator.cli.operator_run import IMAGE_ENV, METRICS_PORT_ENV, PULL_POLICY_ENV, operator_config
 from hps_operator.kopf_handlers.permissions import API_PERMISSIONS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,8 +33,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "custom": {
         "image": {"repository": "registry.example.com/hps/operator", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
-        "agent": {"image": {"repository": "registry.example.com/hps/agent", "tag": "1.2.3-cuda12"},
-                  "gpuResourceName": "nvidia.com/mig-1g.10gb"},
+        "agent": {"image": {"repository": "registry.example.com/hps/agent", "tag": "1.2.3-cuda12",
+                            "pullPolicy": "Always"}},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
@@ -241,7 +243,7 @@ def granted(roles: Sequence[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 DECLARED = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
-CLUSTER_SCOPED = {"nodes", "customresourcedefinitions"}
+CLUSTER_SCOPED = {"nodes"}
 
 
 def operator_roles(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -320,7 +322,7 @@ def test_deployment_runs_one_hardened_operator(helm: str, tmp_path: Path) -> Non
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     c = container(docs)
     assert c["command"] == ["hps"]
-    assert c["args"] == ["operator", "run", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert c["args"] == ["operator", "run", "--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": "probes"}
     assert {"name": "probes", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
@@ -334,7 +336,8 @@ def test_deployment_runs_one_hardened_operator(helm: str, tmp_path: Path) -> Non
     assert c["resources"]["requests"] and c["resources"]["limits"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["HPS_AGENT_IMAGE"] == "ghcr.io/hps-operator/hps-agent:0.1.0"
-    assert env["HPS_AGENT_GPU_RESOURCE_NAME"] == "nvidia.com/gpu"
+    assert env["HPS_AGENT_IMAGE_PULL_POLICY"] == "IfNotPresent"
+    assert "HPS_OPERATOR_METRICS_PORT" not in env  # metrics are off by default
     assert pod["serviceAccountName"] == of_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
 
 
@@ -353,7 +356,7 @@ def test_deployment_follows_non_default_values(helm: str, tmp_path: Path) -> Non
     assert c["resources"]["limits"]["memory"] == "1Gi"
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["HPS_AGENT_IMAGE"] == "registry.example.com/hps/agent:1.2.3-cuda12"
-    assert env["HPS_AGENT_GPU_RESOURCE_NAME"] == "nvidia.com/mig-1g.10gb"
+    assert env["HPS_AGENT_IMAGE_PULL_POLICY"] == "Always"
     assert env["HPS_OPERATOR_METRICS_PORT"] == "9300" and env["EXTRA"] == "1"
 
 
@@ -361,6 +364,39 @@ def test_namespaced_mode_passes_each_namespace_to_the_operator(helm: str, tmp_pa
     args = container(render(helm, tmp_path, {"watchNamespaces": ["recsys", "ads"]}))["args"]
     assert "--all-namespaces" not in args
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=recsys", "--namespace=ads"]
+
+
+@pytest.mark.parametrize("values", ["default", "namespaced", "custom"])
+def test_the_operator_cli_accepts_the_chart_args_and_honours_its_env(helm: str, tmp_path: Path, values: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The Deployment's command line, parsed by the real ``hps`` parser with the Deployment's env set:
+    every flag exists, and every variable the chart sets reaches the operator's configuration."""
+    c = container(render(helm, tmp_path, VALUE_SETS[values]))
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    user_env = {e["name"] for e in VALUE_SETS[values].get("operator", {}).get("extraEnv", [])}
+    assert set(env) - user_env <= {IMAGE_ENV, PULL_POLICY_ENV, METRICS_PORT_ENV}, "the chart sets a variable the operator ignores"
+    for name in (IMAGE_ENV, PULL_POLICY_ENV, METRICS_PORT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert c["command"] == ["hps"]
+    args = build_parser().parse_args(c["args"])  # exits (SystemExit) on any flag the CLI does not know
+    assert (args.command, args.verb, args.standalone) == ("operator", "run", True)
+    assert args.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    expected_namespaces = VALUE_SETS[values].get("watchNamespaces", [])
+    assert args.namespace == expected_namespaces and args.all_namespaces == (not expected_namespaces)
+    config = operator_config(args)
+    assert config.options.image == env[IMAGE_ENV]
+    assert config.options.image_pull_policy == env[PULL_POLICY_ENV]
+    assert config.metrics_port == (int(env[METRICS_PORT_ENV]) if METRICS_PORT_ENV in env else None)
+    if METRICS_PORT_ENV in env:
+        assert {"name": "metrics", "containerPort": config.metrics_port, "protocol": "TCP"} in c["ports"]
+
+
+def test_the_operator_cli_rejects_a_namespace_glob() -> None:
+    """kopf's namespace scanning is off (least privilege), so a glob could only ever match nothing."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["operator", "run", "--namespace=ml-*"])
 
 
 def test_existing_service_account_is_used_and_not_created(helm: str, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,13 @@ from hps_operator.kopf_handlers.registry import OperatorConfig, build_registry, 
 from kmock import Server
 
 from tests.operator.kube_emulator import ApiCall, HpsKubernetesEmulator
+from tests.operator.test_status import status_schema_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = "hps.dev/v1alpha1/embeddingmodels"
 STATEFULSETS = "apps/v1/statefulsets"
 CONFIGMAPS = "v1/configmaps"
+JOBS = "batch/v1/jobs"
 NS = "ml"
 WAIT_S = 15.0
 
@@ -119,6 +122,34 @@ class Cluster:
             if (sts.get("status") or {}) != status:
                 await self.emulator.patch_object(STATEFULSETS, meta["namespace"], meta["name"], {"status": status})
 
+    async def set_ready(self, name: str, ready: int) -> None:
+        """A StatefulSet's pods exist on the current template but only ``ready`` pass their probe."""
+        sts = self.children(STATEFULSETS)[name]
+        want = sts["spec"].get("replicas", 1)
+        status = {"observedGeneration": sts["metadata"]["generation"], "replicas": want, "readyReplicas": ready,
+                  "updatedReplicas": want, "availableReplicas": ready}  # fmt: skip
+        await self.emulator.patch_object(STATEFULSETS, NS, name, {"status": status})
+
+    async def finish_jobs(self, *, failed: bool = False) -> None:
+        """What the Job controller reports once the loader's pod exits (0, or out of retries)."""
+        condition = ({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                      "message": "Job has reached the specified backoff limit"} if failed
+                     else {"type": "Complete", "status": "True"})  # fmt: skip
+        for name, job in self.children(JOBS).items():
+            if (job.get("status") or {}).get("conditions") != [condition]:
+                status = {"failed": 11} if failed else {"succeeded": 1}
+                await self.emulator.patch_object(JOBS, NS, name, {"status": {**status, "conditions": [condition]}})
+
+    def events(self, name: str = "dlrm") -> list[tuple[str, str, str]]:
+        """``(type, reason, message)`` of every Event posted about the model, oldest first."""
+        found = [e for e in self.emulator.list_objects("v1/events")
+                 if (e.get("involvedObject") or {}).get("name") == name]  # fmt: skip
+        found.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
+        return [(e["type"], e["reason"], e.get("message", "")) for e in found]
+
+    def reasons(self, name: str = "dlrm") -> list[str]:
+        return [reason for _, reason, _ in self.events(name)]
+
     def writes(self, since: int) -> list[ApiCall]:
         return [c for c in self.operator_calls()[since:] if c.verb in ("create", "patch", "update", "delete")
                 and c.resource != "events" and not c.path.endswith("/status")]  # fmt: skip
@@ -138,9 +169,10 @@ async def cluster() -> AsyncIterator[Cluster]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: float = 0.0) -> AsyncIterator[None]:
-    """The operator as ``hps operator run -A`` runs it, with a kubeconfig naming the emulator and
-    short timeouts, stopped (and awaited) on exit."""
+async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: float = 0.0) -> AsyncIterator[OperatorConfig]:
+    """The operator as ``hps operator run -A --standalone`` runs it, with a kubeconfig naming the
+    emulator, short timeouts and its metrics endpoint on a free loopback port, stopped (and awaited)
+    on exit."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
@@ -151,7 +183,7 @@ async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: f
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KUBECONFIG", str(kubeconfig))
         config = OperatorConfig(Options(image="registry.example/hps:default", drain_seconds=drain_seconds),
-                                resync_seconds=0.5)  # fmt: skip
+                                resync_seconds=0.5, metrics_port=0, metrics_address="127.0.0.1")  # fmt: skip
         settings = kopf.OperatorSettings()
         configure(settings)
         settings.peering.standalone = True
@@ -177,7 +209,7 @@ async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: f
         thread.start()
         try:
             await wait_until("the operator to start", lambda: ready.is_set() or failures)
-            yield
+            yield config
         finally:
             stop.set()
             await wait_until("the operator to stop", lambda: not thread.is_alive())
@@ -187,7 +219,9 @@ async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: f
 async def deployed(cluster: Cluster, tmp_path: Path) -> None:
     await cluster.create_model(model_manifest())
     await wait_until("the agent StatefulSet", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+    await wait_until("the loader Job", lambda: cluster.children(JOBS))
     await cluster.make_agents_ready()
+    await cluster.finish_jobs()
     await wait_until("Ready=True", lambda: (condition(cluster.model(), "Ready") or {}).get("status") == "True")
 
 
@@ -210,6 +244,39 @@ async def quiet(cluster: Cluster, *, for_s: float = 1.0) -> int:
 
 
 
+#: the labels of the scenario model's series, as Prometheus prints them
+MODEL = 'model="dlrm",namespace="ml"'
+
+
+async def scraped(config: OperatorConfig, check: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+    """Scrapes until ``check`` holds for the samples (bounded by WAIT_S); returns the last scrape."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        samples = await scrape(config)
+        if check(samples) or time.monotonic() > deadline:
+            assert check(samples), f"the metrics never matched: {samples}"
+            return samples
+        await asyncio.sleep(0.1)
+
+
+async def scrape(config: OperatorConfig) -> dict[str, float]:
+    """The operator's ``/metrics`` as ``{'name{labels}': value}`` (labels as Prometheus prints them)."""
+    assert config.metrics.port, "the metrics endpoint is not serving"
+    url = f"http://127.0.0.1:{config.metrics.port}/metrics"
+
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(fetch)
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -227,7 +294,7 @@ async def test_create_makes_children_and_reports_conditions(cluster: Cluster, tm
         assert condition(model, "Ready")["status"] == "False"  # type: ignore[index]  # no pod is ready yet
         assert status["selector"] == "app.kubernetes.io/instance=dlrm"
         assert status["placement"]["version"] == 1
-        assert status["replicas"] == 2 and status["readyReplicas"] == 0
+        assert status["replicas"] == 0 and status["readyReplicas"] == 0  # no agent pod exists yet
         sts = cluster.children(STATEFULSETS)
         assert sts["dlrm-agent-p0"]["spec"]["replicas"] == 2
         assert "dlrm-redis" in sts
@@ -236,10 +303,21 @@ async def test_create_makes_children_and_reports_conditions(cluster: Cluster, tm
         owner_uid = model["metadata"]["uid"]
         assert all(o["metadata"]["ownerReferences"][0]["uid"] == owner_uid for o in sts.values())
 
+        assert status_schema_errors(status) == []
+        await wait_until("the PlanCreated event", lambda: cluster.reasons())
+        assert cluster.reasons() == ["PlanCreated"]
+        assert "plan v1: " in cluster.events()[0][2]
+
         await cluster.make_agents_ready()
+        # agents serve, but the loader Job has not finished filling Redis: not Ready, and Loaded says why
+        await wait_until("Loaded=Loading", lambda: (condition(cluster.model(), "Loaded") or {}).get("reason") == "Loading")
+        assert condition(cluster.model(), "Ready")["reason"] == "Loading"  # type: ignore[index]
+        await cluster.finish_jobs()
         await wait_until("Ready=True", lambda: (condition(cluster.model(), "Ready") or {}).get("status") == "True")
         ready_since = condition(cluster.model(), "Ready")["lastTransitionTime"]  # type: ignore[index]
         assert cluster.model()["status"]["readyReplicas"] == 2  # type: ignore[index]
+        assert condition(cluster.model(), "Loaded")["status"] == "True"  # type: ignore[index]
+        assert condition(cluster.model(), "Degraded")["status"] == "False"  # type: ignore[index]
 
         # unchanged spec: the resync timer keeps running and writes nothing at all
         mark = await quiet(cluster)
@@ -264,19 +342,30 @@ async def test_scaling_replicas_changes_no_plan(cluster: Cluster, tmp_path: Path
         await cluster.request("PATCH", f"/apis/hps.dev/v1alpha1/namespaces/{NS}/embeddingmodels/dlrm/scale",
                               {"spec": {"replicas": 4}}, "application/merge-patch+json")  # fmt: skip
         await wait_until("4 agent replicas", lambda: cluster.children(STATEFULSETS)["dlrm-agent-p0"]["spec"]["replicas"] == 4)
+        await cluster.make_agents_ready()
         await wait_until("status.replicas", lambda: cluster.model()["status"]["replicas"] == 4)  # type: ignore[index]
+        await wait_until("4 ready", lambda: cluster.model()["status"]["readyReplicas"] == 4)  # type: ignore[index]
         assert cluster.plan_cm()["data"]["plan.json"] == plan_before  # type: ignore[index]
         assert cluster.model()["status"]["placement"]["version"] == 1  # type: ignore[index]
         assert cluster.model()["status"]["rebalance"]["state"] == "Idle"  # type: ignore[index]
 
 
 async def test_more_gpus_rolls_out_a_new_plan_make_before_break(cluster: Cluster, tmp_path: Path) -> None:
-    async with running_operator(cluster, tmp_path):
+    async with running_operator(cluster, tmp_path) as config:
         await deployed(cluster, tmp_path)
         await cluster.patch_spec("dlrm", {"gpusPerPod": 8})
         await wait_until("a rebalance", lambda: (cluster.model()["status"].get("rebalance") or {}).get("phase") == "Warming")  # type: ignore[index]
         status = cluster.model()["status"]  # type: ignore[index]
         assert status["placement"]["version"] == 2 and status["placement"]["movedBytes"] > 0
+        assert status_schema_errors(status) == []
+        await wait_until("the RebalanceStarted event", lambda: "RebalanceStarted" in cluster.reasons())
+        started = next(m for _, r, m in cluster.events() if r == "RebalanceStarted")
+        assert "v1 -> v2" in started and f"moves {status['placement']['movedBytes']} bytes" in started
+        # the gauges follow each reconcile (set just after its status is written)
+        metrics = await scraped(config, lambda m: m.get(f"hps_model_rollout_phase{{{MODEL},phase=\"Warming\"}}") == 1)
+        assert metrics[f"hps_model_plan_version{{{MODEL}}}"] == 2
+        assert metrics[f"hps_model_plan_moved_bytes{{{MODEL}}}"] == status["placement"]["movedBytes"]
+        assert metrics[f"hps_model_rollout_phase{{{MODEL},phase=\"Idle\"}}"] == 0
         assert status["rebalance"]["fromVersion"] == 1 and status["rebalance"]["toVersion"] == 2
         assert condition(cluster.model(), "Progressing")["reason"] == "Rebalancing"  # type: ignore[index]
         # routing stays on v1 until the new owners are warm
@@ -288,19 +377,39 @@ async def test_more_gpus_rolls_out_a_new_plan_make_before_break(cluster: Cluster
             await cluster.make_agents_ready()
             await asyncio.sleep(0.3)
         await wait_until("Idle", lambda: cluster.model()["status"]["rebalance"]["state"] == "Idle")  # type: ignore[index]
-        assert condition(cluster.model(), "Progressing")["status"] == "False"  # type: ignore[index]
-        assert cluster.model()["status"]["placement"]["version"] == 2  # type: ignore[index]
+        await wait_until("Progressing=False", lambda: condition(cluster.model(), "Progressing")["status"] == "False")  # type: ignore[index]
+        status = cluster.model()["status"]  # type: ignore[index]
+        assert status["placement"]["version"] == 2
+        # one shape, the CRD's: Idle names the active plan only (the merge patch removed fromVersion)
+        assert sorted(status["rebalance"]) == ["phase", "since", "state", "toVersion"]
+        assert status["rebalance"]["toVersion"] == 2
+        assert status_schema_errors(status) == []
+        await wait_until("RebalanceCompleted", lambda: "RebalanceCompleted" in cluster.reasons())
+        rollout = [r for r in cluster.reasons() if r in ("RebalanceStarted", "RoutingSwitched", "DrainingOldShards",
+                                                          "RebalanceCompleted")]  # fmt: skip
+        assert rollout == ["RebalanceStarted", "RoutingSwitched", "DrainingOldShards", "RebalanceCompleted"]
+        metrics = await scraped(config, lambda m: m.get(f"hps_model_rollout_phase{{{MODEL},phase=\"Idle\"}}") == 1)
+        assert metrics[f"hps_model_ready_replicas{{{MODEL}}}"] == 2
+        assert metrics['hps_operator_reconciles_total{result="Reconciled"}'] >= 5
+        assert metrics["hps_operator_reconcile_duration_seconds_count"] >= 5
 
 
 async def test_invalid_spec_is_reported_on_the_field(cluster: Cluster, tmp_path: Path) -> None:
     bad = model_manifest(name="typo")
     bad["spec"]["tables"][1]["name"] = "user-id"  # duplicate table names: no schema can say that
-    async with running_operator(cluster, tmp_path):
+    async with running_operator(cluster, tmp_path) as config:
         await cluster.create_model(bad)
         ready = await wait_until("Ready=False", lambda: condition(cluster.model("typo"), "Ready"))
         assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
         assert "spec.tables[1].name" in ready["message"]
         assert cluster.children(STATEFULSETS) == {}
+        assert {c["type"] for c in cluster.model("typo")["status"]["conditions"]} == {  # type: ignore[index]
+            "Ready", "Placed", "Loaded", "Progressing", "Degraded"}  # fmt: skip
+        await wait_until("the InvalidSpec event", lambda: "InvalidSpec" in cluster.reasons("typo"))
+        await settled(cluster)  # several resyncs of the same invalid spec: one event, not one per round
+        invalid = [e for e in cluster.events("typo") if e[1] == "InvalidSpec"]
+        assert len(invalid) == 1 and invalid[0][0] == "Warning" and "spec.tables[1].name" in invalid[0][2]
+        await scraped(config, lambda m: m.get('hps_operator_reconciles_total{result="InvalidSpec"}', 0) >= 2)
 
 
 async def test_unplaceable_spec_keeps_the_deployment_serving(cluster: Cluster, tmp_path: Path) -> None:
@@ -317,7 +426,14 @@ async def test_unplaceable_spec_keeps_the_deployment_serving(cluster: Cluster, t
         await settled(cluster)
         assert {n: o["metadata"]["resourceVersion"] for n, o in cluster.children(STATEFULSETS).items()} == before
         assert cluster.plan_cm()["data"]["plan.json"] == plan_before  # type: ignore[index]
-        assert condition(cluster.model(), "Ready")["status"] == "True"  # type: ignore[index]
+        # the new spec is not served (Ready=False says why), the old one still is
+        ready = condition(cluster.model(), "Ready")
+        assert ready["reason"] == "InsufficientGPUMemory" and "still serving plan version 1" in ready["message"]  # type: ignore[index]
+        assert cluster.model()["status"]["readyReplicas"] == 2  # type: ignore[index]
+        await wait_until("the InsufficientGPUMemory event", lambda: "InsufficientGPUMemory" in cluster.reasons())
+        await settled(cluster, 1.0)
+        warnings = [e for e in cluster.events() if e[1] == "InsufficientGPUMemory"]
+        assert len(warnings) == 1 and warnings[0][0] == "Warning" and "needs" in warnings[0][2]
 
 
 async def test_deleted_child_is_recreated(cluster: Cluster, tmp_path: Path) -> None:
@@ -328,6 +444,40 @@ async def test_deleted_child_is_recreated(cluster: Cluster, tmp_path: Path) -> N
         await wait_until("the plan back", lambda: cluster.plan_cm() is not None)
         await wait_until("the agents back", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
         assert '"version":1' in cluster.plan_cm()["data"]["plan.json"]  # type: ignore[index]
+        await wait_until("a ChildRecreated event", lambda: "ChildRecreated" in cluster.reasons())
+        recreated = " ".join(m for _, r, m in cluster.events() if r == "ChildRecreated")
+        assert "ConfigMap/dlrm-plan" in recreated and "StatefulSet/dlrm-agent-p0" in recreated
+        assert "RebalanceStarted" not in cluster.reasons()  # the same plan came back, nothing moves
+
+
+async def test_degraded_says_which_part_is_unhealthy(cluster: Cluster, tmp_path: Path) -> None:
+    def degraded() -> tuple[str, str]:
+        c = condition(cluster.model(), "Degraded") or {}
+        return c.get("status", ""), c.get("reason", "")
+
+    async with running_operator(cluster, tmp_path) as config:
+        await deployed(cluster, tmp_path)
+        await cluster.set_ready("dlrm-redis", 0)
+        await wait_until("Redis degraded", lambda: degraded() == ("True", "VolatileStoreUnavailable"))
+        assert condition(cluster.model(), "Ready")["status"] == "True"  # type: ignore[index]  # L1/L3 answer
+        await wait_until("its event", lambda: "VolatileStoreUnavailable" in cluster.reasons())
+        await scraped(config, lambda m: m.get(f"hps_model_condition{{condition=\"Degraded\",{MODEL}}}") == 1)
+        await cluster.make_agents_ready()
+        await wait_until("recovered", lambda: degraded() == ("False", "AsExpected"))
+        await wait_until("the Recovered event", lambda: "Recovered" in cluster.reasons())
+
+        await cluster.set_ready("dlrm-agent-p0", 1)  # one agent pod stopped passing its probe
+        await wait_until("a replica lost", lambda: degraded() == ("True", "ReplicasUnavailable"))
+        assert cluster.model()["status"]["readyReplicas"] == 1  # type: ignore[index]
+        await cluster.make_agents_ready()
+        await wait_until("recovered again", lambda: degraded() == ("False", "AsExpected"))
+
+        await cluster.finish_jobs(failed=True)
+        await wait_until("the load failed", lambda: degraded() == ("True", "LoadFailed"))
+        loaded = condition(cluster.model(), "Loaded")
+        assert (loaded["status"], loaded["reason"]) == ("False", "LoadFailed")  # type: ignore[index]
+        assert "backoff limit" in loaded["message"]  # type: ignore[index]
+        assert status_schema_errors(cluster.model()["status"]) == []  # type: ignore[index]
 
 
 async def test_restarted_operator_makes_no_duplicates_and_no_new_plan(cluster: Cluster, tmp_path: Path) -> None:
@@ -353,4 +503,7 @@ async def test_every_request_is_declared_in_the_rbac(cluster: Cluster, tmp_path:
     granted = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
     used = {(c.group, c.resource, c.verb) for c in cluster.operator_calls()}
     assert used, "the operator made no request at all"
+    assert ("", "events", "create") in used
     assert used - granted == set()
+    # kopf's scanning is off: no cluster-wide read of CRDs or namespaces is needed
+    assert not {r for _, r, _ in used} & {"customresourcedefinitions", "namespaces"}

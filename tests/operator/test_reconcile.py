@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
 from hps_operator.core.reconcile import Decision, Observed, Options, gpu_capacity, reconcile
 
 from node_agent.spec import parse_model
+from tests.operator.test_status import status_schema_errors
 
 OPTIONS = Options(image="registry.example/hps:default", drain_seconds=0)
 T0 = "2025-01-01T00:00:00Z"
@@ -54,7 +56,7 @@ def observe(body: dict[str, Any], children: list[dict[str, Any]], *, now: str = 
 
 def applied(decision: Decision, children: list[dict[str, Any]], *, ready: bool = False) -> list[dict[str, Any]]:
     """The cluster after the handler carried out ``decision`` (and, with ``ready``, after the
-    StatefulSet controller saw every pod ready)."""
+    StatefulSet controller saw every pod ready and the loader Job completed)."""
     live = {(c["kind"], c["metadata"]["name"]): c for c in children}
     for m in decision.apply:
         key = (m["kind"], m["metadata"]["name"])
@@ -69,6 +71,8 @@ def applied(decision: Decision, children: list[dict[str, Any]], *, ready: bool =
             want = obj["spec"]["replicas"]
             obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "readyReplicas": want,
                              "updatedReplicas": want, "replicas": want}  # fmt: skip
+        if ready and obj["kind"] == "Job":
+            obj["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
     return list(live.values())
 
 
@@ -106,7 +110,9 @@ def test_first_reconcile_places_and_renders_everything() -> None:
     assert condition(decision.status, "Placed")["status"] == "True"
     assert condition(decision.status, "Ready")["status"] == "False"  # nothing runs yet
     assert decision.status["selector"] == "app.kubernetes.io/instance=dlrm"
-    assert any(e.reason == "Placed" for e in decision.events)
+    (created,) = [e for e in decision.events if e.reason == "PlanCreated"]
+    assert created.type == "Normal" and created.message.startswith("plan v1: ")
+    assert decision.status["rebalance"] == {"state": "Idle", "phase": "Idle", "toVersion": 1, "since": T0}
 
 
 def test_unchanged_cluster_means_no_writes_and_stable_conditions() -> None:
@@ -124,6 +130,22 @@ def test_drift_is_repaired() -> None:
     decision = reconcile(observe(body, children), OPTIONS)
     assert [m["metadata"]["name"] for m in decision.apply] == ["dlrm-agent-p0"]
     assert decision.apply[0]["spec"]["replicas"] == 2
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "DriftCorrected")]
+    assert "StatefulSet/dlrm-agent-p0" in decision.events[0].message
+
+
+def test_a_deleted_child_is_recreated_with_an_event() -> None:
+    body, children = deployed()
+    gone = {("ConfigMap", "dlrm-plan"), ("StatefulSet", "dlrm-agent-p0")}
+    children = [c for c in children if (c["kind"], c["metadata"]["name"]) not in gone]
+    decision = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert sorted((m["kind"], m["metadata"]["name"]) for m in decision.apply) == sorted(gone)
+    (event,) = decision.events[:1]
+    assert (event.type, event.reason) == ("Warning", "ChildRecreated")
+    assert "ConfigMap/dlrm-plan" in event.message and "StatefulSet/dlrm-agent-p0" in event.message
+    # the same deterministic plan comes back under the version the status reports: no rebalance
+    assert json.loads(next(m for m in decision.apply if m["kind"] == "ConfigMap")["data"]["plan.json"])["version"] == 1
+    assert decision.status["rebalance"]["phase"] == "Idle"
 
 
 def test_replicas_scale_the_agents_and_make_no_plan() -> None:
@@ -144,8 +166,11 @@ def test_more_gpus_warm_up_a_new_plan_before_routing_switches() -> None:
     body, children = deployed()
     body = {**body, "spec": {**body["spec"], "gpusPerPod": 8}, "metadata": {**body["metadata"], "generation": 2}}
     warming = reconcile(observe(body, children), OPTIONS)
+    (started,) = warming.events
+    assert (started.reason, started.type) == ("RebalanceStarted", "Normal")
+    assert f"moves {warming.status['placement']['movedBytes']} bytes" in started.message
     assert warming.status["rebalance"] == {"state": "Rebalancing", "phase": "Warming", "fromVersion": 1,
-                                           "toVersion": 2}  # fmt: skip
+                                           "toVersion": 2, "since": T0}  # fmt: skip
     assert warming.status["placement"]["version"] == 2
     assert warming.status["placement"]["movedBytes"] > 0
     assert condition(warming.status, "Progressing")["reason"] == "Rebalancing"
@@ -164,14 +189,19 @@ def test_more_gpus_warm_up_a_new_plan_before_routing_switches() -> None:
     children = applied(switched, children, ready=True)
     assert plan_data(children, "routing.json")["version"] == 2
 
+    assert [e.reason for e in switched.events] == ["RoutingSwitched"]
     body = with_status(body, switched)
-    phases = []
+    phases, reasons = [], []
     for _ in range(3):
         step = reconcile(observe(body, children, now=T1), OPTIONS)
         children = applied(step, children, ready=True)
         body = with_status(body, step)
-        phases.append(step.status["rebalance"].get("phase", step.status["rebalance"]["state"]))
-    assert phases[-1] == "Idle"
+        phases.append(step.status["rebalance"]["phase"])
+        reasons += [e.reason for e in step.events]
+    assert phases == ["Draining", "Idle", "Idle"]
+    assert reasons == ["DrainingOldShards", "RebalanceCompleted"]
+    assert body["status"]["rebalance"] == {"state": "Idle", "phase": "Idle", "toVersion": 2, "since": T1}
+    assert status_schema_errors(body["status"]) == []
     assert condition(body["status"], "Progressing")["status"] == "False"
     assert body["status"]["placement"]["version"] == 2
 
@@ -196,10 +226,101 @@ def test_unplaceable_spec_reports_needed_and_available_and_keeps_serving() -> No
     assert (placed["status"], placed["reason"]) == ("False", "InsufficientGPUMemory")
     assert "needs" in placed["message"] and "available" in placed["message"]
     assert decision.status["placement"]["version"] == 1
-    assert condition(decision.status, "Ready")["status"] == "True"  # the running deployment still serves
+    # the desired spec is not served, but the running deployment still is, and says so
+    ready = condition(decision.status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPUMemory")
+    assert "still serving plan version 1" in ready["message"]
+    assert decision.status["readyReplicas"] == 2
+    assert [e.reason for e in decision.events] == ["InsufficientGPUMemory"]
+    # the next round, unchanged, posts no second event
+    again = reconcile(observe(with_status(body, decision), children, nodes=small, now=T1), OPTIONS)
+    assert again.events == () and again.status == decision.status
 
 
 def test_gpu_capacity_reads_allocatable_and_the_memory_label() -> None:
     spec = parse_model(model())
     assert gpu_capacity(spec, [node(8, 81920), node(4, 40960), node(2, 1024)]) == (40960 * 2**20, 3)
     assert gpu_capacity(spec, []) == (None, 0)
+
+
+def live(children: list[dict[str, Any]], kind: str, prefix: str) -> dict[str, Any]:
+    return next(c for c in children if c["kind"] == kind and c["metadata"]["name"].startswith(prefix))
+
+
+def test_redis_not_ready_is_degraded_and_recovery_is_reported() -> None:
+    body, children = deployed()
+    live(children, "StatefulSet", "dlrm-redis")["status"]["readyReplicas"] = 0
+    down = reconcile(observe(body, children, now=T1), OPTIONS)
+    degraded = condition(down.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "VolatileStoreUnavailable")
+    assert condition(down.status, "Ready")["status"] == "True"  # lookups still answer from L1/L3
+    assert [(e.type, e.reason) for e in down.events] == [("Warning", "VolatileStoreUnavailable")]
+    assert down.apply == ()
+
+    live(children, "StatefulSet", "dlrm-redis")["status"]["readyReplicas"] = 1
+    up = reconcile(observe(with_status(body, down), children, now=T1), OPTIONS)
+    assert condition(up.status, "Degraded")["status"] == "False"
+    assert [(e.type, e.reason) for e in up.events] == [("Normal", "Recovered")]
+
+
+def test_loaded_follows_the_loader_job_and_a_failed_load_is_degraded() -> None:
+    body, children = deployed()
+    job = live(children, "Job", "dlrm-load-")
+    assert condition(body["status"], "Loaded")["status"] == "True"
+
+    job["status"] = {"active": 1}
+    running = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert (condition(running.status, "Loaded")["status"], condition(running.status, "Loaded")["reason"]) == (
+        "False", "Loading")  # fmt: skip
+
+    job["status"] = {"failed": 11, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                   "message": "Job has reached the specified backoff limit"}]}  # fmt: skip
+    failed = reconcile(observe(body, children, now=T1), OPTIONS)
+    loaded, degraded = condition(failed.status, "Loaded"), condition(failed.status, "Degraded")
+    assert (loaded["status"], loaded["reason"]) == ("False", "LoadFailed")
+    assert "backoff limit" in loaded["message"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "LoadFailed")
+    assert condition(failed.status, "Ready")["reason"] == "LoadFailed"
+    assert ("Warning", "LoadFailed") in [(e.type, e.reason) for e in failed.events]
+    assert status_schema_errors(failed.status) == []
+
+
+def test_a_lost_replica_is_degraded_but_a_scale_up_is_progress() -> None:
+    body, children = deployed()
+    agents = live(children, "StatefulSet", "dlrm-agent-p0")
+    agents["status"]["readyReplicas"] = 1  # a pod crashed: it exists, runs the template, is not ready
+    lost = reconcile(observe(body, children, now=T1), OPTIONS)
+    degraded = condition(lost.status, "Degraded")
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == ("True", "ReplicasUnavailable",
+                                                                             "1/2 replicas ready")  # fmt: skip
+    assert condition(lost.status, "Ready")["reason"] == "ReplicasNotReady"
+    # a second round keeps saying so (the condition does not flap)
+    again = reconcile(observe(with_status(body, lost), children, now=T1), OPTIONS)
+    assert condition(again.status, "Degraded")["status"] == "True" and again.events == ()
+
+    body, children = deployed()
+    body = {**body, "spec": {**body["spec"], "replicas": 4}, "metadata": {**body["metadata"], "generation": 2}}
+    scaling = reconcile(observe(body, children, now=T1), OPTIONS)
+    children = applied(scaling, children)
+    sts = live(children, "StatefulSet", "dlrm-agent-p0")  # the new pods exist but are still loading
+    sts["status"] = {"observedGeneration": sts["metadata"]["generation"], "replicas": 4, "updatedReplicas": 4,
+                     "readyReplicas": 2}  # fmt: skip
+    for _ in range(2):
+        scaling = reconcile(observe(with_status(body, scaling), children, now=T1), OPTIONS)
+        assert condition(scaling.status, "Degraded")["status"] == "False"
+        assert (condition(scaling.status, "Progressing")["status"],
+                condition(scaling.status, "Progressing")["reason"]) == ("True", "Scaling")  # fmt: skip
+
+
+def test_the_operator_pull_policy_reaches_agent_and_loader_containers() -> None:
+    options = dataclasses.replace(OPTIONS, image_pull_policy="Always")
+    decision = reconcile(observe(model(), []), options)
+    policies = {
+        (m["kind"], c["image"]): c.get("imagePullPolicy")
+        for m in decision.apply if m["kind"] in ("StatefulSet", "Job")
+        for c in m["spec"]["template"]["spec"]["containers"]
+    }  # fmt: skip
+    assert policies[("StatefulSet", "registry.example/hps:default")] == "Always"
+    assert policies[("Job", "registry.example/hps:default")] == "Always"
+    # Redis runs its own image: the agent policy is not forced on it
+    assert all(p is None for (kind, image), p in policies.items() if image.startswith("redis:"))

@@ -16,9 +16,11 @@ from hps_operator.core.status import (
     agent_observation,
     compute_status,
     job_state,
+    observe_children,
     replica_counts,
     set_condition,
     statefulset_rolled_out,
+    statefulset_updated,
 )
 
 from node_agent.errors import InsufficientGPUMemoryError, InvalidSpecError
@@ -212,7 +214,9 @@ def test_reading_statefulsets_and_jobs() -> None:
     assert statefulset_rolled_out(sts)
     assert agent_observation(sts) == AgentObservation(1, 2, 2, True)
     rolling = {**sts, "status": {**sts["status"], "updatedReplicas": 1, "updateRevision": "r3"}}
-    assert not statefulset_rolled_out(rolling)
+    assert not statefulset_rolled_out(rolling) and not statefulset_updated(rolling)
+    crashed = {**sts, "status": {**sts["status"], "readyReplicas": 1}}  # on the template, one pod not ready
+    assert statefulset_updated(crashed) and not statefulset_rolled_out(crashed)
     stale = {**sts, "metadata": {**sts["metadata"], "generation": 5}}
     assert not statefulset_rolled_out(stale)
 
@@ -221,3 +225,52 @@ def test_reading_statefulsets_and_jobs() -> None:
     assert job_state({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) == ("Succeeded", "")
     failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}}
     assert job_state(failed) == ("Failed", "BackoffLimitExceeded")
+
+
+def child(kind: str, name: str, component: str, status: dict[str, Any], **labels: str) -> dict[str, Any]:
+    meta = {"name": name, "generation": 1, "labels": {"app.kubernetes.io/component": component, **labels}}
+    return {"kind": kind, "metadata": meta, "spec": {"replicas": 2} if kind == "StatefulSet" else {},
+            "status": status}  # fmt: skip
+
+
+def test_observe_children_reads_agents_redis_and_the_rendered_loader() -> None:
+    ready = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
+    live = [
+        child("StatefulSet", "dlrm-agent-p0", "agent", ready, **{"hps.dev/partition": "0"}),
+        child("StatefulSet", "dlrm-redis", "redis", {**ready, "readyReplicas": 1}),
+        child("Job", "dlrm-load-old", "loader", {"conditions": [{"type": "Failed", "status": "True", "message": "x"}]}),
+        child("Job", "dlrm-load-new", "loader", {"active": 1}),
+    ]
+    desired = [{"kind": k, "metadata": {"name": n, "labels": {"app.kubernetes.io/component": c}}}
+               for k, n, c in (("StatefulSet", "dlrm-redis", "redis"), ("Job", "dlrm-load-new", "loader"))]  # fmt: skip
+    seen = observe_children(live, desired=desired)
+    assert seen.agents == (AgentObservation(0, 2, 2, True),)
+    assert seen.redis_ready is False and seen.load == "Running"  # the stale Job of an older spec is ignored
+    assert observe_children(live, desired=[]) == ChildrenObservation(seen.agents, None, "NotNeeded", "")
+    assert observe_children(live).load == "Failed"  # nothing rendered: what is live is reported
+
+
+def test_a_partition_without_a_ready_pod_is_degraded_and_nothing_serving_is_not() -> None:
+    agents = (AgentObservation(0, 2, 2, True), AgentObservation(1, 2, 0, True))
+    status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(),
+                            observed=ChildrenObservation(agents=agents, redis_ready=True, load="Succeeded"),
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "PartitionUnavailable")
+    assert "partition(s) 1" in degraded["message"]
+
+    down = ChildrenObservation(agents=healthy(ready=0).agents, redis_ready=False, load="Succeeded")
+    status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=down,
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    assert conditions(status)["Degraded"] == ("False", "AsExpected")
+    assert conditions(status)["Ready"] == ("False", "ReplicasNotReady")
+
+
+def test_every_cause_is_listed_and_the_first_names_the_reason() -> None:
+    observed = ChildrenObservation(agents=healthy().agents, redis_ready=False, load="Failed",
+                                   load_message="/models/dlrm/user_id/vectors.npy: no such file")  # fmt: skip
+    status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=observed,
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "VolatileStoreUnavailable"
+    assert "Redis" in degraded["message"] and "vectors.npy" in degraded["message"]

@@ -64,11 +64,8 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: ["hps.dev"]
   resources: ["embeddingmodels/status"]
   verbs: ["get", "patch"]
-# kopf posts handler progress and errors as Events on the EmbeddingModel
+# the operator posts what it does (plans, rollout phases, errors) as Events on the EmbeddingModel
 - apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-- apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
 # children of an EmbeddingModel: plan ConfigMap, Redis and agent Services, Redis password Secret,
@@ -91,12 +88,9 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 {{- end }}
 
 {{- define "hps-operator.clusterRules" -}}
-# GPU topology (allocatable GPUs per node) for the planner
+# GPU topology (allocatable GPUs per node) for the planner. kopf's CRD and namespace scanning is
+# off, so no access to customresourcedefinitions or namespaces is needed.
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["get", "list", "watch"]
-# kopf watches CRDs to notice its resources appear, vanish or change versions
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
+  verbs: ["list"]
 {{- end }}
