@@ -316,8 +316,8 @@ def _render(model: ModelSpec, observed: Observed, options: Options, target: Plan
     owner = {"apiVersion": observed.model.get("apiVersion", "hps.dev/v1alpha1"),
              "kind": observed.model.get("kind", "EmbeddingModel"), "name": meta["name"], "uid": meta.get("uid", "")}  # fmt: skip
     manifests = render_children(model, target, owner=owner, image=options.image,
-                                redis_password=observed.redis_password, active_plan=active, phase=phase)  # fmt: skip
-    agent_image = model.agent.image or options.image
+                                redis_password=observed.redis_password, active_plan=active, phase=phase,
+                                image_pull_policy=options.image_pull_policy)  # fmt: skip
     result = []
     for m in manifests:
         m = copy.deepcopy(m)
@@ -327,18 +327,8 @@ def _render(model: ModelSpec, observed: Observed, options: Options, target: Plan
             and active is not None
         ):
             m["data"][ROLLOUT_FROM_KEY] = active.to_json()
-        if options.image_pull_policy:
-            _set_pull_policy(m, agent_image, options.image_pull_policy)
         result.append(_with_hash(m))
     return result
-
-
-def _set_pull_policy(manifest: dict[str, Any], image: str, policy: str) -> None:
-    """The operator-wide pull policy on every container that runs the agent image (agents, loader)."""
-    pod = ((manifest.get("spec") or {}).get("template") or {}).get("spec") or {}
-    for container in (*pod.get("initContainers", ()), *pod.get("containers", ())):
-        if container.get("image") == image:
-            container["imagePullPolicy"] = policy
 
 
 def _is_agent_workload(manifest: Mapping[str, Any]) -> bool:

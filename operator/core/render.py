@@ -804,13 +804,15 @@ def _partition_assignments(plan: Plan, partition: int) -> list[dict[str, Any]]:
 
 
 def render_agent_statefulset(
-    model: ModelSpec, serving: Plan, partition: int, *, owner: Mapping[str, Any], image: str
+    model: ModelSpec, serving: Plan, partition: int, *, owner: Mapping[str, Any], image: str,
+    image_pull_policy: str | None = None,
 ) -> Manifest:
     """Partition ``partition``'s agents: ``spec.replicas`` pods, one per data-parallel replica."""
     grpc = {"port": model.agent.port}
     container: dict[str, Any] = {
         "name": "agent",
         "image": model.agent.image or image,
+        **_pull_policy(image_pull_policy),
         "command": ["hps"],
         "args": agent_args(model, partition),
         "env": sorted(
@@ -959,11 +961,13 @@ def render_agent_pdb(model: ModelSpec, partition: int, *, owner: Mapping[str, An
     }
 
 
-def render_agents(model: ModelSpec, serving: Plan, *, owner: Mapping[str, Any], image: str) -> list[Manifest]:
+def render_agents(model: ModelSpec, serving: Plan, *, owner: Mapping[str, Any], image: str,
+                  image_pull_policy: str | None = None) -> list[Manifest]:
     children: list[Manifest] = [render_client_service(model, owner=owner)]
     for partition in range(serving.partitions):
         children += [
-            render_agent_statefulset(model, serving, partition, owner=owner, image=image),
+            render_agent_statefulset(model, serving, partition, owner=owner, image=image,
+                                     image_pull_policy=image_pull_policy),
             render_agent_service(model, partition, owner=owner),
             render_agent_pdb(model, partition, owner=owner),
         ]
@@ -1006,7 +1010,8 @@ def loader_job_name(model: ModelSpec, image: str) -> str:
     return f"{model.name}-load-{_digest(what, 8)}"
 
 
-def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str) -> Manifest:
+def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
+                      image_pull_policy: str | None = None) -> Manifest:
     """Loads every table into the shared Redis tier (``hps load``); retries while Redis comes up."""
     args = ["load", "-f", f"{CONFIG_DIR}/{MODEL_KEY}", *_redis_args(model), "--no-progress"]
     pod_spec: dict[str, Any] = {
@@ -1015,6 +1020,7 @@ def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str)
             {
                 "name": "loader",
                 "image": model.agent.image or image,
+                **_pull_policy(image_pull_policy),
                 "command": ["hps"],
                 "args": args,
                 "env": [_secret_env(model, REDIS_PASSWORD_ENV)],
@@ -1088,6 +1094,10 @@ def sort_manifests(manifests: Iterable[Manifest]) -> list[Manifest]:
     return sorted(manifests, key=lambda m: (str(m["kind"]), str(m["metadata"]["name"])))
 
 
+def _pull_policy(policy: str | None) -> dict[str, str]:
+    return {"imagePullPolicy": policy} if policy else {}
+
+
 def render_children(
     model: ModelSpec,
     plan: Plan,
@@ -1098,22 +1108,24 @@ def render_children(
     active_plan: Plan | None = None,
     phase: Phase | str = Phase.IDLE,
     redis_image: str = DEFAULT_REDIS_IMAGE,
+    image_pull_policy: str | None = None,
 ) -> list[Manifest]:
     """Every child of the model, sorted by (kind, name).
 
     ``plan`` is the target plan; ``active_plan`` the one clients route by now and ``phase`` the
     rollout phase (``rollout.Rollout.phase``): Idle and Draining render the target alone, Warming and
     Switching make agents serve both (routing flips at Switching). ``image`` is the operator's default
-    agent image (``spec.agent.image`` wins)."""
+    agent image (``spec.agent.image`` wins) and ``image_pull_policy`` the policy of the containers
+    running it (None leaves Kubernetes' default)."""
     check_renderable(model)
     serving, routing = _plans_for_phase(plan, active_plan, phase)
     children: list[Manifest] = [
         render_plan_configmap(model, plan, owner=owner, serving=serving, routing=routing),
-        *render_agents(model, serving, owner=owner, image=image),
+        *render_agents(model, serving, owner=owner, image=image, image_pull_policy=image_pull_policy),
         *render_redis(model, owner=owner, redis_password=redis_password, redis_image=redis_image),
     ]
     if _uses_redis(model):
-        children.append(render_loader_job(model, owner=owner, image=image))
+        children.append(render_loader_job(model, owner=owner, image=image, image_pull_policy=image_pull_policy))
     hpa = render_hpa(model, owner=owner)
     if hpa is not None:
         children.append(hpa)
