@@ -1,21 +1,27 @@
-"""Runs the whole HPS stack on one machine (``hps local up/status/down``): real ``redis-server``
-processes, the tables loaded into Redis and RocksDB under a state directory, and agent processes
-serving gRPC, all detached so they outlive the command that started them.
+"""Runs the whole HPS stack on one machine (``hps local up/rebalance/status/down``): real
+``redis-server`` processes, the tables loaded into Redis and RocksDB under a state directory, and agent
+processes serving gRPC, all detached so they outlive the command that started them.
 
 The state directory holds everything the stack owns::
 
     state.json        pids (with their start times), ports, endpoints per partition, model, Redis
-                      addresses, the plan's summary
-    plan.json         the placement plan the agents run, when the stack has one (several partitions
-                      or GPUs); kept by ``down`` so the next ``up`` re-plans from it, moving little
+                      addresses, the plan's summary, the options agents are started with, and where
+                      a rebalance stands
+    routing.json      what clients route by: the active plan and each partition's endpoints, in one
+                      file replaced atomically (:meth:`RoutedClient.from_local_state` follows it)
+    plan.json         the active placement plan, when the stack has one; kept by ``down`` so the next
+                      ``up`` re-plans from it, moving little
+    plan-v<N>.json    the plan version N the agents of that generation were started with
     redis.password    the generated Redis AUTH password (mode 0600)
     redis/            redis-server working directories and logs
     rocksdb/          the persistent tier
-    logs/             agent-<i>.log and agent-<i>.ready
+    logs/             agent-<i>.log and agent-<i>.ready (i counts every agent the stack started)
 
 ``up`` on a stack that is already up with the same model file (same bytes) and the same options
-leaves it running and reports it; with a changed model or options it stops the old stack (keeping
-the data) and starts a new one. A stack that is partly dead is restarted the same way.
+leaves it running and reports it. When only the plan or the agents per partition changed, it
+rebalances the live stack make-before-break (:mod:`node_agent.local.rebalance`); with a changed model
+or other options it stops the old stack (keeping the data) and starts a new one. A stack that is
+partly dead is restarted the same way.
 
 With a plan, ``up`` starts ``agents`` agents for each of the plan's partitions, each caching only the
 buckets its partition owns; :class:`node_agent.routing.RoutedClient` routes lookups by the same plan.
@@ -35,19 +41,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node_agent.errors import HpsError, InvalidArgumentError, NotFoundError, UnavailableError
 from node_agent.plan import Plan, whole_table_plan
 from node_agent.spec import ModelSpec, load_model_file
 
+if TYPE_CHECKING:
+    from node_agent.local.rebalance import PhaseChange, RebalanceResult
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 PLAN_FILE = "plan.json"
+ROUTING_FILE = "routing.json"
 PASSWORD_FILE = "redis.password"
 #: environment variable the agents read the Redis password from (never on a command line)
 PASSWORD_ENV = "HPS_REDIS_PASSWORD"
@@ -55,6 +65,12 @@ STATE_FORMAT = "hps.dev/local-stack/v1"
 
 _STOP_TIMEOUT_S = 10.0
 _LOG_TAIL_LINES = 30
+
+
+def plan_file_name(version: int) -> str:
+    """The file the agents of plan ``version`` are started with (``plan.json`` is rewritten by a
+    rebalance while the previous generation still runs; their own file stays put)."""
+    return f"plan-v{version}.json"
 
 
 def default_state_dir() -> Path:
@@ -98,11 +114,15 @@ class ProcessRecord:
     log: str = ""
     #: the plan partition an agent serves (``None`` for Redis)
     partition: int | None = None
+    #: the plan version an agent was started with (0: no plan; ``None`` for Redis)
+    plan_version: int | None = None
+    #: an agent that opened RocksDB read-write (RocksDB admits one writer at a time)
+    writer: bool = False
 
     @classmethod
-    def of(cls, role: str, pid: int, *, address: str = "", log: str = "",
-           partition: int | None = None) -> ProcessRecord:  # fmt: skip
-        return cls(role, pid, _start_ticks(pid), address, log, partition)
+    def of(cls, role: str, pid: int, *, address: str = "", log: str = "", partition: int | None = None,
+           plan_version: int | None = None, writer: bool = False) -> ProcessRecord:  # fmt: skip
+        return cls(role, pid, _start_ticks(pid), address, log, partition, plan_version, writer)
 
     def alive(self) -> bool:
         """Running and still the process we started (a zombie is dead; it is reaped if ours)."""
@@ -154,12 +174,26 @@ class StackState:
     partitions: dict[int, list[str]] = field(default_factory=dict)
     #: the plan's summary (version, strategy, partitions, GPUs, metrics), ``None`` without a plan
     plan: dict[str, Any] | None = None
+    #: what agents are started with, so a rebalance starts the next generation the same way:
+    #: ``agents`` (per partition), ``port``, ``device``, ``useRedis``, ``redisCluster``, ``useRocksdb``
+    options: dict[str, Any] = field(default_factory=dict)
+    #: fingerprint of what a rebalance cannot change (model file bytes, Redis, port, device)
+    base_fingerprint: str = ""
+    #: where a rebalance stands (``state``, ``phase``, ``fromVersion``, ``toVersion``, ``since``,
+    #: ``movedBytes``), as the operator's ``status.rebalance``; ``None`` before the first one
+    rebalance: dict[str, Any] | None = None
+    #: agents started over the stack's life: names each new agent's log and ready file uniquely
+    agents_launched: int = 0
 
     def agents(self) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == "agent"]
 
     def redis(self) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == "redis"]
+
+    def plan_version(self) -> int:
+        """The version of the plan clients route by (0: no plan, every table whole everywhere)."""
+        return int(self.plan["version"]) if self.plan else 0
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -168,10 +202,14 @@ class StackState:
             "model": raw["model"],
             "modelFile": raw["model_file"],
             "fingerprint": raw["fingerprint"],
+            "baseFingerprint": raw["base_fingerprint"],
             "phase": raw["phase"],
             "endpoints": raw["endpoints"],
             "partitions": {str(p): eps for p, eps in sorted(self.partitions.items())},
             "plan": raw["plan"],
+            "options": raw["options"],
+            "rebalance": raw["rebalance"],
+            "agentsLaunched": raw["agents_launched"],
             "redis": {"addresses": raw["redis_addresses"], "cluster": raw["redis_cluster"],
                       "passwordFile": PASSWORD_FILE if raw["redis_addresses"] else None},
             "processes": raw["processes"],
@@ -191,6 +229,10 @@ class StackState:
             phase=str(raw.get("phase", "up")),
             partitions={int(p): [str(e) for e in eps] for p, eps in (raw.get("partitions") or {}).items()},
             plan=raw.get("plan"),
+            options=dict(raw.get("options") or {}),
+            base_fingerprint=str(raw.get("baseFingerprint") or ""),
+            rebalance=raw.get("rebalance"),
+            agents_launched=int(raw.get("agentsLaunched") or 0),
         )
 
 
@@ -203,6 +245,8 @@ class UpResult:
     restarted: bool
     #: the plan the agents run (``None``: one partition, every table whole on each agent)
     plan: Plan | None = None
+    #: set when a live stack was rebalanced make-before-break instead of restarted
+    rebalance: RebalanceResult | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +278,10 @@ class LocalStack:
     def plan_file(self) -> Path:
         return self.state_dir / PLAN_FILE
 
+    @property
+    def routing_file(self) -> Path:
+        return self.state_dir / ROUTING_FILE
+
     def read_plan(self) -> Plan | None:
         """The plan the stack last ran (``plan.json``), or ``None`` when it had none."""
         try:
@@ -244,12 +292,18 @@ class LocalStack:
             raise InvalidArgumentError(f"{self.plan_file} is not a placement plan: {exc}") from None
 
     def routing(self) -> tuple[Plan, dict[int, list[str]]]:
-        """What a client routes by: the running stack's plan and each partition's endpoints. A stack
-        without a plan is one partition holding every table whole (plan version 0, as its agents
-        report)."""
+        """What a client routes by: the running stack's plan and each partition's endpoints, from
+        ``routing.json`` (one file, so a rebalance switching it never shows a client a new plan with
+        old endpoints). A stack without a plan is one partition holding every table whole (plan
+        version 0, as its agents report)."""
         current = self.read_state()
         if current is None or current.phase != "up":
             raise NotFoundError(f"no running stack in {self.state_dir}")
+        from node_agent.routing import read_routing_file
+
+        with contextlib.suppress(FileNotFoundError):
+            return read_routing_file(self.routing_file)
+        # a stack started before routing.json existed: state.json and plan.json say the same
         partitions = current.partitions or {0: list(current.endpoints)}
         if current.plan is not None:
             plan = self.read_plan()
@@ -276,14 +330,39 @@ class LocalStack:
         except FileNotFoundError:
             return None
 
-    def _write_state(self, state: StackState) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.state_file)  # atomic: a concurrent status never reads half a file
+    def write_routing(self, plan: Plan | None, partitions: Mapping[int, Sequence[str]], *,
+                      model: ModelSpec) -> None:  # fmt: skip
+        """Replaces ``routing.json`` atomically: a client re-reading it sees the old routing or the new
+        one, never half of either."""
+        from node_agent.routing import routing_document
+
+        if plan is None:
+            plan = whole_table_plan([(t.name, t.total_bytes) for t in model.tables], model=model.name, version=0)
+        document = routing_document(plan, partitions)
+        _replace_file(self.routing_file, json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+    def write_plan(self, plan: Plan) -> Path:
+        """Writes ``plan-v<N>.json`` for the agents of that version (atomically: an agent starting
+        never reads half a plan) and returns its path."""
+        path = self.state_dir / plan_file_name(plan.version)
+        _replace_file(path, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    def activate_plan(self, plan: Plan | None) -> None:
+        """Makes ``plan`` the one the next ``up`` re-plans from (``plan.json``); without a plan there
+        is none to keep."""
+        if plan is None:
+            self.plan_file.unlink(missing_ok=True)
+        else:
+            _replace_file(self.plan_file, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def write_state(self, state: StackState) -> None:
+        # atomic: a concurrent status never reads half a file
+        _replace_file(self.state_file, json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialises up/down on one state directory (two ``up`` at once would race for it)."""
+    def locked(self) -> Iterator[None]:
+        """Serialises up/rebalance/down on one state directory (two ``up`` at once would race for it)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -305,11 +384,17 @@ class LocalStack:
         no_redis: bool = False,
         device: str = "auto",
         ready_timeout: float = 120.0,
+        grace_s: float | None = None,
+        on_phase: Callable[[PhaseChange], None] | None = None,
     ) -> UpResult:
         """Starts Redis, loads the tables, starts ``agents`` agents per partition of ``plan`` (one
         partition without a plan) and waits until each answers gRPC health SERVING. On any failure
         everything this call started is stopped and the error raised (a table file that cannot be
-        loaded is named in it; an agent that does not come up has the tail of its log in it)."""
+        loaded is named in it; an agent that does not come up has the tail of its log in it).
+
+        On a live stack of the same model file and options where only the plan or ``agents`` changed,
+        it rebalances instead (:func:`node_agent.local.rebalance.rebalance_locked`: ``grace_s`` and
+        ``on_phase`` go to it) and the stack never stops serving."""
         if agents < 1:
             raise InvalidArgumentError(f"--agents must be at least 1, got {agents}")
         if redis_cluster and redis_cluster < 3:
@@ -319,27 +404,38 @@ class LocalStack:
         path = Path(model_file).resolve()
         model = load_model_file(path)
         if plan is not None:
-            _check_plan_fits(plan, model)
+            check_plan_fits(plan, model)
         use_redis = not no_redis and model.volatile_store.type == "redis"
-        plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16] if plan is not None else None
-        fingerprint = _fingerprint(path, agents=agents, redis_cluster=redis_cluster, port=port,
-                                   use_redis=use_redis, device=device, plan=plan_digest)  # fmt: skip
-        with self._locked():
+        fingerprint, base_fingerprint = fingerprints(path, agents=agents, redis_cluster=redis_cluster, port=port,
+                                                     use_redis=use_redis, device=device, plan=plan)  # fmt: skip
+        with self.locked():
             restarted = False
             current = self.read_state()
             if current is not None:
                 everything_alive = current.phase == "up" and all(p.alive() for p in current.processes)
                 if everything_alive and current.fingerprint == fingerprint:
                     return UpResult(current, already_up=True, restarted=False, plan=plan)
+                if everything_alive and current.options and current.base_fingerprint == base_fingerprint:
+                    from node_agent.local.rebalance import DEFAULT_GRACE_S, rebalance_locked
+
+                    result = rebalance_locked(
+                        self, current, plan, agents=agents, ready_timeout=ready_timeout, on_phase=on_phase,
+                        grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s,
+                    )  # fmt: skip
+                    return UpResult(result.state, already_up=False, restarted=False, plan=plan, rebalance=result)
                 why = "the model or options changed" if everything_alive else "part of it is not running"
                 log.info("stopping the running stack in %s: %s", self.state_dir, why)
                 self._stop(current)
                 restarted = True
+            options = {"agents": agents, "port": port, "device": device, "useRedis": use_redis,
+                       "redisCluster": redis_cluster,
+                       "useRocksdb": model.persistent_store.type == "rocksdb"}  # fmt: skip
             state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster),
-                               plan=_plan_summary(plan) if plan is not None else None)  # fmt: skip
+                               plan=plan_summary(plan) if plan is not None else None, options=options,
+                               base_fingerprint=base_fingerprint)  # fmt: skip
             try:
                 self._start(state, model, path, agents=agents, plan=plan, redis_cluster=redis_cluster,
-                            port=port, use_redis=use_redis, device=device, ready_timeout=ready_timeout)  # fmt: skip
+                            use_redis=use_redis, ready_timeout=ready_timeout)  # fmt: skip
             except BaseException:
                 self._stop(state)
                 self.state_file.unlink(missing_ok=True)
@@ -347,8 +443,7 @@ class LocalStack:
             return UpResult(state, already_up=False, restarted=restarted, plan=plan)
 
     def _start(self, state: StackState, model: ModelSpec, model_file: Path, *, agents: int,
-               plan: Plan | None, redis_cluster: int, port: int, use_redis: bool, device: str,
-               ready_timeout: float) -> None:  # fmt: skip
+               plan: Plan | None, redis_cluster: int, use_redis: bool, ready_timeout: float) -> None:  # fmt: skip
         from node_agent.local.redis_servers import start_cluster, start_redis
 
         password: str | None = None
@@ -365,7 +460,7 @@ class LocalStack:
                 state.processes.append(ProcessRecord.of("redis", s.pid, address=s.address,
                                                         log=str(s.workdir / f"redis-{s.port}.log")))  # fmt: skip
             state.redis_addresses = [s.address for s in servers]
-            self._write_state(state)  # from here a crash of this process leaves something `down` can stop
+            self.write_state(state)  # from here a crash of this process leaves something `down` can stop
             log.info("redis: %s%s", ",".join(state.redis_addresses), " (cluster)" if redis_cluster else "")
 
         use_rocksdb = model.persistent_store.type == "rocksdb"
@@ -373,36 +468,57 @@ class LocalStack:
             self._load(model, model_file, redis=state.redis_addresses, password=password,
                        cluster=bool(redis_cluster), rocksdb=use_rocksdb)  # fmt: skip
 
-        if plan is not None:
-            partial = self.plan_file.with_name(PLAN_FILE + ".partial")
-            partial.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
-            partial.replace(self.plan_file)  # an agent starting now never reads half a plan
-        else:
-            # no plan.json is left behind that no agent runs (the next planned up starts afresh)
-            self.plan_file.unlink(missing_ok=True)
+        self.activate_plan(plan)
+        agents_started = self.launch_agents(state, plan, agents=agents, read_only=False,
+                                            ready_timeout=ready_timeout)  # fmt: skip
+        state.endpoints = [a.address for a in agents_started]
+        state.partitions = partition_map(agents_started)
+        self.write_routing(plan, state.partitions, model=model)
+        state.phase = "up"
+        self.write_state(state)
+
+    def launch_agents(self, state: StackState, plan: Plan | None, *, agents: int, read_only: bool,
+                      ready_timeout: float, busy_ports: Sequence[int] = ()) -> list[ProcessRecord]:  # fmt: skip
+        """Starts ``agents`` agents for each partition of ``plan`` (one without a plan) with the stack's
+        options, each recorded in ``state`` (and ``state.json``) as soon as it runs, and waits until
+        every one answers gRPC health SERVING; returns them with their addresses, partition by partition.
+        ``read_only`` forces RocksDB read-only even for a lone agent (another agent holds the write
+        lock); ``busy_ports`` are skipped when the stack was started on fixed ports."""
+        options = state.options
+        model_file = Path(state.model_file)
+        use_redis = bool(options.get("useRedis"))
+        use_rocksdb = bool(options.get("useRocksdb"))
+        port = int(options.get("port") or 0)
+        device = str(options.get("device") or "auto")
+        password = self.redis_password() if use_redis else None
         partitions = plan.partitions if plan is not None else 1
+        plan_file = self.write_plan(plan) if plan is not None else None
         total = partitions * agents
+        # RocksDB admits one writer: several agents (or one beside a writer) share it read-only
+        rocksdb_read_only = read_only or total > 1
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        ports = _fixed_ports(port, total, busy=busy_ports) if port else [0] * total
         launched: list[tuple[ProcessRecord, subprocess.Popen[bytes], Path]] = []
         for i in range(total):
+            index = state.agents_launched
+            state.agents_launched += 1
             partition = i // agents
-            ready = logs / f"agent-{i}.ready"
+            ready = logs / f"agent-{index}.ready"
             ready.unlink(missing_ok=True)
-            agent_log = logs / f"agent-{i}.log"
+            agent_log = logs / f"agent-{index}.log"
             cmd = [sys.executable, "-m", "hps_operator", "agent", "-f", str(model_file),
-                   "--host", "127.0.0.1", "--port", str(port + i if port else 0),
+                   "--host", "127.0.0.1", "--port", str(ports[i]),
                    "--device", device, "--ready-file", str(ready)]  # fmt: skip
-            if plan is not None:
-                cmd += ["--plan", str(self.plan_file), "--partition", str(partition)]
+            if plan_file is not None:
+                cmd += ["--plan", str(plan_file), "--partition", str(partition)]
             if use_redis:
                 cmd += ["--redis", ",".join(state.redis_addresses), "--redis-password-env", PASSWORD_ENV]
-                if redis_cluster:
+                if state.redis_cluster:
                     cmd.append("--redis-cluster")
             if use_rocksdb:
                 cmd += ["--rocksdb", str(self.rocksdb_dir)]
-                if total > 1:
-                    # RocksDB admits one writer: several agents share the loaded tables read-only
+                if rocksdb_read_only:
                     cmd.append("--rocksdb-read-only")
             if not use_redis and not use_rocksdb:
                 cmd.append("--load")  # only the agent itself can fill its in-process hash map
@@ -412,18 +528,18 @@ class LocalStack:
             with open(agent_log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)  # fmt: skip
-            record = ProcessRecord.of("agent", proc.pid, log=str(agent_log), partition=partition)
+            record = ProcessRecord.of("agent", proc.pid, log=str(agent_log), partition=partition,
+                                      plan_version=plan.version if plan is not None else 0,
+                                      writer=use_rocksdb and not rocksdb_read_only)  # fmt: skip
             state.processes.append(record)
-            self._write_state(state)
+            self.write_state(state)
             launched.append((record, proc, ready))
 
         deadline = time.monotonic() + ready_timeout
-        for i, (record, proc, ready) in enumerate(launched):
-            record.address = _wait_serving(i, proc, ready, Path(record.log), deadline=deadline)
-            state.endpoints.append(record.address)
-            state.partitions.setdefault(record.partition or 0, []).append(record.address)
-        state.phase = "up"
-        self._write_state(state)
+        for record, proc, ready in launched:
+            record.address = _wait_serving(Path(record.log).stem, proc, ready, Path(record.log), deadline=deadline)
+        self.write_state(state)
+        return [record for record, _, _ in launched]
 
     def _load(self, model: ModelSpec, model_file: Path, *, redis: Sequence[str], password: str | None,
               cluster: bool, rocksdb: bool) -> None:  # fmt: skip
@@ -457,22 +573,32 @@ class LocalStack:
     def status(self, *, timeout: float = 3.0) -> dict[str, Any]:
         """Each process alive or not, the endpoints, and what each agent says of itself (device,
         degraded, hit rates). ``state`` is ``up``, ``degraded`` (something is dead or an agent
-        reports degraded while agents still answer), ``down`` or ``absent``."""
+        reports degraded while agents still answer), ``down`` or ``absent``. ``planVersion`` is the
+        version clients route by; ``rebalance`` where the last or running rebalance stands. While a
+        rebalance runs, ``agents`` lists both generations, ``routed`` telling which clients use."""
         current = self.read_state()
         if current is None:
             return {"state": "absent", "stateDir": str(self.state_dir), "endpoints": [], "processes": []}
         processes = [{"role": p.role, "pid": p.pid, "address": p.address, "alive": p.alive(), "log": p.log,
-                      "partition": p.partition} for p in current.processes]  # fmt: skip
+                      "partition": p.partition, "planVersion": p.plan_version}
+                     for p in current.processes]  # fmt: skip
         partitions = current.partitions or {0: list(current.endpoints)}
         partition_of = {e: p for p, eps in partitions.items() for e in eps}
+        # agents still warming (or draining) answer too: list them, marked as not routed to
+        others = [a for a in current.agents() if a.address and a.address not in partition_of]
         agents = [
-            {**_agent_summary(current.model, e, timeout=timeout), "partition": partition_of.get(e, 0)}
+            {**_agent_summary(current.model, e, timeout=timeout), "partition": partition_of.get(e, 0),
+             "routed": True}
             for e in current.endpoints
-        ]
-        answering = [a for a in agents if a.get("answering")]
+        ] + [
+            {**_agent_summary(current.model, a.address, timeout=timeout), "partition": a.partition or 0,
+             "routed": False}
+            for a in others
+        ]  # fmt: skip
+        answering = [a for a in agents if a.get("answering") and a["routed"]]
         if not answering:
             overall = "down"
-        elif (len(answering) < len(agents) or not all(p["alive"] for p in processes)
+        elif (len(answering) < len(current.endpoints) or not all(p["alive"] for p in processes)
               or any(a.get("degraded") for a in answering)):  # fmt: skip
             overall = "degraded"
         else:
@@ -486,6 +612,8 @@ class LocalStack:
             "endpoints": current.endpoints,
             "partitions": {str(p): eps for p, eps in sorted(partitions.items())},
             "plan": current.plan,
+            "planVersion": current.plan_version(),
+            "rebalance": current.rebalance,
             "redis": {"addresses": current.redis_addresses, "cluster": current.redis_cluster},
             "processes": processes,
             "agents": agents,
@@ -499,13 +627,17 @@ class LocalStack:
         run twice."""
         if not self.state_dir.is_dir():
             return []
-        with self._locked():
+        with self.locked():
             current = self.read_state()
             stopped = self._stop(current) if current is not None else []
             self.state_file.unlink(missing_ok=True)
             logs = self.state_dir / "logs"
             for ready in logs.glob("agent-*.ready"):
                 ready.unlink(missing_ok=True)
+            # no agent runs these any more; plan.json stays for the next up to re-plan from
+            self.routing_file.unlink(missing_ok=True)
+            for generation in self.state_dir.glob("plan-v*.json"):
+                generation.unlink(missing_ok=True)
             if purge:
                 for owned in ("redis", "rocksdb", "logs"):
                     shutil.rmtree(self.state_dir / owned, ignore_errors=True)
@@ -528,6 +660,46 @@ class LocalStack:
 # ---------------------------------------------------------------------------------------------
 
 
+def partition_map(agents: Sequence[ProcessRecord]) -> dict[int, list[str]]:
+    """Partition → its agents' endpoints, in the order the agents were started."""
+    out: dict[int, list[str]] = {}
+    for agent in agents:
+        out.setdefault(agent.partition or 0, []).append(agent.address)
+    return dict(sorted(out.items()))
+
+
+def _fixed_ports(first: int, count: int, *, busy: Sequence[int]) -> list[int]:
+    """``count`` ports from ``first`` up, skipping ``busy`` ones (a rebalance's old agents still hold
+    theirs while the new ones start)."""
+    taken = set(busy)
+    ports: list[int] = []
+    candidate = first
+    while len(ports) < count:
+        if candidate not in taken:
+            ports.append(candidate)
+        candidate += 1
+    return ports
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Writes ``text`` beside ``path`` and renames it over ``path``: readers see the old file or the new
+    one, never half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def fingerprints(model_file: Path, *, agents: int, redis_cluster: int, port: int, use_redis: bool, device: str,
+                 plan: Plan | None) -> tuple[str, str]:  # fmt: skip
+    """What ``up`` compares with the running stack: the fingerprint of everything (same: already up),
+    and of what only a restart can change (same: a rebalance will do)."""
+    base = _fingerprint(model_file, redis_cluster=redis_cluster, port=port, use_redis=use_redis, device=device)
+    plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16] if plan is not None else None
+    full = _fingerprint(model_file, agents=agents, redis_cluster=redis_cluster, port=port,
+                        use_redis=use_redis, device=device, plan=plan_digest)  # fmt: skip
+    return full, base
+
+
 def _fingerprint(model_file: Path, **options: object) -> str:
     digest = hashlib.sha256(model_file.read_bytes())
     digest.update(str(model_file).encode())
@@ -535,7 +707,7 @@ def _fingerprint(model_file: Path, **options: object) -> str:
     return digest.hexdigest()[:16]
 
 
-def _plan_summary(plan: Plan) -> dict[str, Any]:
+def plan_summary(plan: Plan) -> dict[str, Any]:
     """What ``state.json`` and ``status`` say of the plan (the whole plan is in ``plan.json``)."""
     return {
         "file": PLAN_FILE,
@@ -548,7 +720,7 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _check_plan_fits(plan: Plan, model: ModelSpec) -> None:
+def check_plan_fits(plan: Plan, model: ModelSpec) -> None:
     """A plan made for another model would route keys by tables the agents do not serve."""
     if plan.model and plan.model != model.name:
         raise InvalidArgumentError(f"the plan is for model {plan.model!r}, the model file is {model.name!r}")
@@ -576,7 +748,7 @@ def log_tail(path: str | Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _wait_serving(index: int, proc: subprocess.Popen[bytes], ready: Path, agent_log: Path, *,
+def _wait_serving(name: str, proc: subprocess.Popen[bytes], ready: Path, agent_log: Path, *,
                   deadline: float) -> str:  # fmt: skip
     """Waits for the agent's ready file, then for gRPC health SERVING on the port it names; returns
     the endpoint. Fails early when the agent exits, and at ``deadline`` otherwise."""
@@ -589,7 +761,7 @@ def _wait_serving(index: int, proc: subprocess.Popen[bytes], ready: Path, agent_
         code = proc.poll()
         if code is not None:
             raise UnavailableError(
-                f"agent {index} exited with code {code} before serving; last lines of {agent_log}:\n"
+                f"{name} exited with code {code} before serving; last lines of {agent_log}:\n"
                 f"{log_tail(agent_log)}"
             )
         if not endpoint and ready.exists():
@@ -607,7 +779,7 @@ def _wait_serving(index: int, proc: subprocess.Popen[bytes], ready: Path, agent_
                 last = f"health check: {exc.code().name}"
         time.sleep(0.1)
     raise UnavailableError(
-        f"agent {index} did not become SERVING in time ({last}); last lines of {agent_log}:\n{log_tail(agent_log)}"
+        f"{name} did not become SERVING in time ({last}); last lines of {agent_log}:\n{log_tail(agent_log)}"
     )
 
 

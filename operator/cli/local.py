@@ -1,5 +1,5 @@
-"""``hps local up|status|down``: the whole stack on this machine (Redis, loaded tables, agents), the
-embedded default a user starts with before Kubernetes."""
+"""``hps local up|rebalance|status|down``: the whole stack on this machine (Redis, loaded tables,
+agents), the embedded default a user starts with before Kubernetes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from node_agent.local.rebalance import PhaseChange, RebalanceResult
     from node_agent.plan import Plan
     from node_agent.spec import ModelSpec
 
@@ -28,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="start the stack and return once every agent serves",
         description="Starts redis-server, loads the tables into Redis and RocksDB, starts the agents and "
         "returns once each answers gRPC health SERVING; the stack keeps running. On a stack already "
-        "up with the same model file and options this does nothing; with a changed model it restarts it.",
+        "up with the same model file and options this does nothing; when only the partitions, GPUs or "
+        "agents per partition changed it rebalances the live stack make-before-break (as hps local "
+        "rebalance); with a changed model it restarts it.",
     )
     up.add_argument("-f", "--file", required=True, help="the EmbeddingModel YAML")
     up.add_argument("--state-dir", help=state_help)
@@ -50,7 +53,33 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the agents' L1 cache device")
     up.add_argument("--timeout", type=float, default=120.0, metavar="S",
                     help="seconds to wait for the agents to serve (default 120)")  # fmt: skip
+    up.add_argument("--grace", type=float, default=None, metavar="S",
+                    help="when up rebalances: seconds the old agents serve after the routing "
+                    "switched (default 2)")  # fmt: skip
     up.set_defaults(func=run_up)
+
+    rebalance = verbs.add_parser(
+        "rebalance",
+        help="re-plan the running stack and roll the plan out make-before-break",
+        description="Plans again from the active plan (version + 1, movedBytes reported), then: Warming "
+        "(the new plan's agents start beside the old ones and must all serve), Switching (routing.json "
+        "names them; clients following it move over), Draining (after --grace seconds the old agents "
+        "stop), Idle. No lookup fails on the way. Each phase is printed with its time.",
+    )
+    rebalance.add_argument("--state-dir", help=state_help)
+    rebalance.add_argument("--partitions", type=int, default=None, metavar="P",
+                           help="partitions of the new plan (default: the active plan's; 0: the "
+                           "fewest that fit)")  # fmt: skip
+    rebalance.add_argument("--gpus-per-pod", type=int, default=None, metavar="G",
+                           help="GPUs per partition in the new plan (default: the active plan's)")  # fmt: skip
+    rebalance.add_argument("--agents-per-partition", type=int, default=None, metavar="R",
+                           help="agents serving each partition (default: as now)")  # fmt: skip
+    rebalance.add_argument("--grace", type=float, default=None, metavar="S",
+                           help="seconds the old agents keep serving after the routing switched "
+                           "(default 2)")  # fmt: skip
+    rebalance.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                           help="seconds to wait for the new agents to serve (default 120)")  # fmt: skip
+    rebalance.set_defaults(func=run_rebalance)
 
     status = verbs.add_parser(
         "status",
@@ -87,6 +116,8 @@ def run_up(args: argparse.Namespace) -> int:
     plan = local_plan(load_model_file(args.file), previous, partitions=args.partitions,
                       gpus_per_pod=args.gpus_per_pod)  # fmt: skip
     per_partition = next((n for n in (args.agents_per_partition, args.agents) if n is not None), 1)
+    if args.grace is not None and args.grace < 0:
+        raise InvalidArgumentError(f"--grace must not be negative, got {args.grace}")
     result = stack.up(
         args.file,
         agents=per_partition,
@@ -96,6 +127,8 @@ def run_up(args: argparse.Namespace) -> int:
         no_redis=args.no_redis,
         device=args.device,
         ready_timeout=args.timeout,
+        grace_s=args.grace,
+        on_phase=print_phase,
     )
     state = result.state
     for endpoint in state.endpoints:
@@ -106,6 +139,8 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"partition {partition}: {', '.join(endpoints)}")
     if result.already_up:
         verb = "already up"
+    elif result.rebalance is not None:
+        verb = rebalanced_words(result.rebalance)
     elif result.restarted:
         verb = "restarted (the model or options changed, or part of it had stopped)"
     else:
@@ -118,19 +153,67 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_rebalance(args: argparse.Namespace) -> int:
+    from node_agent.errors import InvalidArgumentError, NotFoundError
+    from node_agent.local.rebalance import DEFAULT_GRACE_S, rebalance
+    from node_agent.local.stack import LocalStack
+    from node_agent.spec import load_model_file
+
+    for flag, value, least in (("--partitions", args.partitions, 0), ("--gpus-per-pod", args.gpus_per_pod, 1),
+                               ("--agents-per-partition", args.agents_per_partition, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise InvalidArgumentError(f"{flag} must be at least {least}, got {value}")
+    if args.grace is not None and args.grace < 0:
+        raise InvalidArgumentError(f"--grace must not be negative, got {args.grace}")
+    stack = LocalStack(args.state_dir)
+    current = stack.read_state()
+    if current is None or current.phase != "up":
+        raise NotFoundError(f"no running stack in {stack.state_dir}: start one with hps local up")
+    previous = stack.read_plan() if current.plan is not None else None
+    # unspecified numbers stay what the running plan has (not what the model file says)
+    partitions = args.partitions if args.partitions is not None else (previous.partitions if previous else 1)
+    gpus = args.gpus_per_pod if args.gpus_per_pod is not None else (previous.gpus_per_pod if previous else None)
+    plan = local_plan(load_model_file(current.model_file), previous, partitions=partitions, gpus_per_pod=gpus)
+    result = rebalance(
+        stack, plan, agents=args.agents_per_partition, ready_timeout=args.timeout, on_phase=print_phase,
+        grace_s=DEFAULT_GRACE_S if args.grace is None else args.grace,
+    )  # fmt: skip
+    state = result.state
+    if state.plan is not None:
+        print(plan_line(state.plan))
+    for partition, endpoints in sorted(state.partitions.items()):
+        print(f"partition {partition}: {', '.join(endpoints)}")
+    print(f"model {state.model}: {rebalanced_words(result)}; {len(state.agents())} agent(s); "
+          f"state in {stack.state_dir}")  # fmt: skip
+    return 0
+
+
+def print_phase(change: PhaseChange) -> None:
+    print(change.line(), flush=True)
+
+
+def rebalanced_words(result: RebalanceResult) -> str:
+    if not result.changed:
+        return f"already balanced (plan version {result.to_version})"
+    return (f"rebalanced make-before-break from plan version {result.from_version} to {result.to_version} "
+            f"(movedBytes {result.moved_bytes}; {len(result.started)} agent(s) started, "
+            f"{len(result.stopped)} stopped)")  # fmt: skip
+
+
 def local_plan(model: ModelSpec, previous: Plan | None, *, partitions: int | None,
                gpus_per_pod: int | None) -> Plan | None:  # fmt: skip
     """The plan a local stack runs: ``None`` (every agent holds every table whole, as without a plan)
-    when the model and the flags ask for one partition and leave the GPUs alone; otherwise the
-    planner's, re-planned from the stack's previous plan of the same model so little moves."""
+    when the model and the flags ask for one partition, leave the GPUs alone and the stack never ran a
+    plan; otherwise the planner's, re-planned from the stack's previous plan of the same model so
+    little moves (and its version keeps counting when the stack goes back to one partition)."""
     from hps_operator.core.planner import plan_placement
     from hps_operator.core.topology import Topology
 
-    wanted = model.partitions if partitions is None else partitions
-    if wanted == 1 and gpus_per_pod is None:
-        return None
     if previous is not None and previous.model != model.name:
         previous = None
+    wanted = model.partitions if partitions is None else partitions
+    if wanted == 1 and gpus_per_pod is None and previous is None:
+        return None
     topology = Topology.from_model(model, gpus_per_pod=gpus_per_pod, partitions=partitions)
     return plan_placement(model, topology, previous)
 
@@ -160,6 +243,16 @@ def _print_status(report: dict[str, Any]) -> None:
     print(f"model {report['model']}: {report['state']} (state in {report['stateDir']})")
     if report.get("plan"):
         print(f"  {plan_line(report['plan'])}")
+    rebalance = report.get("rebalance")
+    if rebalance:
+        if rebalance.get("state") == "Rebalancing":
+            print(f"  rebalance: {rebalance['phase']} from plan version {rebalance.get('fromVersion')} to "
+                  f"{rebalance.get('toVersion')} since {rebalance.get('since')}")  # fmt: skip
+        else:
+            failed = rebalance.get("failedVersion")
+            note = f" (rolling out version {failed} failed)" if failed is not None else ""
+            print(f"  rebalance: Idle, plan version {rebalance.get('toVersion')} active since "
+                  f"{rebalance.get('since')}{note}")  # fmt: skip
     for p in report["processes"]:
         where = f" {p['address']}" if p["address"] else ""
         print(f"  {p['role']:<6} pid {p['pid']:<8}{where:<22} {'alive' if p['alive'] else 'DEAD'}")
@@ -174,6 +267,8 @@ def _print_status(report: dict[str, Any]) -> None:
         version = (a.get("describe") or {}).get("planVersion")
         if planned:
             where = f" (partition {a.get('partition', 0)}, plan version {version})"
+        if not a.get("routed", True):
+            where += " not routed to (rebalancing)"
         print(f"  agent {a['endpoint']}{where}: device {a.get('device') or '?'}, "
               f"{'DEGRADED' if a.get('degraded') else 'healthy'}" + (f", L1 hit rate {hit}" if hit else ""))  # fmt: skip
     for endpoint in report["endpoints"]:

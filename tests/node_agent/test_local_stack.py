@@ -272,3 +272,86 @@ def test_partitions_run_the_plan_and_a_model_change_replans_from_it(tmp_path: Pa
     assert (state / "plan.json").exists()  # kept for the next up to re-plan from
     hps("local", "down", "--state-dir", state, "--purge")
     assert not state.exists()
+
+
+def agent_pids(state: Path) -> list[int]:
+    return [p["pid"] for p in json.loads((state / "state.json").read_text())["processes"] if p["role"] == "agent"]
+
+
+def test_up_with_other_partitions_rebalances_the_live_stack_instead_of_restarting(tmp_path: Path) -> None:
+    from node_agent.routing import RoutedClient
+
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    try:
+        hps("local", "up", "-f", model.file, "--state-dir", state, "--partitions", "2", "--device", "cpu")
+        saved = json.loads((state / "state.json").read_text())
+        (redis_pid,) = [p["pid"] for p in saved["processes"] if p["role"] == "redis"]
+        old_agents = agent_pids(state)
+
+        grown = hps("local", "up", "-f", model.file, "--state-dir", state, "--partitions", "3", "--device", "cpu",
+                    "--grace", "0.2")  # fmt: skip
+        assert "rebalanced make-before-break from plan version 1 to 2" in grown.stdout
+        marker = " rebalance v1 -> v2: "
+        phases = [line.split(marker)[1].split(" ")[0] for line in grown.stdout.splitlines() if marker in line]
+        assert phases == ["Warming", "Switching", "Draining", "Idle"]
+        saved = json.loads((state / "state.json").read_text())
+        assert [p["pid"] for p in saved["processes"] if p["role"] == "redis"] == [redis_pid]  # Redis kept running
+        assert set(processes_mentioning(state)) - {redis_pid} == set(agent_pids(state))  # the old agents are gone
+        assert not set(old_agents) & set(agent_pids(state)) and len(agent_pids(state)) == 3
+        assert saved["plan"]["version"] == 2
+        assert (saved["rebalance"]["state"], saved["rebalance"]["toVersion"]) == ("Idle", 2)
+        assert sorted(json.loads((state / "routing.json").read_text())["endpoints"]) == ["0", "1", "2"]
+        assert sorted(p.name for p in state.glob("plan*.json")) == ["plan-v2.json", "plan.json"]
+
+        text = hps("local", "status", "--state-dir", state).stdout
+        assert "rebalance: Idle, plan version 2 active" in text and "(partition 2, plan version 2)" in text
+        with RoutedClient.from_local_state(state) as client:
+            assert client.plan.version == 2 and client.check_plan("recs") == []
+            np.testing.assert_array_equal(client.lookup("recs", "users", model.users_keys), model.users)
+
+        again = hps("local", "up", "-f", model.file, "--state-dir", state, "--partitions", "3", "--device", "cpu")
+        assert "already up" in again.stdout
+        same = hps("local", "rebalance", "--state-dir", state)  # the running plan's numbers: nothing to do
+        assert "already balanced (plan version 2)" in same.stdout
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+    missing = hps("local", "rebalance", "--state-dir", state, check=False)
+    assert missing.returncode != 0 and "no running stack" in missing.stderr
+
+
+def test_a_rebalance_whose_new_agents_do_not_serve_leaves_the_old_ones_serving(tmp_path: Path) -> None:
+    from hps_operator.core.planner import plan_placement
+    from hps_operator.core.topology import Topology
+
+    from node_agent.errors import UnavailableError
+    from node_agent.local.rebalance import rebalance
+    from node_agent.local.stack import LocalStack
+    from node_agent.routing import RoutedClient
+    from node_agent.spec import load_model_file
+
+    model = write_model(tmp_path)
+    spec = load_model_file(model.file)
+    first = plan_placement(spec, Topology.from_model(spec, partitions=2))
+    stack = LocalStack(tmp_path / "state")
+    try:
+        stack.up(model.file, plan=first, device="cpu", ready_timeout=60)
+        old_agents = agent_pids(stack.state_dir)
+        routing_before = (stack.state_dir / "routing.json").read_text()
+        second = plan_placement(spec, Topology.from_model(spec, partitions=3), first)
+        with pytest.raises(UnavailableError, match="did not become SERVING"):
+            rebalance(stack, second, ready_timeout=0.01)  # no agent serves within 10 ms
+
+        saved = json.loads((stack.state_dir / "state.json").read_text())
+        assert saved["plan"]["version"] == 1 and saved["rebalance"]["failedVersion"] == 2
+        assert agent_pids(stack.state_dir) == old_agents
+        assert (stack.state_dir / "routing.json").read_text() == routing_before
+        assert not (stack.state_dir / "plan-v2.json").exists()
+        redis = {p["pid"] for p in saved["processes"] if p["role"] == "redis"}
+        assert set(processes_mentioning(stack.state_dir)) - redis == set(old_agents)  # the new ones were stopped
+        with RoutedClient.from_local_state(stack.state_dir) as client:
+            assert client.plan.version == 1
+            np.testing.assert_array_equal(client.lookup("recs", "users", model.users_keys), model.users)
+        assert stack.status()["state"] == "up"
+    finally:
+        stack.down(purge=True)
