@@ -2,12 +2,15 @@
 checking every buffer so a malformed one becomes an :class:`InvalidArgumentError` naming the problem.
 
 Shared by the gRPC server, the client and the Redis Stream of online updates, so all three agree on
-one encoding. Decoding is a zero-copy view (``np.frombuffer``); encoding is one ``tobytes`` copy.
+one encoding. Decoding is a zero-copy view (``np.frombuffer``); encoding is one ``tobytes`` copy. The
+Lookup answer, the one large message on the hot path, is written and read here directly in protobuf's
+wire format, so its vectors are copied once per side rather than three times.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -150,3 +153,136 @@ def parse_keys_text(text: str) -> np.ndarray:
         return as_keys([int(p, 0) for p in parts])
     except ValueError as exc:
         raise InvalidArgumentError(f"--keys must be comma-separated integers: {exc}") from None
+
+
+# -- LookupResponse without copies -------------------------------------------------------------------
+#
+# A Lookup answer is a few small fields around one large vectors buffer. Building it as a protobuf
+# message costs three copies of that buffer on the server (``tobytes``, the field assignment, the
+# serialisation) and two on the client (parsing, reading the field). The functions below write and
+# read the same bytes (protobuf's wire format for ``hps.v1.LookupResponse``, fields in number order,
+# zero values omitted as proto3 does) with one copy each side: any protobuf library reads what
+# :func:`encode_lookup_response` writes, and :func:`decode_lookup_response` reads what any writes.
+
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+
+
+@dataclass(frozen=True)
+class TableVectors:
+    """One table's answer in a Lookup: ``count`` rows of ``dim`` values of ``dtype`` (a ``Dtype``
+    value). ``vectors`` is a C-contiguous little-endian array on the server side and a read-only
+    ``(count, dim)`` view on the received message on the client side."""
+
+    table: str
+    dim: int
+    dtype: int
+    count: int
+    vectors: np.ndarray | None
+
+
+class PackedLookupResponse:
+    """A ``hps.v1.LookupResponse`` held as arrays; serialises like the protobuf message would."""
+
+    def __init__(self, tables: Sequence[TableVectors]) -> None:
+        self.tables = list(tables)
+
+    # named as protobuf's, so the one gRPC serialiser handles this and a protobuf-built response alike
+    def SerializeToString(self) -> bytes:
+        return encode_lookup_response(self.tables)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field_number: int, wire_type: int) -> bytes:
+    return _varint(field_number << 3 | wire_type)
+
+
+def encode_lookup_response(tables: Sequence[TableVectors]) -> bytes:
+    """The wire bytes of a ``LookupResponse``; each table's vectors are copied once, into the result."""
+    parts: list[Any] = []
+    for entry in tables:
+        name = entry.table.encode()
+        head = bytearray()
+        if name:
+            head += _tag(1, _WIRE_LEN) + _varint(len(name)) + name
+        if entry.dim:
+            head += _tag(2, _WIRE_VARINT) + _varint(entry.dim)
+        if entry.dtype:
+            head += _tag(3, _WIRE_VARINT) + _varint(entry.dtype)
+        body: Any = b""
+        if entry.vectors is not None and entry.vectors.size:
+            # a flat byte view of the array: bytes.join copies it straight into the message
+            body = np.ascontiguousarray(entry.vectors).data.cast("B")
+            head += _tag(4, _WIRE_LEN) + _varint(body.nbytes)
+        tail = _tag(5, _WIRE_VARINT) + _varint(entry.count) if entry.count else b""
+        size = len(head) + len(body) + len(tail)
+        parts += [_tag(1, _WIRE_LEN) + _varint(size) + bytes(head), body, tail]
+    return b"".join(parts)
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise InvalidArgumentError("LookupResponse: truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """``(field number, wire type, value)`` of each field of a message: an int for varints and fixed
+    widths, a memoryview slice (no copy) for length-delimited fields."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        value: Any
+        if wire_type == _WIRE_VARINT:
+            value, pos = _read_varint(data, pos)
+        elif wire_type == _WIRE_LEN:
+            size, pos = _read_varint(data, pos)
+            if pos + size > len(data):
+                raise InvalidArgumentError("LookupResponse: a field runs past the end of the message")
+            value, pos = data[pos : pos + size], pos + size
+        elif wire_type in (_WIRE_I64, _WIRE_I32):
+            width = 8 if wire_type == _WIRE_I64 else 4
+            value, pos = int.from_bytes(data[pos : pos + width], "little"), pos + width
+        else:
+            raise InvalidArgumentError(f"LookupResponse: unsupported wire type {wire_type}")
+        yield number, wire_type, value
+
+
+def decode_lookup_response(data: bytes) -> PackedLookupResponse:
+    """Reads a ``LookupResponse`` without copying its vectors: each entry's ``vectors`` is a read-only
+    view on ``data`` (checked against ``count x dim`` of ``dtype``); unknown fields are skipped."""
+    tables = []
+    for number, wire_type, value in _fields(memoryview(data)):
+        if number != 1 or wire_type != _WIRE_LEN:
+            continue
+        table, dim, dtype, count, raw = "", 0, 0, 0, b""
+        for sub, sub_type, sub_value in _fields(value):
+            if sub == 1 and sub_type == _WIRE_LEN:
+                table = bytes(sub_value).decode()
+            elif sub == 2 and sub_type == _WIRE_VARINT:
+                dim = sub_value
+            elif sub == 3 and sub_type == _WIRE_VARINT:
+                dtype = sub_value
+            elif sub == 4 and sub_type == _WIRE_LEN:
+                raw = sub_value
+            elif sub == 5 and sub_type == _WIRE_VARINT:
+                count = sub_value
+        name = enum_to_dtype(dtype, where=f"response for {table}")
+        vectors = unpack_vectors(raw, dtype=name, rows=count, dim=dim, where=f"vectors of {table}")
+        tables.append(TableVectors(table, dim, dtype, count, vectors))
+    return PackedLookupResponse(tables)

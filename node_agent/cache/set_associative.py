@@ -114,6 +114,13 @@ class SetAssociativeCache:
             self._freq = xp.zeros(self._slots, dtype=xp.int32)
             self._values = xp.zeros((self._slots, self.dim), dtype=self.dtype)
             self._way_ids = xp.arange(self.ways, dtype=xp.int64)
+        # (sets, ways) views of the same memory: a set's slots are one contiguous row, so locating a
+        # batch is one row gather per array (``take(axis=0)``), far cheaper than gathering through a
+        # (batch, ways) index array
+        self._keys_by_set = self._keys.reshape(self.sets, self.ways)
+        self._owner_by_set = self._owner.reshape(self.sets, self.ways)
+        self._stamp_by_set = self._stamp.reshape(self.sets, self.ways)
+        self._freq_by_set = self._freq.reshape(self.sets, self.ways)
         self._clock = 1
         self._hits = [0] * self.tables
         self._misses = [0] * self.tables
@@ -359,6 +366,8 @@ class SetAssociativeCache:
     def _last_write_wins(self, keys: Any, values: Any) -> tuple[Any, Any]:
         xp = self.xp
         n = keys.shape[0]
+        if n < 2 or bool((keys[1:] > keys[:-1]).all()):
+            return keys, values  # already ascending and distinct (the lookup path's fills): no sort
         # unique() reports first occurrences; on the reversed batch those are the last writes
         unique, first_in_reversed = xp.unique(keys[::-1], return_index=True)
         return unique, values[(n - 1) - first_in_reversed]
@@ -373,12 +382,12 @@ class SetAssociativeCache:
         """For each (distinct) key: its slot and whether it is cached. A miss reports its set's first
         slot, so ``slot // ways`` is the set either way."""
         xp = self.xp
-        first = self.set_of(unique, table_id) * self.ways
-        window = first[:, None] + self._way_ids[None, :]
-        match = (self._keys[window] == unique[:, None]) & (self._owner[window] == table_id)
-        hit = match.any(axis=1)
+        sets = self.set_of(unique, table_id)
+        match = xp.take(self._keys_by_set, sets, axis=0) == unique[:, None]
+        match &= xp.take(self._owner_by_set, sets, axis=0) == table_id
         way = xp.argmax(match, axis=1)
-        return first + way, hit
+        hit = xp.take_along_axis(match, way[:, None], axis=1)[:, 0]
+        return sets * self.ways + way, hit
 
     def _touch(self, slots: Any) -> None:
         """Marks ``slots`` (given in ascending key order) as accessed now."""
@@ -393,12 +402,12 @@ class SetAssociativeCache:
     def _priority(self, sets: Any) -> Any:
         """``(len(sets), ways)`` eviction priority, lowest evicted first; distinct within a set."""
         xp = self.xp
-        window = sets[:, None] * self.ways + self._way_ids[None, :]
-        priority = self._stamp[window]
+        priority = xp.take(self._stamp_by_set, sets, axis=0)
         if self.policy == "lfu":
-            priority = (self._freq[window].astype(xp.int64) << STAMP_BITS) | priority
+            priority = (xp.take(self._freq_by_set, sets, axis=0).astype(xp.int64) << STAMP_BITS) | priority
         # empty slots go first, lowest way first (negative, distinct)
-        return xp.where(self._owner[window] < 0, self._way_ids[None, :] - self.ways, priority)
+        empty = xp.take(self._owner_by_set, sets, axis=0) < 0
+        return xp.where(empty, self._way_ids[None, :] - self.ways, priority)
 
     def _maybe_rebase(self, upcoming: int) -> None:
         """Keeps stamps below ``STAMP_BITS`` bits by renumbering them 1..n in the same order.

@@ -30,16 +30,32 @@ class _SortedLevel:
     def __init__(self) -> None:
         self.keys = np.empty(0, dtype=np.int64)
         self.rows = np.empty(0, dtype=np.int64)
+        #: ``(first, last)`` key when the keys are one run of consecutive integers
+        self._run: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _reindexed(self) -> None:
+        # Sorted distinct keys spanning exactly len(keys) values are one run lo, lo+1, ...: a key's
+        # position is then key - lo, with no search. Tables keyed by row index (a source without
+        # keys.npy) load as one such run.
+        n = len(self.keys)
+        first, last = (int(self.keys[0]), int(self.keys[-1])) if n else (0, -1)
+        self._run = (first, last) if n and last - first == n - 1 else None
+
     def positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(hit mask, position)`` of each key in this level (position is meaningful where hit)."""
-        if not len(self.keys):
+        n = len(self.keys)
+        if not n:
             return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=np.int64)
+        if self._run is not None:
+            first, last = self._run
+            hit = (keys >= first) & (keys <= last)
+            # the subtraction cannot overflow where it is used: there, first <= key <= last
+            return hit, np.where(hit, keys - first, 0)
         pos = np.searchsorted(self.keys, keys)
-        pos = np.minimum(pos, len(self.keys) - 1)
+        pos = np.minimum(pos, n - 1)
         return self.keys[pos] == keys, pos
 
     def merge(self, keys: np.ndarray, rows: np.ndarray) -> None:
@@ -49,10 +65,12 @@ class _SortedLevel:
         order = np.argsort(merged_keys, kind="stable")
         self.keys = merged_keys[order]
         self.rows = np.concatenate([self.rows, rows])[order]
+        self._reindexed()
 
     def remove(self, positions: np.ndarray) -> None:
         self.keys = np.delete(self.keys, positions)
         self.rows = np.delete(self.rows, positions)
+        self._reindexed()
 
 
 class _TableRows:

@@ -24,6 +24,8 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import is_not
 from typing import Any
 
 import numpy as np
@@ -47,15 +49,12 @@ _WINDOW_BYTES = 16 << 20
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
 
-def _resp_fields(command: bytes, hash_key: bytes, fields: np.ndarray, values: np.ndarray | None) -> list[Any]:
-    """``command hash_key f1 [v1] f2 [v2] ...`` in RESP, as buffers for ``sendall``.
-
-    ``fields`` is ``(m,)`` int64 little-endian; ``values`` (optional) ``(m, dim)`` little-endian and
-    contiguous. Each field (and value) is one record of a structured array, so packing costs a few
-    vectorised copies whatever the number of fields."""
+def _field_records(fields: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """The RESP arguments ``f1 [v1] f2 [v2] ...`` as one structured array, a fixed-size record per
+    field: ``fields`` is ``(m,)`` int64 little-endian, ``values`` (optional) ``(m, dim)`` little-endian.
+    Packing costs a few vectorised copies whatever the number of fields, and a slice of the records
+    is the arguments of a slice of the fields, so one packing serves every command of a batch."""
     m = len(fields)
-    argc = 2 + m * (1 if values is None else 2)
-    head = b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (argc, len(command), command, len(hash_key), hash_key)
     field_head = b"$%d\r\n" % _KEY_BYTES
     parts: list[tuple[str, str]] = [("fh", f"V{len(field_head)}"), ("f", f"V{_KEY_BYTES}")]
     if values is None:
@@ -66,12 +65,25 @@ def _resp_fields(command: bytes, hash_key: bytes, fields: np.ndarray, values: np
         parts += [("vh", f"V{len(value_head)}"), ("v", f"V{row_bytes}"), ("t", "V2")]
     records = np.empty(m, dtype=np.dtype(parts))
     records["fh"] = np.frombuffer(field_head, dtype=f"V{len(field_head)}")[0]
-    records["f"] = np.ascontiguousarray(fields).view(f"V{_KEY_BYTES}")
+    records["f"] = np.ascontiguousarray(fields, dtype="<i8").view(f"V{_KEY_BYTES}")
     if values is not None:
         records["vh"] = np.frombuffer(value_head, dtype=f"V{len(value_head)}")[0]
         records["v"] = np.ascontiguousarray(values).view(f"V{row_bytes}").reshape(m)
     records["t"] = np.frombuffer(_CRLF, dtype="V2")[0]
+    return records
+
+
+def _resp_command(command: bytes, hash_key: bytes, records: np.ndarray, *, with_values: bool) -> list[Any]:
+    """``command hash_key <records>`` in RESP, as buffers for ``sendall`` (``records`` from
+    :func:`_field_records`, not copied)."""
+    argc = 2 + len(records) * (2 if with_values else 1)
+    head = b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (argc, len(command), command, len(hash_key), hash_key)
     return [head, records.view(np.uint8).data]
+
+
+def _resp_fields(command: bytes, hash_key: bytes, fields: np.ndarray, values: np.ndarray | None) -> list[Any]:
+    """``command hash_key f1 [v1] f2 [v2] ...`` in RESP, as buffers for ``sendall``."""
+    return _resp_command(command, hash_key, _field_records(fields, values), with_values=values is not None)
 
 
 def _resp_args(*args: bytes) -> list[Any]:
@@ -150,41 +162,45 @@ class RedisTier:
     def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         layout = self._layout(table)
         keys = as_keys(keys)
-        values = np.zeros((len(keys), layout.dim), dtype=layout.dtype)
-        found = np.zeros(len(keys), dtype=bool)
-        if len(keys) == 0:
+        n = len(keys)
+        values = np.zeros((n, layout.dim), dtype=layout.dtype)
+        found = np.zeros(n, dtype=bool)
+        if n == 0:
             return values, found
-        wire = layout.dtype.newbyteorder("<")
+        # one packing for the whole batch: the keys in partition order, each command a slice of it
+        order, spans = self._spans(table, keys)
+        records = _field_records(keys[order], None)
         reply_cost = layout.row_bytes + 16
-        chunks = list(self._chunks(table, keys))
         replies = self._run(
             lambda: (
-                _Command(self._target(hk, p), _resp_fields(b"HMGET", hk, keys[idx].astype("<i8"), None),
-                         len(idx) * reply_cost)
-                for p, hk, idx in chunks
+                _Command(self._target(hk, p), _resp_command(b"HMGET", hk, records[lo:hi], with_values=False),
+                         (hi - lo) * reply_cost)
+                for p, hk, lo, hi in spans
             )
         )  # fmt: skip
+        # the replies, one after the other, answer the keys in `order`
+        flat = list(chain.from_iterable(replies))
+        present = np.fromiter(map(is_not, flat, repeat(None)), dtype=bool, count=n)
+        blobs = flat if present.all() else [v for v in flat if v is not None]
         malformed = 0
-        for (_, _, idx), reply in zip(chunks, replies, strict=True):
-            present = np.fromiter((v is not None for v in reply), dtype=bool, count=len(reply))
-            blobs = [v for v in reply if v is not None]
-            if not blobs:
-                continue
+        if blobs:
             lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
             good = lengths == layout.row_bytes
             if not good.all():
                 # never a wrong vector: a value of the wrong length is treated as missing
-                malformed += int((~good).sum())
-                blobs = [b for b, ok in zip(blobs, good, strict=True) if ok]
+                malformed = int((~good).sum())
+                blobs = [b for b, ok in zip(blobs, good.tolist(), strict=True) if ok]
                 present[np.flatnonzero(present)[~good]] = False
-            if blobs:
-                rows = np.frombuffer(b"".join(blobs), dtype=wire).reshape(-1, layout.dim)
-                values[idx[present]] = rows
-                found[idx[present]] = True
-        hits = int(found.sum())
+        if blobs:
+            wire = layout.dtype.newbyteorder("<")
+            rows = np.frombuffer(b"".join(blobs), dtype=wire).reshape(-1, layout.dim)
+            at = order[present]
+            values[at] = rows
+            found[at] = True
+        hits = len(blobs)
         with self._lock:
             self._hits += hits
-            self._misses += len(keys) - hits
+            self._misses += n - hits
             self._errors += malformed
         if malformed:
             log.warning("redis: %d stored rows of table %r have the wrong length; served as missing",
@@ -270,19 +286,26 @@ class RedisTier:
         except KeyError:
             raise NotFoundError(f"table {table!r} is not held by the redis tier") from None
 
-    def _chunks(self, table: str, keys: np.ndarray) -> Iterator[tuple[int, bytes, np.ndarray]]:
-        """``(partition, hash key, indices into keys)`` per chunk of at most ``chunk_keys`` keys of one
-        partition. The sort is stable, so a key given twice is written in the order given."""
+    def _spans(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, list[tuple[int, bytes, int, int]]]:
+        """``order`` (keys grouped by partition; stable, so a key given twice keeps its order) and the
+        ``(partition, hash key, lo, hi)`` spans of ``order`` that make one command each: at most
+        ``chunk_keys`` keys, all of one partition."""
         partition = bucket_of(keys, self._partitions)
         order = np.argsort(partition, kind="stable")
-        bounds = np.searchsorted(partition[order], np.arange(self._partitions + 1))
-        for p in range(self._partitions):
-            lo, hi = int(bounds[p]), int(bounds[p + 1])
-            if lo == hi:
-                continue
-            hash_key = self._hash_keys[table][p]
-            for start in range(lo, hi, self._chunk_keys):
-                yield p, hash_key, order[start : min(start + self._chunk_keys, hi)]
+        bounds = np.searchsorted(partition[order], np.arange(self._partitions + 1)).tolist()
+        hash_keys = self._hash_keys[table]
+        spans = [
+            (p, hash_keys[p], start, min(start + self._chunk_keys, bounds[p + 1]))
+            for p in range(self._partitions)
+            for start in range(bounds[p], bounds[p + 1], self._chunk_keys)
+        ]
+        return order, spans
+
+    def _chunks(self, table: str, keys: np.ndarray) -> Iterator[tuple[int, bytes, np.ndarray]]:
+        """``(partition, hash key, indices into keys)`` per command, as :meth:`_spans` cuts them."""
+        order, spans = self._spans(table, keys)
+        for p, hash_key, lo, hi in spans:
+            yield p, hash_key, order[lo:hi]
 
     def _target(self, hash_key: bytes, partition: int) -> int:
         """Index of the connection pool serving ``hash_key`` (of ``partition``)."""
@@ -368,7 +391,8 @@ class RedisTier:
         for target, buffers in by_target.items():
             if target not in connections:
                 connections[target] = self._pools[target].get_connection()
-            connections[target].send_packed_command(buffers, check_health=False)
+            # one sendall per shard: a syscall per small command would cost more than the copy
+            connections[target].send_packed_command([b"".join(buffers)], check_health=False)
         return slots
 
     @staticmethod

@@ -16,8 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lookup = kinds.add_parser(
         "lookup",
         help="keys/s and per-batch latency: the agent over gRPC vs pipelined Redis HMGET vs a NumPy gather",
-        description="Starts a local stack (redis-server + one agent whose L1 holds --cache-ratio of the rows), "
-        "then measures each system for --duration seconds on the same seeded Zipf keys.",
+        description="Measures, for --duration seconds each on the same seeded Zipf keys: hps (an agent over "
+        "gRPC whose L1 holds --cache-ratio of the rows, L2 a local redis-server), hps_inproc (the same agent "
+        "with its in-process hash map as L2, HPS's default), plain Redis with pipelined HMGET, and a NumPy gather.",
     )
     add_lookup_arguments(lookup)
     lookup.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -37,17 +38,28 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per system first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the agent's L1 device")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="callers issuing batches at once, for hps, hps_inproc and redis alike")  # fmt: skip
+    parser.add_argument("--systems", default="hps,hps_inproc,redis,numpy",
+                        help="comma-separated subset of hps,hps_inproc,redis,numpy to run")  # fmt: skip
 
 
 def run_lookup(args: argparse.Namespace) -> int:
     from node_agent.errors import InvalidArgumentError
-    from node_agent.local.lookup_bench import LookupBenchConfig, format_table, run_lookup_bench
+    from node_agent.local.lookup_bench import SYSTEMS, LookupBenchConfig, format_table, run_lookup_bench
 
     if args.rows < 1 or args.dim < 1 or args.batch < 1 or args.duration <= 0 or not 0 < args.cache_ratio <= 1:
         raise InvalidArgumentError("--rows, --dim, --batch and --duration must be positive, --cache-ratio in (0, 1]")
+    if args.concurrency < 1:
+        raise InvalidArgumentError(f"--concurrency must be at least 1, got {args.concurrency}")
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if not systems or unknown:
+        raise InvalidArgumentError(f"--systems: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(SYSTEMS)}")
     config = LookupBenchConfig(rows=args.rows, dim=args.dim, batch=args.batch, alpha=args.alpha,
                                cache_ratio=args.cache_ratio, duration=args.duration, warmup=args.warmup,
-                               seed=args.seed, device=args.device)  # fmt: skip
+                               seed=args.seed, device=args.device, concurrency=args.concurrency,
+                               systems=systems)  # fmt: skip
     as_json = args.output == "json"
     # progress goes to stderr when stdout carries the JSON, so `-o json | jq` keeps working
     result = run_lookup_bench(config, say=lambda line: print(line, file=sys.stderr if as_json else sys.stdout))

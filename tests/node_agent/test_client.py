@@ -105,3 +105,15 @@ def test_deadline_exceeded_moves_on_to_the_next_endpoint(served: Served, monkeyp
             c.lookup("demo", "user", [1])
     finally:
         slow.stop(0)
+
+
+def test_repeated_keys_travel_once_and_come_back_as_separate_rows(served: Served, client: Client) -> None:  # noqa: F811
+    rng = np.random.default_rng(2)
+    keys = rng.choice(np.array([1, 4, 7, 10, 13, 999], dtype=np.int64), size=500)  # 999 is unknown
+    got = client.lookup("demo", "user", keys)
+    np.testing.assert_array_equal(got, served.data["user"].expected(keys))
+    first, second = np.flatnonzero(keys == keys[0])[:2]
+    got[first] += 1  # rows of the same key are copies, not views of one another
+    np.testing.assert_array_equal(got[second], served.data["user"].expected(keys[:1])[0])
+    # the agent was asked for each distinct key once
+    assert client.stats("demo")["server"]["keys"] == len(np.unique(keys))

@@ -19,6 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from node_agent import wire
+from node_agent.errors import InvalidArgumentError
 from node_agent.lookup import LookupPath, build_lookup_path
 from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
 from node_agent.server import SERVICE_NAME, RunningServer, serve
@@ -126,7 +128,8 @@ def lookup_request(model: str, *tables: tuple[str, Any]) -> hps_pb2.LookupReques
     return request
 
 
-def rpc_error(call: Any, request: Any) -> grpc.RpcError:
+def rpc_error(call: Any, request: Any) -> Any:
+    """The error a call raises: a ``grpc.RpcError`` that is also a ``grpc.Call`` (``code()``, ``details()``)."""
     with pytest.raises(grpc.RpcError) as info:
         call(request, timeout=5)
     return info.value
@@ -290,3 +293,48 @@ def test_reflection_lists_the_embedding_service(served: Served) -> None:
         assert "grpc.health.v1.Health" in set(database.get_services())
         service = database.FindFileContainingSymbol("hps.v1.EmbeddingService")
         assert service.package == "hps.v1"
+
+
+# -- the Lookup answer's wire bytes ------------------------------------------------------------
+
+
+def _protobuf_response(entries: list[wire.TableVectors]) -> hps_pb2.LookupResponse:
+    response = hps_pb2.LookupResponse()
+    for e in entries:
+        out = response.tables.add(table=e.table, dim=e.dim, dtype=e.dtype, count=e.count)
+        if e.vectors is not None and e.vectors.size:
+            out.vectors = e.vectors.tobytes()
+    return response
+
+
+def test_packed_lookup_answer_is_byte_for_byte_the_protobuf_message() -> None:
+    rng = np.random.default_rng(5)
+    entries = [
+        wire.TableVectors("user", 8, hps_pb2.FLOAT32, 300, rng.standard_normal((300, 8)).astype("<f4")),
+        wire.TableVectors("item", 4, hps_pb2.FLOAT16, 0, None),
+        wire.TableVectors("ü" * 200, 3, hps_pb2.FLOAT16, 2, rng.standard_normal((2, 3)).astype("<f2")),
+    ]
+    data = wire.encode_lookup_response(entries)
+    assert data == _protobuf_response(entries).SerializeToString()
+    decoded = wire.decode_lookup_response(data)
+    assert [(t.table, t.dim, t.dtype, t.count) for t in decoded.tables] == [
+        (e.table, e.dim, e.dtype, e.count) for e in entries
+    ]
+    np.testing.assert_array_equal(decoded.tables[0].vectors, entries[0].vectors)
+    assert decoded.tables[1].vectors is not None and decoded.tables[1].vectors.shape == (0, 4)
+    np.testing.assert_array_equal(decoded.tables[2].vectors, entries[2].vectors)
+
+
+def test_decoding_skips_fields_it_does_not_know_and_rejects_broken_messages() -> None:
+    vectors = np.arange(6, dtype="<f4").reshape(2, 3)
+    known = _protobuf_response([wire.TableVectors("t", 3, hps_pb2.FLOAT32, 2, vectors)]).SerializeToString()
+    # a newer server's extra fields: a varint (field 9), a fixed64 (10), a fixed32 (11), a string (12)
+    extra = bytes([9 << 3 | 0, 0x96, 0x01, 10 << 3 | 1, *range(8), 11 << 3 | 5, *range(4), 12 << 3 | 2, 2, 65, 66])
+    (entry,) = wire.decode_lookup_response(extra + known + extra).tables
+    np.testing.assert_array_equal(entry.vectors, vectors)
+
+    with pytest.raises(InvalidArgumentError, match="past the end"):
+        wire.decode_lookup_response(known[:-5])
+    short = _protobuf_response([wire.TableVectors("t", 3, hps_pb2.FLOAT32, 3, vectors)]).SerializeToString()
+    with pytest.raises(InvalidArgumentError, match="does not hold 3 rows"):
+        wire.decode_lookup_response(short)

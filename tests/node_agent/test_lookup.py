@@ -126,6 +126,21 @@ def test_every_key_gets_its_exact_row_and_unknown_keys_get_the_default(
     assert not path.degraded and stats["device"] == "cpu"
 
 
+def test_sorted_distinct_unsorted_and_repeated_keys_get_the_same_rows_which_the_caller_owns(
+    make_path: Callable[..., LookupPath],
+) -> None:
+    path = make_path()
+    keys = np.array([3, 8, 20, 400, 5000], dtype=np.int64)  # ascending and distinct, 5000 unknown
+    expected = np.concatenate([truth(USERS, keys[:4]), np.full((1, 8), -1.0, np.float32)])
+    for _ in range(3):  # cold (tiers), then warm (every row from L1)
+        rows = path.lookup("users", keys)
+        np.testing.assert_array_equal(rows, expected)
+        rows[:] = 7.0  # the answer is the caller's: scribbling on it changes nothing cached
+    shuffled = np.array([400, 3, 3, 5000, 20, 8, 400], dtype=np.int64)
+    np.testing.assert_array_equal(path.lookup("users", shuffled), expected[[3, 0, 0, 4, 2, 1, 3]])
+    assert path.stats()["tables"]["users"]["keys_requested"] == 3 * 5 + 7
+
+
 def test_float16_table_and_multi_table_batches(make_path: Callable[..., LookupPath]) -> None:
     path = make_path()
     batch = {"users": np.array([3, 3, 999]), "items": np.array([499, 0, 10**12, 7])}

@@ -105,6 +105,27 @@ def test_round_trip_is_exact_and_missing_keys_come_back_as_zero(
     assert (stats["hits"], stats["misses"], stats["errors"]) == (len(keys), len(absent), 0)
 
 
+def test_keys_that_are_one_run_of_integers_and_keys_just_outside_it(make_tier: TierFactory) -> None:
+    # a table keyed by row index is one run of consecutive keys (the hash map finds those without a search)
+    rng = np.random.default_rng(13)
+    layout = LAYOUTS[0]
+    tier = make_tier(LAYOUTS)
+    keys = np.arange(-50, 450, dtype=np.int64)
+    values = _random_rows(rng, len(keys), layout)
+    tier.insert(layout.name, keys, values)
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    outside = np.array([-51, 450, big, small, small + 1, big - 1], dtype=np.int64)
+    got, found = tier.fetch(layout.name, np.concatenate([outside, keys[::-1]]))
+    assert not found[: len(outside)].any() and not got[: len(outside)].any()
+    assert found[len(outside) :].all()
+    np.testing.assert_array_equal(got[len(outside) :], values[::-1])
+
+    tier.evict(layout.name, np.array([0, 1], dtype=np.int64))  # a hole: no longer one run
+    got, found = tier.fetch(layout.name, np.array([-1, 0, 1, 2, 449, big], dtype=np.int64))
+    np.testing.assert_array_equal(found, [True, False, False, True, True, False])
+    np.testing.assert_array_equal(got[[0, 3, 4]], values[[49, 52, 499]])
+
+
 def test_overwrite_evict_and_whole_table_evict(make_tier: TierFactory) -> None:
     rng = np.random.default_rng(11)
     tier = make_tier(LAYOUTS)
