@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,12 +18,18 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from node_agent.errors import InvalidArgumentError
+from node_agent.errors import InvalidArgumentError, UnavailableError
 from node_agent.plan import Plan
 from node_agent.server import RunningServer, StatsSource, serve
 from node_agent.spec import ModelSpec, load_model_file
 from node_agent.tiers.base import TableLayout, Tier
-from node_agent.updates import UpdateConsumer, stream_name
+from node_agent.updates import (
+    StreamPosition,
+    UpdateConsumer,
+    stable_consumer_identity,
+    stream_name,
+    stream_position,
+)
 
 if TYPE_CHECKING:
     from node_agent.lookup import LookupPath
@@ -50,8 +55,10 @@ class AgentOptions:
     ready_file: Path | None = None
     load: bool = False
     #: names this agent's consumer group on the update stream; stable across restarts keeps its
-    #: pending updates (default: ``<hostname>-p<partition>-<port>``)
+    #: pending updates (default: :func:`~node_agent.updates.stable_consumer_identity`)
     agent_id: str | None = None
+    #: how long a start may wait for the update stream's replay before reporting ready
+    catch_up_timeout_s: float = 30.0
     max_workers: int = 4
     max_batch_keys: int | None = None
 
@@ -78,6 +85,10 @@ class Agent:
         from node_agent.lookup import build_lookup_path
 
         opts = self.options
+        stream = stream_name(self.model) if self.model.updates.enabled and opts.redis else ""
+        # Where the update stream stands BEFORE any row is read: a new consumer group starts there, so
+        # nothing published while this agent builds its tiers is missed.
+        position = self._stream_position(stream) if stream else None
         volatile, persistent = self._build_tiers()
         if opts.load:
             self._load([t for t in (volatile, persistent) if t is not None])
@@ -86,9 +97,6 @@ class Agent:
             partition=opts.partition, device=opts.device,
         )  # fmt: skip
         extras: dict[str, StatsSource] = {}
-        stream = ""
-        if self.model.updates.enabled and opts.redis:
-            stream = stream_name(self.model)
         self.server = serve(
             self.lookup,
             model=self.model.name,
@@ -102,13 +110,7 @@ class Agent:
             extras=extras,
         )
         if stream:
-            identity = opts.agent_id or f"{socket.gethostname()}-p{opts.partition}-{self.server.port}"
-            self.consumer = UpdateConsumer(
-                list(opts.redis), lookup=self.lookup, stream=stream, group=f"agent:{identity}",
-                consumer=identity, password=opts.redis_password, cluster=opts.redis_cluster,
-            ).start()  # fmt: skip
-            # the servicer reads `extras` live, so the consumer's counters and health join Stats now
-            extras["updates"] = self.consumer
+            self._start_consumer(stream, position, extras)
         log.info(
             "agent for model %s partition %d serving on %s; L1 on %s; L2 %s; L3 %s; updates %s",
             self.model.name, opts.partition, self.server.endpoint, self.server.servicer.device,
@@ -134,6 +136,42 @@ class Agent:
             Path(self.options.ready_file).unlink(missing_ok=True)
 
     # -- parts ---------------------------------------------------------------------------------
+
+    def _stream_position(self, stream: str) -> StreamPosition | None:
+        opts = self.options
+        try:
+            return stream_position(list(opts.redis), stream, password=opts.redis_password,
+                                   cluster=opts.redis_cluster)  # fmt: skip
+        except UnavailableError as exc:
+            log.warning("update stream %s unreachable at start (%s): a new group replays its history", stream, exc)
+            return None
+
+    def _start_consumer(self, stream: str, position: StreamPosition | None, extras: dict[str, StatsSource]) -> None:
+        """Consumes the model's updates in this agent's own group. An agent that loaded its tiers from
+        the sources replays the stream's retained history over them (updates are overwrites, applied in
+        order); otherwise a new group starts where the stream stood before the tiers were read. Until the
+        replay is applied, gRPC health says NOT_SERVING, so nothing routes to rows about to change."""
+        opts = self.options
+        assert self.server is not None and self.lookup is not None
+        writable_state = opts.rocksdb if opts.rocksdb is not None and not opts.rocksdb_read_only else None
+        # Without a state directory the bound port keeps two agents of one partition on one host in
+        # separate groups (each must refresh its own L1); pass --agent-id for a name that survives restarts.
+        identity = opts.agent_id or stable_consumer_identity(
+            self.model.name, opts.partition, state_dir=writable_state, instance=opts.port or self.server.port
+        )
+        start_id: str | StreamPosition = "0" if opts.load or position is None else position
+        self.server.set_serving(False)
+        self.consumer = UpdateConsumer(
+            list(opts.redis), lookup=self.lookup, stream=stream, group=f"agent:{identity}",
+            consumer=identity, password=opts.redis_password, cluster=opts.redis_cluster,
+            start_id=start_id, reset_group=opts.load,
+        ).start()  # fmt: skip
+        # the servicer reads `extras` live, so the consumer's counters and health join Stats now
+        extras["updates"] = self.consumer
+        if position is not None and not self.consumer.wait_caught_up(opts.catch_up_timeout_s):
+            log.warning("update stream %s not caught up after %.0f s; serving anyway, degraded until it is",
+                        stream, opts.catch_up_timeout_s)  # fmt: skip
+        self.server.set_serving(True)
 
     def _build_tiers(self) -> tuple[Tier | None, Tier | None]:
         opts = self.options
@@ -165,6 +203,9 @@ class Agent:
 
         # a read-only RocksDB was filled by `hps load` elsewhere; only the other tiers take rows here
         writable = [t for t in tiers if not (t.name == "rocksdb" and self.options.rocksdb_read_only)]
+        if not writable:
+            log.info("--load: every tier of model %s is read-only; they were filled elsewhere", self.model.name)
+            return
         log.info("loading model %s into %s", self.model.name, ", ".join(t.name for t in writable))
         load_model(self.model, tiers=writable, base_dir=Path(self.options.model_file).resolve().parent)
 

@@ -189,6 +189,16 @@ class LookupPath:
                 if l1 is not None:
                     l1.update(unique, rows)
 
+    def invalidate_l1(self) -> None:
+        """Empties every table's L1, so nothing it held is served again: what an agent does when it
+        learns it missed updates. A fill that started before lands nowhere (its epoch moved on)."""
+        for table in self._tables:
+            with self._l1_locks[table]:
+                self._epochs[table] += 1
+                l1 = self._l1.get(table)
+                if l1 is not None:
+                    l1.clear()
+
     @property
     def degraded(self) -> bool:
         return any(not s.up for s in self._tiers) or any(self._pending.values())

@@ -740,17 +740,7 @@ class UpdateConsumer:
         self._invalidate_l1()
 
     def _invalidate_l1(self) -> None:
-        clear = getattr(self._lookup, "invalidate_l1", None)
-        if callable(clear):
-            clear()
-        else:
-            # LookupPath has no public "clear every L1" yet: do what its update does for a table
-            # (bump the epoch so no fill started before lands after), for all rows
-            lookup: Any = self._lookup
-            for table, l1 in dict(getattr(lookup, "_l1", {})).items():
-                with lookup._l1_locks[table]:
-                    lookup._epochs[table] += 1
-                    l1.clear()
+        self._lookup.invalidate_l1()
         self._count(l1_invalidations=1)
 
     # -- reading and applying ------------------------------------------------------------------

@@ -24,6 +24,7 @@ from node_agent.local.redis_servers import RedisProcess
 from node_agent.spec import load_model_file
 from node_agent.tiers.redis_tier import RedisTier
 from node_agent.tiers.rocksdb_tier import RocksDBTier
+from node_agent.updates import UpdatePublisher
 from tests.node_agent.test_grpc import TableData, fill, layouts, write_model
 
 PASSWORD = "test-secret"
@@ -197,3 +198,73 @@ def test_missing_password_variable_is_a_one_line_error(tmp_path: Path, capsys: p
     code = hps(["agent", "-f", str(path), "--redis", "127.0.0.1:1", "--redis-password-env", "HPS_TEST_UNSET"])
     assert code == 2
     assert "HPS_TEST_UNSET is not set" in capsys.readouterr().err
+
+
+def wait_for_vector(client: Client, table: str, key: int, want: np.ndarray, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not np.array_equal(client.lookup("demo", table, [key]), want):
+        assert time.monotonic() < deadline, f"key {key} of {table} never showed {want.tolist()}"
+        time.sleep(0.01)
+
+
+def test_restarted_agent_applies_updates_published_while_it_was_down(
+    make_redis: Callable[..., RedisProcess], rocksdb_model: tuple[Path, Path, dict[str, TableData]]
+) -> None:
+    """No --agent-id: the identity kept in the agent's writable RocksDB directory brings the restarted
+    agent back to its own consumer group, so what was published while it was down is not lost."""
+    path, db, _ = rocksdb_model
+    server = make_redis(password=PASSWORD)
+    options = AgentOptions(model_file=path, port=0, redis=(server.address,), redis_password=PASSWORD,
+                           rocksdb=db, device="cpu")  # fmt: skip
+    first = Agent(options)
+    first.start()
+    first.stop(grace=0)
+    publisher = UpdatePublisher([server.address], password=PASSWORD, model="demo")
+    publisher.publish("user", [10], np.full((1, 8), 4.5, np.float32))
+    publisher.close()
+    again = Agent(options)
+    again.start()
+    try:
+        assert again.server is not None
+        with Client(again.server.endpoint) as client:
+            wait_for_vector(client, "user", 10, np.full((1, 8), 4.5, np.float32))
+    finally:
+        again.stop(grace=0)
+
+
+def test_agent_loading_its_sources_replays_updates_published_before_it_started(
+    tmp_path: Path, make_redis: Callable[..., RedisProcess]
+) -> None:
+    """Loading writes the source rows over Redis; the stream's retained updates are then replayed on
+    top, and the agent reports ready only once they are applied."""
+    path, data = write_model(tmp_path)
+    server = make_redis(password=PASSWORD)
+    publisher = UpdatePublisher([server.address], password=PASSWORD, model="demo")
+    publisher.publish("user", [1], np.full((1, 8), 9.0, np.float32))
+    publisher.close()
+    agent = Agent(AgentOptions(model_file=path, port=0, redis=(server.address,), redis_password=PASSWORD,
+                               load=True, device="cpu", agent_id="loader-agent"))  # fmt: skip
+    agent.start()
+    try:
+        assert agent.server is not None and agent.consumer is not None
+        assert agent.consumer.stats()["applied_entries"] == 1  # applied before start() returned
+        with Client(agent.server.endpoint) as client:
+            np.testing.assert_array_equal(client.lookup("demo", "user", [1]), np.full((1, 8), 9.0, np.float32))
+            np.testing.assert_array_equal(client.lookup("demo", "user", [4]), data["user"].expected([4]))
+    finally:
+        agent.stop(grace=0)
+
+
+def test_load_with_only_read_only_tiers_starts_and_serves(
+    tmp_path: Path, rocksdb_model: tuple[Path, Path, dict[str, TableData]]
+) -> None:
+    path, db, data = rocksdb_model
+    path.write_text(path.read_text().replace("volatileStore: {type: hashmap}", "volatileStore: {type: none}"))
+    agent = Agent(AgentOptions(model_file=path, port=0, rocksdb=db, rocksdb_read_only=True, load=True,
+                               device="cpu"))  # fmt: skip
+    agent.start()
+    try:
+        with Client(agent.server.endpoint) as client:  # type: ignore[union-attr]
+            np.testing.assert_array_equal(client.lookup("demo", "user", [1, 4, 2]), data["user"].expected([1, 4, 2]))
+    finally:
+        agent.stop(grace=0)
