@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=65536)
     parser.add_argument("--fetch-keys", type=int, default=65536)
     parser.add_argument("--tiers", default="redis,rocksdb,hashmap")
+    parser.add_argument("--redis-shards", default="1,2",
+                        help="shard counts to load Redis with (standalone servers sharded by the client); one "
+                             "redis-server is single-threaded, so loading scales with shards")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -66,21 +69,27 @@ def main() -> None:
         np.save(work / "vectors.npy", vectors)
         del vectors
         table = TableSpec("bench", rows=args.rows, dim=args.dim, source=str(work / "vectors.npy"))
-        server = start_redis(work / "redis") if "redis" in args.tiers else None
         makers: dict[str, Callable[[list[TableLayout]], Tier]] = {
             "hashmap": HashMapTier,
             "rocksdb": lambda layouts: RocksDBTier(work / "rocksdb", layouts),
         }
-        if server is not None:
-            makers["redis"] = lambda layouts: RedisTier(layouts, addresses=[server.address], model="bench")
         results = []
-        try:
-            for name in args.tiers.split(","):
+        for name in args.tiers.split(","):
+            if name != "redis":
                 results.append(measure(name, makers[name], table, chunk_rows=args.chunk_rows,
                                        fetch_keys=min(args.fetch_keys, args.rows), seed=1))  # fmt: skip
-        finally:
-            if server is not None:
-                server.stop(hard=True)
+                continue
+            for shards in (int(n) for n in args.redis_shards.split(",")):
+                servers = [start_redis(work / f"redis-{shards}-{i}") for i in range(shards)]
+                try:
+                    addresses = [s.address for s in servers]
+                    result = measure(f"redis x{shards}", lambda layouts, a=addresses: RedisTier(  # type: ignore[misc]
+                        layouts, addresses=a, model="bench"), table, chunk_rows=args.chunk_rows,
+                        fetch_keys=min(args.fetch_keys, args.rows), seed=1)  # fmt: skip
+                    results.append(result)
+                finally:
+                    for server in servers:
+                        server.stop(hard=True)
 
     columns = ("tier", "rows", "dim", "seconds", "rows_per_s", "MB_per_s", "fetch_rows_per_s")
     print("  ".join(f"{c:>16}" for c in columns))

@@ -406,6 +406,8 @@ class LocalStack:
         if plan is not None:
             check_plan_fits(plan, model)
         use_redis = not no_redis and model.volatile_store.type == "redis"
+        if use_redis and not redis_cluster and model.volatile_store.redis.cluster:
+            redis_cluster = max(3, model.volatile_store.redis.shards)  # the model asks for a Redis Cluster
         fingerprint, base_fingerprint = fingerprints(path, agents=agents, redis_cluster=redis_cluster, port=port,
                                                      use_redis=use_redis, device=device, plan=plan)  # fmt: skip
         with self.locked():
@@ -455,7 +457,11 @@ class LocalStack:
                 cluster = start_cluster(redis_dir, masters=redis_cluster, password=password, detach=True)
                 servers = cluster.nodes
             else:
-                servers = [start_redis(redis_dir, password=password, detach=True)]
+                # spec.volatileStore.redis.shards standalone servers, sharded by the client (RedisTier):
+                # one redis-server is single-threaded, so loading and misses scale with shards
+                shards = model.volatile_store.redis.shards
+                servers = [start_redis(redis_dir if shards == 1 else redis_dir / f"shard-{i}", password=password,
+                                       detach=True) for i in range(shards)]  # fmt: skip
             for s in servers:
                 state.processes.append(ProcessRecord.of("redis", s.pid, address=s.address,
                                                         log=str(s.workdir / f"redis-{s.port}.log")))  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from node_agent.client import Client
 
@@ -187,6 +188,25 @@ def test_redis_cluster_of_three_masters(tmp_path: Path) -> None:
         assert_serves_exactly(endpoints_of(up.stdout)[0], "recs", model)
         report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
         assert report["state"] == "up" and sum(p["role"] == "redis" for p in report["processes"]) == 3
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+    assert processes_mentioning(state) == []
+
+
+def test_redis_shards_of_the_model_are_separate_servers_each_holding_rows(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    model.file.write_text(model.file.read_text().replace("volatileStore: {type: redis}",
+                                                         "volatileStore: {type: redis, redis: {shards: 2}}"))  # fmt: skip
+    state = tmp_path / "state"
+    try:
+        up = hps("local", "up", "-f", model.file, "--state-dir", state)
+        saved = json.loads((state / "state.json").read_text())
+        assert saved["redis"]["cluster"] is False and len(saved["redis"]["addresses"]) == 2
+        assert_serves_exactly(endpoints_of(up.stdout)[0], "recs", model)
+        password = (state / "redis.password").read_text().strip()
+        for address in saved["redis"]["addresses"]:
+            host, port = address.rsplit(":", 1)
+            assert redis.Redis(host=host, port=int(port), password=password).dbsize() > 0, address
     finally:
         hps("local", "down", "--state-dir", state, "--purge", check=False)
     assert processes_mentioning(state) == []
