@@ -32,6 +32,17 @@ def bucket_of(keys: Any, bucket_count: int, xp: Any = np) -> Any:
     return (z % xp.uint64(bucket_count)).astype(xp.int64)
 
 
+def merge_bucket_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[lo, hi)`` ranges with overlapping or touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 @dataclass(frozen=True, order=True)
 class Assignment:
     """Buckets ``[lo, hi)`` of ``table`` are cached on GPU ``gpu`` of partition ``partition``."""

@@ -26,7 +26,7 @@ import numpy as np
 from node_agent import wire
 from node_agent.client import Client, ModelInfo
 from node_agent.errors import HpsError, InvalidArgumentError, UnavailableError
-from node_agent.plan import Plan, bucket_of
+from node_agent.plan import Plan, bucket_of, merge_bucket_ranges
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def owner_partitions(plan: Plan, table: str) -> np.ndarray | None:
         return None
     count = plan.bucket_count
     # several GPUs of one partition may hold the same buckets (replicate): count each partition once
-    merged = {p: _merge(ranges) for p, ranges in sorted(spans.items())}
+    merged = {p: merge_bucket_ranges(ranges) for p, ranges in sorted(spans.items())}
     holders = np.zeros(count, dtype=np.int32)
     for ranges in merged.values():
         for lo, hi in ranges:
@@ -75,16 +75,6 @@ def owner_partitions(plan: Plan, table: str) -> np.ndarray | None:
             owner[lo:hi][mine] = p
             seen[lo:hi] += 1
     return owner
-
-
-def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Layouts (``build_l1(layout=...)``):
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,54 @@ class L1Table(Protocol):
     def hit_rate(self) -> float: ...
 
 
-class TableCache:
+class CountedL1(ABC):
+    """What every L1 view derives from its counters: the hit rate and the stats fields they share."""
+
+    device: str
+
+    @property
+    @abstractmethod
+    def hits(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def misses(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def inserts(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def evictions(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def capacity_rows(self) -> int: ...
+
+    @property
+    def hit_rate(self) -> float:
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else 0.0
+
+    def counter_stats(self) -> dict[str, Any]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hit_rate, 6),
+            "evictions": self.evictions,
+            "inserts": self.inserts,
+            "size": self.size,
+            "capacity_rows": self.capacity_rows,
+            "device": self.device,
+        }
+
+
+class TableCache(CountedL1):
     """One table's slice of a :class:`SetAssociativeCache` (the whole of it when not shared)."""
 
     def __init__(self, cache: SetAssociativeCache, *, table_id: int = 0, name: str = "") -> None:
@@ -105,21 +153,9 @@ class TableCache:
         """Slots this table may use: the whole cache when shared."""
         return self.cache.capacity_rows
 
-    @property
-    def hit_rate(self) -> float:
-        asked = self.hits + self.misses
-        return self.hits / asked if asked else 0.0
-
     def stats(self) -> dict[str, Any]:
         return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": round(self.hit_rate, 6),
-            "evictions": self.evictions,
-            "inserts": self.inserts,
-            "size": self.size,
-            "capacity_rows": self.capacity_rows,
-            "device": self.device,
+            **self.counter_stats(),
             "shared": self.cache.tables > 1,
         }
 
@@ -133,7 +169,7 @@ class BucketShard:
     cache: TableCache
 
 
-class BucketRoutedCache:
+class BucketRoutedCache(CountedL1):
     """A table whose buckets are spread over several caches (GPUs); keys of buckets none of them
     holds count as misses and are never cached. Where shards overlap (``replicate`` plans), the first
     shard listed serves the key, as :meth:`Plan.owner_table` picks the lowest ``(partition, gpu)``."""
@@ -216,21 +252,9 @@ class BucketRoutedCache:
     def capacity_rows(self) -> int:
         return sum(s.cache.capacity_rows for s in self.shards)
 
-    @property
-    def hit_rate(self) -> float:
-        asked = self.hits + self.misses
-        return self.hits / asked if asked else 0.0
-
     def stats(self) -> dict[str, Any]:
         return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": round(self.hit_rate, 6),
-            "evictions": self.evictions,
-            "inserts": self.inserts,
-            "size": self.size,
-            "capacity_rows": self.capacity_rows,
-            "device": self.device,
+            **self.counter_stats(),
             "shards": [
                 {"buckets": [s.lo, s.hi], "device": s.cache.device, "capacity_rows": s.cache.capacity_rows}
                 for s in self.shards

@@ -50,7 +50,7 @@ import numpy as np
 from hps_operator.core.topology import Topology
 
 from node_agent.errors import InsufficientGPUMemoryError
-from node_agent.plan import Assignment, Plan, PlanMetrics
+from node_agent.plan import Assignment, Plan, PlanMetrics, merge_bucket_ranges
 from node_agent.spec import ModelSpec
 
 #: a shard being placed: (table index, first bucket, end bucket)
@@ -268,16 +268,6 @@ def _ranges_in(lo: int, hi: int, old_count: int, new_count: int) -> list[tuple[i
     return [(lo + j, hi + j) for j in range(0, new_count, old_count)]
 
 
-def _join(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
 def _see_previous(previous: Plan, tables: _Tables, topology: Topology) -> _Previous:
     index = {name: t for t, name in enumerate(tables.names)}
     slots = topology.slots
@@ -301,7 +291,7 @@ def _see_previous(previous: Plan, tables: _Tables, topology: Topology) -> _Previ
                 if s >= 0:
                     holdings.setdefault((t, s), []).append((lo, hi))
     for key, joined in holdings.items():
-        holdings[key] = _join(joined)
+        holdings[key] = merge_bucket_ranges(joined)
 
     for t, ranges in held.items():
         ranges.sort()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from node_agent.plan import Assignment, Plan, PlanMetrics, bucket_of, whole_table_plan
+from node_agent.plan import Assignment, Plan, PlanMetrics, bucket_of, merge_bucket_ranges, whole_table_plan
 
 
 def splitmix64_reference(key: int) -> int:
@@ -49,3 +49,8 @@ def test_whole_table_plan_puts_everything_on_one_gpu() -> None:
     assert [(a.table, a.partition, a.gpu, a.buckets) for a in plan.assignments] == [
         ("a", 0, 0, (0, 1)), ("b", 0, 0, (0, 1))]
     assert plan.metrics.total_bytes == 30
+
+
+def test_merge_bucket_ranges_joins_overlapping_and_touching_ranges() -> None:
+    assert merge_bucket_ranges([(8, 10), (0, 2), (2, 4), (3, 6), (12, 13)]) == [(0, 6), (8, 10), (12, 13)]
+    assert merge_bucket_ranges([]) == []
