@@ -59,5 +59,6 @@ class InsufficientGPUMemoryError(HpsError):
     def __init__(self, needed: int, available: int, detail: str = "") -> None:
         self.needed = needed
         self.available = available
+        self.detail = detail
         extra = f"; {detail}" if detail else ""
         super().__init__(f"insufficient GPU memory: needs {needed} bytes, {available} bytes available{extra}")

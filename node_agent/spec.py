@@ -101,6 +101,9 @@ class CacheSpec:
     memory_per_gpu: int = 16 * 2**30
     policy: str = "lru"
     hit_rate_threshold: float = 0.9
+    #: share of each owned shard's rows a GPU cache must hold (HPS's gpucacheper); the planner sizes
+    #: ownership by it, the rest is served from L2/L3
+    cached_fraction: float = 1.0
     #: slots per set of the set-associative cache (HPS: slab size)
     associativity: int = 32
 
@@ -471,6 +474,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         memory_per_gpu=parse_quantity(c.get("memoryPerGPU", "16Gi"), field="spec.cache.memoryPerGPU"),
         policy=_enum(c, "policy", "spec.cache", "lru", CACHE_POLICIES),
         hit_rate_threshold=_float(c, "hitRateThreshold", "spec.cache", 0.9, minimum=0.0, maximum=1.0),
+        cached_fraction=_float(c, "cachedFraction", "spec.cache", 1.0, minimum=0.001, maximum=1.0),
         associativity=_int(c, "associativity", "spec.cache", 32, minimum=1, maximum=1024),
     )
     if cache.memory_per_gpu <= 0:

@@ -405,8 +405,8 @@ def _model_manifest(
         })  # fmt: skip
     total_bytes = sum(t["rows"] * t["dim"] * HUGECTR_VECTOR_ITEMSIZE for t in tables)
 
-    # HPS caches gpucacheper of every table on every deployed GPU: the replicate strategy, with a
-    # per-GPU budget of that share of the model's bytes.
+    # HPS caches gpucacheper of every table on every deployed GPU: the replicate strategy, cachedFraction
+    # gpucacheper, and a per-GPU budget of that share of the model's bytes.
     cache_share = _number(model, "gpucacheper", where, 0.2)
     if not 0.0 < cache_share <= 1.0:
         raise InvalidSpecError(f"{where}.gpucacheper", f"must be in (0, 1], got {cache_share}")
@@ -431,6 +431,7 @@ def _model_manifest(
             "memoryPerGPU": format_quantity(_round_up(cache_share * total_bytes, _MIB)),
             "policy": "lru",
             "hitRateThreshold": hit_rate,
+            "cachedFraction": cache_share,
         },
         "volatileStore": _volatile_store(config, notes),
         "persistentStore": _persistent_store(config, notes, total_bytes),

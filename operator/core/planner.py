@@ -7,10 +7,11 @@ Decisions (the contract the tests hold it to):
 * **Load** of a shard is ``hotness x (buckets / bucket_count) x row_bytes`` (hotness normalised by
   :meth:`ModelSpec.hotness`); **bytes** of a shard are the rows its buckets hold, counted as
   ``rows*hi // B - rows*lo // B`` so the bytes of a table's shards add up exactly to the table.
-* **Budget** is strict: a slot's shards must fit *whole* in its GPU cache budget. The L2/L3 tiers back
-  every row for durability and loading, but a planned shard is one the GPU can hold entirely, so
-  ``bytes`` on a slot never exceed ``gpu_memory_bytes``. ``replicate`` therefore needs the whole model
-  on each GPU. Too little memory raises :class:`InsufficientGPUMemoryError` with needed/available.
+* **Budget**: a GPU caches ``spec.cache.cachedFraction`` (f, HPS's gpucacheper) of the rows of every
+  shard it owns; the L2/L3 tiers serve the rest. So a slot may own up to ``gpu_memory_bytes / f``
+  bytes of shards (its *capacity*), and with f = 1 (the default) a slot's shards fit whole in its
+  cache. ``replicate`` needs f x the whole model on each GPU. Too little memory raises
+  :class:`InsufficientGPUMemoryError` with the cache bytes needed (f x shard bytes) and available.
 * **Bucket count** ``B``: ``spec.placement.bucketCount`` when set; otherwise the smallest power of two
   at least ``64``, ``8 x slots`` and ``2 x (largest table load) / ((maxImbalance - 1) x mean slot load)``
   (so one bucket of any table moves a slot by at most half the imbalance tolerance), capped at 2^20.
@@ -130,7 +131,7 @@ def plan_placement(model: ModelSpec, topology: Topology, previous: Plan | None =
     if topology.partitions > 0:
         return _plan_on(model, topology, previous)
     tables = _Tables.of(model, 1)
-    per_pod = topology.gpus_per_pod * topology.gpu_memory_bytes
+    per_pod = topology.gpus_per_pod * _capacity(topology.gpu_memory_bytes, model)
     first = (
         1
         if model.placement.strategy == "replicate"
@@ -170,23 +171,34 @@ def choose_bucket_count(model: ModelSpec, slots: int, previous: Plan | None = No
 # one topology
 
 
+def _capacity(gpu_memory_bytes: int, model: ModelSpec) -> int:
+    """Bytes of shards one GPU may own: its cache holds ``cachedFraction`` of them."""
+    return int(gpu_memory_bytes / model.cache.cached_fraction)
+
+
+def _cache_bytes(shard_bytes: int, model: ModelSpec) -> int:
+    return math.ceil(shard_bytes * model.cache.cached_fraction)
+
+
 def _plan_on(model: ModelSpec, topology: Topology, previous: Plan | None) -> Plan:
     slots = topology.slots
-    budget = topology.gpu_memory_bytes
+    memory = topology.gpu_memory_bytes
+    budget = _capacity(memory, model)  # in shard bytes, the unit the layout works in
     strategy = model.placement.strategy
     bucket_count = choose_bucket_count(model, slots, previous)
     tables = _Tables.of(model, bucket_count)
     total_bytes = int(tables.table_bytes().sum())
+    cached = "" if model.cache.cached_fraction == 1 else f"; each GPU caches {model.cache.cached_fraction:g} of what it owns"
     if strategy == "replicate":
         if total_bytes > budget:
             raise InsufficientGPUMemoryError(
-                total_bytes, budget, "strategy replicate caches every table on every GPU"
+                _cache_bytes(total_bytes, model), memory, "strategy replicate caches every table on every GPU" + cached
             )
     elif total_bytes > slots * budget:
         raise InsufficientGPUMemoryError(
-            total_bytes,
-            slots * budget,
-            f"{topology.partitions} partition(s) x {topology.gpus_per_pod} GPU(s) x {budget} bytes",
+            _cache_bytes(total_bytes, model),
+            slots * memory,
+            f"{topology.partitions} partition(s) x {topology.gpus_per_pod} GPU(s) x {memory} bytes" + cached,
         )
     prior = _see_previous(previous, tables, topology) if previous is not None else None
 
@@ -195,15 +207,20 @@ def _plan_on(model: ModelSpec, topology: Topology, previous: Plan | None) -> Pla
     elif strategy == "row":
         layout = _row_layout(tables, slots, prior)
     else:
-        layout = _balanced_layout(
-            tables,
-            slots,
-            budget,
-            prior,
-            max_imbalance=model.placement.max_imbalance,
-            split=strategy == "auto",
-        )
-    _check_budget(tables, layout, budget, topology)
+        try:
+            layout = _balanced_layout(
+                tables,
+                slots,
+                budget,
+                prior,
+                max_imbalance=model.placement.max_imbalance,
+                split=strategy == "auto",
+            )
+        except InsufficientGPUMemoryError as exc:  # the layout counts shard bytes; users read cache bytes
+            raise InsufficientGPUMemoryError(
+                _cache_bytes(exc.needed, model), int(exc.available * model.cache.cached_fraction), exc.detail + cached
+            ) from None
+    _check_budget(tables, layout, model, topology)
 
     assignments = tuple(
         sorted(
@@ -234,13 +251,14 @@ def _plan_on(model: ModelSpec, topology: Topology, previous: Plan | None) -> Pla
                 metrics, model.name)  # fmt: skip
 
 
-def _check_budget(tables: _Tables, layout: list[list[Piece]], budget: int, topology: Topology) -> None:
+def _check_budget(tables: _Tables, layout: list[list[Piece]], model: ModelSpec, topology: Topology) -> None:
+    budget = _capacity(topology.gpu_memory_bytes, model)
     for s, pieces in enumerate(layout):
         used = sum(tables.range_bytes(t, lo, hi) for t, lo, hi in pieces)
         if used > budget:
             raise InsufficientGPUMemoryError(
-                used,
-                budget,
+                _cache_bytes(used, model),
+                topology.gpu_memory_bytes,
                 f"partition {s // topology.gpus_per_pod} GPU {s % topology.gpus_per_pod} would hold "
                 f"{', '.join(sorted({tables.names[t] for t, _, _ in pieces}))}",
             )

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from hps_operator.cli import main
 from hps_operator.core.hps_config import SparseModelFiles, convert_hps_config, dns1123_label
+from hps_operator.core.planner import plan_placement
+from hps_operator.core.topology import Topology
 
 from node_agent.errors import InvalidSpecError, TableSourceError
 from node_agent.spec import load_model_file, parse_model, parse_quantity
@@ -149,6 +151,7 @@ def test_documented_wdl_config_becomes_a_valid_model(tmp_path: Path, wdl_config:
     assert model.gpus_per_pod == 2  # two deployed devices
     # gpucacheper 0.5 of (1000*1 + 3000*15) float32 = 92000 bytes, rounded up to whole MiB
     assert model.cache.memory_per_gpu == 2**20
+    assert model.cache.cached_fraction == 0.5  # each GPU caches half of what it owns, as HPS does
     assert model.cache.hit_rate_threshold == 0.8
     assert model.placement.strategy == "replicate"
     assert model.volatile_store.type == "redis"
@@ -156,6 +159,9 @@ def test_documented_wdl_config_becomes_a_valid_model(tmp_path: Path, wdl_config:
     assert model.persistent_store.type == "rocksdb" and not model.persistent_store.read_only
     assert model.updates.enabled
     assert model.agent.max_batch_keys == 64 * (2 + 26)
+    # the converted model places as HPS deployed it: every table replicated on every GPU
+    plan = plan_placement(model, Topology.from_model(model))
+    assert plan.strategy == "replicate" and len(plan.assignments) == 2 * len(model.tables)
 
 
 def test_converted_models_pass_the_crd_schema(

@@ -28,14 +28,14 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
 
 def make_model(rows: tuple[int, ...], *, strategy: str = "auto", gpus: int = 4, partitions: int = 1,
                memory: str | int = "64Gi", hotness: tuple[float, ...] | None = None, dim: int = 128,
-               replicas: int = 1, max_imbalance: float = 1.05) -> ModelSpec:  # fmt: skip
+               replicas: int = 1, max_imbalance: float = 1.05, cached_fraction: float = 1.0) -> ModelSpec:  # fmt: skip
     tables: list[dict[str, Any]] = [{"name": f"t{i}", "rows": r, "dim": dim} for i, r in enumerate(rows)]
     if hotness is not None:
         for table, h in zip(tables, hotness, strict=True):
             table["hotness"] = h
     return parse_model_spec("m", {
         "tables": tables, "replicas": replicas, "gpusPerPod": gpus, "partitions": partitions,
-        "cache": {"memoryPerGPU": memory},
+        "cache": {"memoryPerGPU": memory, "cachedFraction": cached_fraction},
         "placement": {"strategy": strategy, "maxImbalance": max_imbalance},
     })  # fmt: skip
 
@@ -307,3 +307,32 @@ def test_topology_defaults_come_from_the_model() -> None:
     model = make_model(CRITEO_ROWS, gpus=4, partitions=2, memory="16Gi")
     assert Topology.from_model(model) == Topology(2, 4, 16 * 2**30)
     assert Topology.from_model(model, gpu_memory="1Gi", gpus_per_pod=8).gpu_memory_bytes == 2**30
+
+
+@pytest.mark.parametrize("strategy", ["auto", "table", "row"])
+def test_a_model_larger_than_gpu_memory_places_when_gpus_cache_a_fraction(strategy: str) -> None:
+    """HPS's gpucacheper: 8 GPUs of 1Gi own ~30 GiB of rows when each caches a tenth of what it owns."""
+    rows = (18_000_000, 12_000_000, 6_000_000, 1_000_000)  # x 128 x 4 bytes = ~17.6 GiB; each table < 10 GiB
+    whole = make_model(rows, strategy=strategy, gpus=8, memory="1Gi")
+    with pytest.raises(InsufficientGPUMemoryError) as err:
+        plan_for(whole)
+    assert err.value.needed == whole.total_bytes and err.value.available == 8 * 2**30
+    tenth = make_model(rows, strategy=strategy, gpus=8, memory="1Gi", cached_fraction=0.1)
+    plan = plan_for(tenth)
+    assert_valid(plan, tenth, 10 * 2**30)  # a GPU owns up to memory / cachedFraction bytes
+    assert plan.metrics.total_bytes == tenth.total_bytes
+
+
+def test_infeasible_with_a_fraction_reports_cache_bytes_needed() -> None:
+    model = make_model((40_000_000,), gpus=2, memory="1Gi", cached_fraction=0.5)
+    with pytest.raises(InsufficientGPUMemoryError, match=r"caches 0\.5 of what it owns") as err:
+        plan_for(model)
+    assert err.value.needed == model.total_bytes // 2 and err.value.available == 2 * 2**30
+
+
+def test_a_whole_table_too_large_for_any_gpu_reports_its_cache_bytes() -> None:
+    model = make_model((40_000_000, 1_000), strategy="table", gpus=8, memory="1Gi", cached_fraction=0.1)
+    with pytest.raises(InsufficientGPUMemoryError, match="keeps tables whole") as err:
+        plan_for(model)
+    assert err.value.needed == 40_000_000 * 128 * 4 // 10  # a tenth of the table must be cached
+    assert err.value.available <= 2**30
