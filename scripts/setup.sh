@@ -29,7 +29,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing the project and its test tools into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || log "pip self-upgrade failed; going on with the bundled pip"
   extras="test"
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extras="test,gpu"; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    # CuPy's wheel must match the driver's CUDA major version
+    cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1)"
+    if [ "${cuda_major:-12}" -ge 13 ]; then extras="test,gpu-cuda13"; else extras="test,gpu"; fi
+  fi
   if ! .venv/bin/python -m pip install -e ".[${extras}]" > .venv/pip-install.log 2>&1; then
     tail -n 40 .venv/pip-install.log >&2; log "pip install failed (full log: .venv/pip-install.log)"; exit 1
   fi
