@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from node_agent.errors import InvalidArgumentError, UnavailableError
+from node_agent.metrics import MetricsServer
 from node_agent.plan import Plan
 from node_agent.server import RunningServer, StatsSource, serve
 from node_agent.spec import ModelSpec, load_model_file
@@ -59,6 +60,8 @@ class AgentOptions:
     agent_id: str | None = None
     #: how long a start may wait for the update stream's replay before reporting ready
     catch_up_timeout_s: float = 30.0
+    #: serve Prometheus metrics on this port (0 picks a free one); None serves none
+    metrics_port: int | None = None
     max_workers: int = 4
     max_batch_keys: int | None = None
 
@@ -77,6 +80,7 @@ class Agent:
         self.lookup: LookupPath | None = None
         self.consumer: UpdateConsumer | None = None
         self.server: RunningServer | None = None
+        self.metrics: MetricsServer | None = None
         self._tiers: list[Tier] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -111,6 +115,9 @@ class Agent:
         )
         if stream:
             self._start_consumer(stream, position, extras)
+        if opts.metrics_port is not None:
+            self.metrics = MetricsServer(self.server.servicer, partition=opts.partition, host=opts.host,
+                                         port=opts.metrics_port)  # fmt: skip
         log.info(
             "agent for model %s partition %d serving on %s; L1 on %s; L2 %s; L3 %s; updates %s",
             self.model.name, opts.partition, self.server.endpoint, self.server.servicer.device,
@@ -123,6 +130,8 @@ class Agent:
 
     def stop(self, grace: float = 1.0) -> None:
         """Stops serving (NOT_SERVING first, RPCs in flight finish), the consumer, then the tiers."""
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.server is not None:
             self.server.stop(grace)
         if self.consumer is not None:
@@ -219,6 +228,7 @@ class Agent:
             "partition": self.options.partition,
             "device": self.server.servicer.device,
             "pid": os.getpid(),
+            "metricsPort": self.metrics.port if self.metrics is not None else None,
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -179,21 +179,25 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
     def Stats(self, request: hps_pb2.StatsRequest, context: grpc.ServicerContext) -> hps_pb2.StatsResponse:
         with self._edge("Stats", context):
             self._check_model(request.model)
-            degraded = self.degraded
-            with self._counters_lock:
-                server = dict(self._counters)
-            stats: dict[str, Any] = {
-                "model": self._model,
-                "degraded": degraded,
-                "device": self._device,
-                "server": server,
-                "lookup": dict(self._lookup.stats()),
-            }
-            for name, source in self._extras.items():
-                stats[name] = dict(source.stats())
+            stats = self.snapshot()
             return hps_pb2.StatsResponse(
-                model=self._model, degraded=degraded, stats_json=json.dumps(stats, default=_jsonable)
+                model=self._model, degraded=stats["degraded"], stats_json=json.dumps(stats, default=_jsonable)
             )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the agent counts, as the Stats RPC and the Prometheus endpoint report it."""
+        with self._counters_lock:
+            server = dict(self._counters)
+        stats: dict[str, Any] = {
+            "model": self._model,
+            "degraded": self.degraded,
+            "device": self._device,
+            "server": server,
+            "lookup": dict(self._lookup.stats()),
+        }
+        for name, source in self._extras.items():
+            stats[name] = dict(source.stats())
+        return stats
 
     # -- shared --------------------------------------------------------------------------------
 

@@ -216,6 +216,8 @@ class AgentSpec:
     #: largest number of keys one Lookup may carry (RESOURCE_EXHAUSTED above it)
     max_batch_keys: int = 1 << 20
     port: int = 50051
+    #: Prometheus metrics (``/metrics``) of the agents
+    metrics_port: int = 9464
     priority_class_name: str | None = None
     #: names of Secrets in the model's namespace to pull the agent image with
     image_pull_secrets: tuple[str, ...] = ()
@@ -547,6 +549,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         gpu_resource_name=str(ag.get("gpuResourceName", "nvidia.com/gpu")),
         max_batch_keys=_int(ag, "maxBatchKeys", "spec.agent", 1 << 20, minimum=1),
         port=_int(ag, "port", "spec.agent", 50051, minimum=1, maximum=65535),
+        metrics_port=_int(ag, "metricsPort", "spec.agent", 9464, minimum=1, maximum=65535),
         priority_class_name=(
             _string(ag, "priorityClassName", "spec.agent", pattern=_DNS1123_SUBDOMAIN,
                     what="a PriorityClass name (a DNS-1123 subdomain)")
@@ -564,6 +567,8 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
             if t.source is not None:
                 model_store.cluster_path(t.source, field=f"spec.tables[{i}].source")
 
+    if agent.metrics_port == agent.port:
+        raise InvalidSpecError("spec.agent.metricsPort", f"must differ from spec.agent.port ({agent.port})")
     return ModelSpec(
         name=name,
         namespace=namespace,

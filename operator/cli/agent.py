@@ -31,6 +31,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--agent-id", help="stable identity: names this agent's consumer group on the update stream")
     p.add_argument("--max-batch-keys", type=int, help="keys per request (default: spec.agent.maxBatchKeys)")
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on /metrics at this port (0 picks a free one; default: none)")
     p.set_defaults(func=run)
 
 
@@ -60,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
         agent_id=args.agent_id,
         max_workers=args.workers,
         max_batch_keys=args.max_batch_keys,
+        metrics_port=args.metrics_port,
     )
     return run_agent(options)

@@ -733,6 +733,8 @@ def agent_args(model: ModelSpec, partition: int) -> list[str]:
         str(model.agent.port),
         "--agent-id",
         "$(POD_NAME)",
+        "--metrics-port",
+        str(model.agent.metrics_port),
         *_redis_args(model),
     ]
     if model.persistent_store.type == "rocksdb":
@@ -820,7 +822,10 @@ def render_agent_statefulset(
             + ([_secret_env(model, REDIS_PASSWORD_ENV)] if _uses_redis(model) else []),
             key=lambda e: str(e["name"]),
         ),
-        "ports": [{"name": "grpc", "containerPort": model.agent.port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "grpc", "containerPort": model.agent.port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": model.agent.metrics_port, "protocol": "TCP"},
+        ],
         "resources": _agent_resources(model),
         # loading a large table at start can take long: the startup probe holds off liveness for an hour
         "startupProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 360},
@@ -861,6 +866,10 @@ def render_agent_statefulset(
                         [serving.bucket_count, _partition_assignments(serving, partition)]
                     ),
                     MODEL_HASH_ANNOTATION: _agent_model_hash(model),
+                    # the convention annotation-based Prometheus scraping reads
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(model.agent.metrics_port),
+                    "prometheus.io/path": "/metrics",
                 },
             ),
             "spec": pod_spec,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hps_operator.cli import main as hps
+from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.agent import Agent, AgentOptions
 from node_agent.client import Client
+from node_agent.errors import NotFoundError
 from node_agent.local.redis_servers import RedisProcess
 from node_agent.spec import load_model_file
 from node_agent.tiers.redis_tier import RedisTier
@@ -266,5 +269,41 @@ def test_load_with_only_read_only_tiers_starts_and_serves(
     try:
         with Client(agent.server.endpoint) as client:  # type: ignore[union-attr]
             np.testing.assert_array_equal(client.lookup("demo", "user", [1, 4, 2]), data["user"].expected([1, 4, 2]))
+    finally:
+        agent.stop(grace=0)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the agent's /metrics, by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
+def test_agent_serves_prometheus_metrics_that_follow_its_lookups(tmp_path: Path) -> None:
+    path, data = write_model(tmp_path)
+    agent = Agent(AgentOptions(model_file=path, port=0, load=True, device="cpu", metrics_port=0,
+                               ready_file=tmp_path / "r.json"))  # fmt: skip
+    agent.start()
+    try:
+        assert agent.metrics is not None and agent.server is not None
+        assert json.loads((tmp_path / "r.json").read_text())["metricsPort"] == agent.metrics.port
+        base = (("model", "demo"), ("partition", "0"))
+        before = scrape(agent.metrics.port)
+        assert before[("hps_lookup_requests_total", base)] == 0
+        with Client(agent.server.endpoint) as client:
+            for _ in range(3):
+                client.lookup("demo", "user", data["user"].keys[:10])
+            with pytest.raises(NotFoundError):
+                client.lookup("demo", "nope", [1])
+        after = scrape(agent.metrics.port)
+        assert after[("hps_lookup_requests_total", base)] == 3
+        assert after[("hps_lookup_keys_total", base)] == 30
+        assert after[("hps_rpc_errors_total", tuple(sorted((*base, ("code", "not_found")))))] == 1
+        user = tuple(sorted((*base, ("table", "user"))))
+        assert after[("hps_l1_hits_total", user)] == 20 and after[("hps_l1_misses_total", user)] == 10
+        assert after[("hps_l1_rows", user)] == 10
+        assert after[("hps_agent_degraded", base)] == 0
     finally:
         agent.stop(grace=0)

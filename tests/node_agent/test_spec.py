@@ -90,6 +90,7 @@ def test_hotness_sums_to_one_and_defaults_to_rows() -> None:
         ({"gpusPerPod": "four"}, "spec.gpusPerPod"),
         ({"placement": {"strategy": "random"}}, "spec.placement.strategy"),
         ({"autoscaling": {"minReplicas": 4, "maxReplicas": 2}}, "spec.autoscaling.maxReplicas"),
+        ({"agent": {"port": 9000, "metricsPort": 9000}}, "spec.agent.metricsPort"),
     ],
 )
 def test_invalid_fields_are_named(spec: dict[str, Any], field: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import redis
 import yaml
+from hps_operator.cli import build_parser
 from hps_operator.cli import main as hps_main
 from hps_operator.core.planner import plan_placement
 from hps_operator.core.render import (
@@ -126,7 +127,9 @@ def test_agent_statefulset_whole() -> None:
                 "metadata": {
                     "labels": {**LABELS, "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"},
                     "annotations": {"hps.dev/partition-plan": "45cf585d52635d60",
-                                    "hps.dev/model-hash": "6219a5560671158b"},
+                                    "hps.dev/model-hash": "6219a5560671158b",
+                                    "prometheus.io/scrape": "true", "prometheus.io/port": "9464",
+                                    "prometheus.io/path": "/metrics"},
                 },
                 "spec": {
                     "containers": [{
@@ -136,7 +139,7 @@ def test_agent_statefulset_whole() -> None:
                         "args": [
                             "agent", "-f", "/etc/hps/model.yaml", "--plan", "/etc/hps/serving.json",
                             "--partition", "1", "--host", "0.0.0.0", "--port", "50051",
-                            "--agent-id", "$(POD_NAME)",
+                            "--agent-id", "$(POD_NAME)", "--metrics-port", "9464",
                             "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
                             "--redis-password-env", "REDIS_PASSWORD",
                             "--rocksdb", "/var/lib/hps/rocksdb", "--load",
@@ -146,7 +149,8 @@ def test_agent_statefulset_whole() -> None:
                             {"name": "REDIS_PASSWORD",
                              "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}},
                         ],
-                        "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}],
+                        "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}],
                         "resources": {"limits": {"nvidia.com/gpu": "2"},
                                       "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "2"}},
                         "startupProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 360},
@@ -283,6 +287,23 @@ def test_every_child_is_a_valid_kubernetes_object(variant: str) -> None:
     the_plan = _partition_plan(spec.partitions)
     for manifest in render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="s3cret"):
         kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_rendered_hps_command_line_is_one_the_cli_accepts(variant: str) -> None:
+    """The renderer and the ``hps`` CLI agree: each agent and loader container's args parse with the
+    real argument parser (what the pod would run), and the parsed values are the spec's."""
+    spec = model(**VARIANTS[variant])
+    the_plan = _partition_plan(spec.partitions)
+    containers = [c for m in render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="pw")
+                  if m["kind"] in ("StatefulSet", "Job")
+                  for c in m["spec"]["template"]["spec"]["containers"] if c.get("command") == ["hps"]]  # fmt: skip
+    assert {c["args"][0] for c in containers} >= {"agent"}
+    for container in containers:
+        args = build_parser().parse_args([a.replace("$(POD_NAME)", "dlrm-agent-p0-0") for a in container["args"]])
+        if args.command == "agent":
+            assert args.port == spec.agent.port and args.metrics_port == spec.agent.metrics_port
+            assert args.partition in range(the_plan.partitions)
 
 
 def test_children_during_a_rollout_are_valid_too() -> None:
