@@ -4,7 +4,9 @@ A source is opened and checked whole before a single row is written: the format 
 files present, every file is memory-mapped (so a table larger than RAM streams through in
 ``chunk_rows`` slices) and its rows, dim and dtype are compared with the :class:`TableSpec`. A missing,
 truncated or mismatched file is a :class:`TableSourceError` naming the file, raised before anything
-reaches a tier, so the rows already served stay served. Formats:
+reaches a tier, so the rows already served stay served. So is a key file that repeats a key: two rows
+claiming one key would make the vector served depend on load order (see :func:`check_unique_keys`).
+Formats:
 
 - ``npy-dir``: a directory with ``vectors.npy`` (rows x dim, float32 or float16) and optionally
   ``keys.npy`` (integers, one per row; without it a row's key is its index);
@@ -26,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,6 +45,10 @@ from node_agent.tiers.base import Tier
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "hps.dev/load-checkpoint/v1"
+#: working memory of the duplicate-key check (see :func:`check_unique_keys`)
+KEY_CHECK_MEMORY = 512 * 2**20
+#: how many of the duplicate keys an error names
+DUPLICATES_NAMED = 5
 _SOURCE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
@@ -124,6 +131,8 @@ def open_source(table: TableSpec, *, base_dir: Path | None = None) -> TableSourc
             "keys.npy), or HugeCTR's key and emb_vector files, or a path to a .npy file"
         )
     _check_against_spec(source, table)
+    if source.keys is not None and source.keys_file is not None:
+        check_unique_keys(source.keys, source.keys_file)
     return source
 
 
@@ -195,6 +204,105 @@ def _check_against_spec(source: TableSource, table: TableSpec) -> None:
         raise TableSourceError(f"{keys_file}: expected a 1-D int64 array, got {k.dtype} with shape {k.shape}")
     if len(k) != v.shape[0]:
         raise TableSourceError(f"{keys_file}: holds {len(k)} keys but {vectors_file} holds {v.shape[0]} rows")
+
+
+# -- duplicate keys ------------------------------------------------------------------------------
+
+#: bytes per key the check holds at its peak: the int64 keys of a batch and of the distinct keys seen
+#: so far, their concatenation, its sorted copy and the masks ``np.unique`` builds
+_CHECK_BYTES_PER_KEY = 32
+
+
+def check_unique_keys(
+    keys: np.ndarray, file: Path, *, memory: int = KEY_CHECK_MEMORY, spill_dir: Path | None = None
+) -> None:
+    """Raises :class:`TableSourceError` naming ``file``, how many rows repeat a key of an earlier row
+    and the smallest few repeated keys, when ``keys`` (a memory-mapped key file) is not all distinct.
+
+    Memory is bounded by ``memory`` bytes (about ``memory / 32`` keys in work at once), whatever the
+    file's size. Keys that fit are checked in one sort. A larger file is read once in batches and
+    split by a hash of the key into bucket files under ``spill_dir`` (the system's temporary
+    directory by default; they need as much disk as the key file and are removed after), so equal
+    keys share a bucket and each bucket, about half the working set, is checked on its own. A bucket
+    that many copies of one key made too big is still checked in batches, keeping only its distinct
+    keys in memory."""
+    batch = max(2, memory // _CHECK_BYTES_PER_KEY)
+    total = int(keys.shape[0])
+    if total <= batch:
+        repeated, named = _repeated_keys([keys], batch)
+    else:
+        buckets = -(-2 * total // batch)
+        with tempfile.TemporaryDirectory(prefix="hps-key-check-", dir=spill_dir) as scratch:
+            spilled = [
+                np.memmap(p, dtype=np.int64, mode="r")
+                for p in _spill_by_hash(keys, Path(scratch), buckets, batch)
+            ]
+            repeated, named = 0, np.empty(0, dtype=np.int64)
+            for bucket in spilled:
+                count, found = _repeated_keys([bucket], batch)
+                repeated += count
+                named = np.unique(np.concatenate([named, found]))[:DUPLICATES_NAMED]
+            del spilled  # unmapped before the directory goes
+    if repeated:
+        listed = ", ".join(str(int(k)) for k in named)
+        more = ", ..." if repeated > len(named) else ""
+        raise TableSourceError(
+            f"{file}: {repeated} duplicate key(s) among {total} rows (rows repeating the key of another "
+            f"row; which vector a lookup would get depends on load order): keys {listed}{more}"
+        )
+
+
+def _repeated_keys(arrays: Sequence[np.ndarray], batch: int) -> tuple[int, np.ndarray]:
+    """How many entries repeat an earlier one across ``arrays``, and the smallest few keys repeated.
+
+    Reads ``batch`` keys at a time and keeps the sorted distinct keys seen so far, so the memory is
+    the distinct keys plus one batch."""
+    seen = np.empty(0, dtype=np.int64)
+    named = np.empty(0, dtype=np.int64)
+    total = 0
+    for array in arrays:
+        for lo in range(0, int(array.shape[0]), batch):
+            chunk = np.sort(np.asarray(array[lo : lo + batch]).astype(np.int64, copy=False))
+            total += len(chunk)
+            repeats = chunk[1:] == chunk[:-1]
+            within = chunk[1:][repeats]
+            distinct = chunk[np.concatenate(([True], ~repeats))]  # sorted already: no second sort
+            if len(seen):
+                across = distinct[np.isin(distinct, seen, assume_unique=True)]
+                seen = np.union1d(seen, distinct)
+            else:
+                across, seen = within[:0], distinct
+            if len(within) or len(across):
+                named = np.unique(np.concatenate([named, within, across]))[:DUPLICATES_NAMED]
+    return total - len(seen), named
+
+
+def _spill_by_hash(keys: np.ndarray, scratch: Path, buckets: int, batch: int) -> list[Path]:
+    """Appends every key to the bucket file its hash picks; returns the bucket files written."""
+    paths = [scratch / f"bucket-{b}.i64" for b in range(buckets)]
+    for lo in range(0, int(keys.shape[0]), batch):
+        chunk = np.asarray(keys[lo : lo + batch]).astype(np.int64, copy=False)
+        bucket = _mix64(chunk) % np.uint64(buckets)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(buckets + 1, dtype=np.uint64))
+        ordered = chunk[order]
+        for b in range(buckets):
+            if bounds[b] < bounds[b + 1]:
+                with paths[b].open("ab") as out:
+                    ordered[bounds[b] : bounds[b + 1]].tofile(out)
+    return [p for p in paths if p.exists()]
+
+
+def _mix64(keys: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: spreads keys with structure in their low bits (strides, ids with a type
+    tag) evenly over the buckets."""
+    z = keys.view(np.uint64).copy()
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

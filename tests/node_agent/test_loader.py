@@ -13,7 +13,7 @@ import yaml
 from hps_operator.cli import main as hps_main
 
 from node_agent.errors import InvalidArgumentError, TableSourceError, UnavailableError
-from node_agent.loader import checkpoint_path, load_model, load_table, open_source
+from node_agent.loader import check_unique_keys, checkpoint_path, load_model, load_table, open_source
 from node_agent.local.redis_servers import RedisProcess
 from node_agent.spec import TableSpec, parse_model
 from node_agent.tiers import HashMapTier, RedisTier, RocksDBTier, TableLayout
@@ -195,6 +195,90 @@ def test_one_bad_table_fails_the_model_load_before_any_row_is_written(tmp_path: 
         load_model(model, tiers=[tier], base_dir=tmp_path, tables=["nope"])
     reports = load_model(model, tiers=[tier], base_dir=tmp_path, tables=["good"])
     assert [r.table for r in reports] == ["good"] and tier.count("good") == 10
+
+
+# -- duplicate keys ------------------------------------------------------------------------------
+
+
+def test_duplicate_keys_in_keys_npy_fail_the_load_naming_file_count_and_keys(tmp_path: Path) -> None:
+    keys = np.arange(100, 200, dtype=np.int64)
+    keys[[10, 50, 70]] = [105, 105, 190]  # key 105 three times, 190 twice: 3 rows repeat a key
+    src = _npy_dir(tmp_path, _rows(100), keys)
+    table = TableSpec("t", rows=100, dim=DIM, source=str(src))
+    tier = _hashmap(table)
+    with pytest.raises(TableSourceError) as caught:
+        load_table(table, tiers=[tier])
+    message = str(caught.value)
+    assert message.startswith(f"{src / 'keys.npy'}: 3 duplicate key(s)")
+    assert "keys 105, 190" in message and "\n" not in message
+    assert tier.count("t") == 0  # nothing written
+
+
+def test_duplicate_keys_in_a_hugectr_key_file_fail_the_model_load_before_any_row(tmp_path: Path) -> None:
+    _npy_dir(tmp_path, _rows(10), name="good")
+    hugectr = tmp_path / "sparse"
+    hugectr.mkdir()
+    np.array([7, 3, 9, 3], dtype="<i8").tofile(hugectr / "key")
+    _rows(4).tofile(hugectr / "emb_vector")
+    model = parse_model({"metadata": {"name": "m"}, "spec": {"tables": [
+        {"name": "good", "rows": 10, "dim": DIM, "source": "good"},
+        {"name": "sparse", "rows": 4, "dim": DIM, "source": "sparse"},
+    ]}})  # fmt: skip
+    tier = _hashmap(*model.tables)
+    with pytest.raises(TableSourceError, match=r"sparse/key: 1 duplicate key\(s\) among 4 rows.*keys 3$"):
+        load_model(model, tiers=[tier], base_dir=tmp_path)
+    assert tier.count("good") == 0 and tier.count("sparse") == 0
+
+
+def test_distinct_keys_of_any_integer_dtype_load(tmp_path: Path) -> None:
+    keys = np.array([-5, 0, 2**31 - 1, -(2**31), 42], dtype=np.int32)  # extremes stay distinct as int64
+    src = _npy_dir(tmp_path, _rows(5), keys)
+    table = TableSpec("t", rows=5, dim=DIM, source=str(src))
+    tier = _hashmap(table)
+    assert load_table(table, tiers=[tier]).rows == 5
+    _assert_holds(tier, "t", keys.astype(np.int64), _rows(5))
+
+
+@pytest.mark.parametrize("duplicates", [0, 1, 37])
+def test_a_key_file_larger_than_the_memory_bound_is_checked_through_bucket_files(
+    tmp_path: Path, duplicates: int
+) -> None:
+    """A 64 KiB bound holds 2048 keys, so 20000 keys go through the hash-bucketed path; the result
+    is the same as a whole-array check."""
+    rng = np.random.default_rng(7)
+    keys = rng.permutation(np.arange(-10_000, 10_000, dtype=np.int64) * 4096)  # structured low bits
+    where = rng.choice(len(keys), size=2 * duplicates, replace=False)
+    keys[where[:duplicates]] = keys[where[duplicates:]]
+    np.save(tmp_path / "keys.npy", keys)
+    mapped = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    if not duplicates:
+        check_unique_keys(mapped, tmp_path / "keys.npy", memory=64 * 1024, spill_dir=scratch)
+    else:
+        with pytest.raises(TableSourceError) as caught:
+            check_unique_keys(mapped, tmp_path / "keys.npy", memory=64 * 1024, spill_dir=scratch)
+        values, counts = np.unique(keys, return_counts=True)
+        smallest = ", ".join(str(k) for k in values[counts > 1][:5])
+        assert f": {duplicates} duplicate key(s) among 20000 rows" in str(caught.value)
+        assert f"keys {smallest}" in str(caught.value)
+    assert list(scratch.iterdir()) == []  # the bucket files are removed
+
+
+def test_cli_duplicate_keys_exit_with_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _npy_dir(tmp_path, _rows(10), np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1]), name="users")
+    model_file = _model_file(tmp_path, [{"name": "users", "rows": 10, "dim": DIM, "source": "users"}])
+    assert hps_main(["load", "-f", str(model_file), "--rocksdb", str(tmp_path / "db"), "--no-progress"]) == 6
+    err = capsys.readouterr().err
+    assert "users/keys.npy: 1 duplicate key(s) among 10 rows" in err and "keys 1" in err
+    assert err.count("\n") == 1
+    rocksdb = RocksDBTier(tmp_path / "db", [TableLayout("users", DIM, np.dtype(np.float32))], read_only=True)
+    assert not rocksdb.fetch("users", np.arange(1, 10))[1].any()  # no row written
+    rocksdb.close()
+    assert hps_main(["load", "-f", str(model_file), "--check"]) == 6  # --check finds it too
+    assert "duplicate key" in capsys.readouterr().err
 
 
 # -- resuming ------------------------------------------------------------------------------------
