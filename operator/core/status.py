@@ -3,16 +3,26 @@ rollout and the error (if any) of this round, per the Kubernetes API conventions
 
 Conditions (metav1.Condition shape; ``lastTransitionTime`` moves only when ``status`` changes):
 
-- **Ready**: every desired replica has a ready agent pod in each partition clients route to, and the
-  tables are loaded. False with the error's reason (``InvalidSpec`` naming the field,
-  ``InsufficientGPUMemory`` with needed and available bytes, ...) when the spec cannot be served.
+- **Ready**: every desired replica has a ready agent pod in each partition clients route to, the
+  tables are loaded, and (in cluster mode) the Redis Cluster formed. False with the error's reason
+  (``InvalidSpec`` naming the field, ``InsufficientGPUMemory`` with needed and available bytes, ...)
+  when the spec cannot be served.
 - **Placed**: a plan exists for the spec (False ``InsufficientGPUMemory`` when none fits).
 - **Loaded**: the tables are in the tiers (the loader Job for Redis; agents fill their own tiers).
 - **Progressing**: a plan rollout, a scale or a load is under way.
-- **Degraded**: serving, but not fully: the Redis StatefulSet is not ready (lookups fall back to
-  L1/L3), the loader Job failed, a partition has no ready pod, or replicas that served stopped being
-  ready. The reason names the first of these; the message lists every one. A model that serves
-  nothing at all is not Degraded but not Ready.
+- **Degraded**: serving, but not fully: the Redis Cluster bootstrap Job failed, the Redis StatefulSet
+  is not ready (lookups fall back to L1/L3), the loader Job failed, a partition has no ready pod, or
+  replicas that served stopped being ready. The reason names the first of these; the message lists
+  every one. A model that serves nothing at all is not Degraded but not Ready.
+
+A failed ``<model>-redis-bootstrap`` Job (``spec.volatileStore.redis.cluster``) is its own cause,
+``RedisClusterBootstrapFailed``, because nothing else shows it: the Redis pods' readiness probe is a
+PING, which a node that never joined a cluster answers, while every data command gets CLUSTERDOWN.
+So the shared tier does not exist: the loader cannot fill it and online updates (a Redis Stream in
+it) cannot be published, and lookups only answer from L1/L3. It makes Degraded True (first reason,
+being the likely cause of a failed load too) and Ready False with that reason, ahead of the loader's
+state; Loaded still reports the loader alone. The Job does not retry once failed: deleting it makes
+the operator render it again, and it exits at once when the cluster has formed meanwhile.
 
 The helpers ``statefulset_*`` and ``job_state`` turn observed objects into the plain facts used here,
 so the handler stays a thin observer.
@@ -34,6 +44,9 @@ from node_agent.spec import ModelSpec
 
 CONDITION_TYPES = ("Ready", "Placed", "Loaded", "Progressing", "Degraded")
 COMPONENT_LABEL = "app.kubernetes.io/component"
+#: the component label of the Job that forms the Redis Cluster (``<model>-redis-bootstrap``)
+BOOTSTRAP = "redis-bootstrap"
+BOOTSTRAP_FAILED = "RedisClusterBootstrapFailed"
 
 
 def set_condition(
@@ -106,12 +119,16 @@ class ChildrenObservation:
 
     ``redis_ready``: ``None`` when the model has no Redis. ``load``: ``"NotNeeded"`` (agents load
     their own tiers), ``"Running"``, ``"Succeeded"``, ``"Failed"`` or ``None`` (no loader Job seen
-    yet); ``load_message`` says why a load failed."""
+    yet); ``load_message`` says why a load failed. ``redis_bootstrap``: the Redis Cluster bootstrap
+    Job's state, the same words as ``load`` (``"NotNeeded"`` without cluster mode, ``None`` when the
+    Job is not seen yet); ``redis_bootstrap_message`` says why it failed."""
 
     agents: tuple[AgentObservation, ...] = ()
     redis_ready: bool | None = None
     load: str | None = None
     load_message: str = ""
+    redis_bootstrap: str | None = "NotNeeded"
+    redis_bootstrap_message: str = ""
 
 
 def statefulset_updated(sts: Mapping[str, Any]) -> bool:
@@ -182,10 +199,11 @@ def observe_children(
 ) -> ChildrenObservation:
     """The model's live children (as read from the API) → a :class:`ChildrenObservation`.
 
-    With ``desired`` (the manifests rendered this round) Redis and the loader are the ones rendered:
-    none rendered means the model has no Redis (``redis_ready`` None) or loads nothing centrally
-    (``load`` "NotNeeded"), and a stale loader Job of an older spec does not count. Without it (the
-    spec could not be rendered) what is live is reported as it is."""
+    With ``desired`` (the manifests rendered this round) Redis, its bootstrap Job and the loader are
+    the ones rendered: none rendered means the model has no Redis (``redis_ready`` None), no Redis
+    Cluster (``redis_bootstrap`` "NotNeeded") or loads nothing centrally (``load`` "NotNeeded"), and a
+    stale loader Job of an older spec does not count. Without it (the spec could not be rendered)
+    what is live is reported as it is."""
     by_key = {_key(c): c for c in live}
     agents = tuple(
         agent_observation(c)
@@ -202,18 +220,34 @@ def observe_children(
         loaders = [
             by_key.get(_key(m)) for m in desired if m.get("kind") == "Job" and _component(m) == "loader"
         ]
+        bootstraps = [
+            by_key.get(_key(m)) for m in desired if m.get("kind") == "Job" and _component(m) == BOOTSTRAP
+        ]
         redis_state = redis_ready(redis[0]) if redis else None
-        if not loaders:
-            return ChildrenObservation(agents, redis_state, "NotNeeded", "")
-        load, message = job_state(loaders[0])
-        return ChildrenObservation(agents, redis_state, load, message)
+        bootstrap, bootstrap_message = job_state(bootstraps[0]) if bootstraps else ("NotNeeded", "")
+        load, message = job_state(loaders[0]) if loaders else ("NotNeeded", "")
+        return ChildrenObservation(agents, redis_state, load, message, bootstrap, bootstrap_message)
     redis_sets = [c for c in live if c.get("kind") == "StatefulSet" and _component(c) == "redis"]
-    states = [job_state(c) for c in live if c.get("kind") == "Job" and _component(c) == "loader"]
-    load, message = next(
-        ((s, m) for wanted in ("Failed", "Running", "Succeeded") for s, m in states if s == wanted),
-        (None, ""),
+    load, message = _worst_job(live, "loader", none=(None, ""))
+    bootstrap, bootstrap_message = _worst_job(live, BOOTSTRAP, none=("NotNeeded", ""))
+    return ChildrenObservation(
+        agents,
+        redis_ready(redis_sets[0]) if redis_sets else None,
+        load,
+        message,
+        bootstrap,
+        bootstrap_message,
     )
-    return ChildrenObservation(agents, redis_ready(redis_sets[0]) if redis_sets else None, load, message)
+
+
+def _worst_job(
+    live: Sequence[Mapping[str, Any]], component: str, *, none: tuple[str | None, str]
+) -> tuple[str | None, str]:
+    """The state of the live Jobs of ``component``, failure first (``none`` when there are none)."""
+    states = [job_state(c) for c in live if c.get("kind") == "Job" and _component(c) == component]
+    return next(
+        ((s, m) for wanted in ("Failed", "Running", "Succeeded") for s, m in states if s == wanted), none
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +410,9 @@ def compute_status(
     all_updated = all(a.updated for a in observed.agents)
     serving = any(a.ready_replicas > 0 for a in observed.agents)
     issues: list[tuple[str, str]] = []
+    bootstrap_failed = observed.redis_bootstrap == "Failed"
+    if bootstrap_failed:
+        issues.append((BOOTSTRAP_FAILED, _bootstrap_failure(name, observed.redis_bootstrap_message)))
     if observed.redis_ready is False:
         issues.append(
             (
@@ -434,6 +471,8 @@ def compute_status(
         put("Ready", False, "Pending", "no placement plan yet")
     elif desired == 0:
         put("Ready", False, "ScaledToZero", "spec.replicas is 0")
+    elif bootstrap_failed:
+        put("Ready", False, BOOTSTRAP_FAILED, _bootstrap_failure(name, observed.redis_bootstrap_message))
     elif load not in ("Succeeded", "NotNeeded"):
         put(
             "Ready",
@@ -453,6 +492,14 @@ def compute_status(
 
     status["conditions"] = _sorted_conditions(conditions)
     return status
+
+
+def _bootstrap_failure(name: str, message: str) -> str:
+    return (
+        f"the Redis Cluster bootstrap Job {name}-redis-bootstrap failed ({message or 'no message'}): the "
+        "cluster never formed, so the Redis tier holds no table and takes no update; lookups are "
+        "answered from the GPU cache and the persistent store. Delete the Job to retry"
+    )
 
 
 def _still_scaling(previous: Mapping[str, Any], ready: int) -> bool:

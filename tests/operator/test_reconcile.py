@@ -324,3 +324,26 @@ def test_the_operator_pull_policy_reaches_agent_and_loader_containers() -> None:
     assert policies[("Job", "registry.example/hps:default")] == "Always"
     # Redis runs its own image: the agent policy is not forced on it
     assert all(p is None for (kind, image), p in policies.items() if image.startswith("redis:"))
+
+
+def test_a_failed_redis_cluster_bootstrap_job_reaches_the_status() -> None:
+    """Cluster mode renders ``<model>-redis-bootstrap``; when it fails after everything else came up,
+    the model stops reporting Ready and says why."""
+    body = model(volatileStore={"type": "redis", "redis": {"shards": 3, "cluster": True}})
+    first = reconcile(observe(body, []), OPTIONS)
+    assert ("Job", "dlrm-redis-bootstrap") in {(m["kind"], m["metadata"]["name"]) for m in first.apply}
+    children = applied(first, [], ready=True)
+    body = with_status(body, first)
+    healthy = reconcile(observe(body, children), OPTIONS)
+    assert condition(healthy.status, "Ready")["status"] == "True"
+
+    job = next(c for c in children if c["metadata"]["name"] == "dlrm-redis-bootstrap")
+    job["status"] = {"failed": 7, "conditions": [{"type": "Failed", "status": "True",
+                                                  "reason": "BackoffLimitExceeded"}]}  # fmt: skip
+    broken = reconcile(observe(with_status(body, healthy), children, now=T1), OPTIONS)
+    assert (condition(broken.status, "Degraded")["status"], condition(broken.status, "Degraded")["reason"]) == (
+        "True", "RedisClusterBootstrapFailed")  # fmt: skip
+    assert condition(broken.status, "Ready")["reason"] == "RedisClusterBootstrapFailed"
+    assert condition(broken.status, "Loaded")["status"] == "True"
+    assert [e.reason for e in broken.events if e.type == "Warning"] == ["RedisClusterBootstrapFailed"]
+    assert status_schema_errors(broken.status) == []

@@ -274,3 +274,60 @@ def test_every_cause_is_listed_and_the_first_names_the_reason() -> None:
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "VolatileStoreUnavailable"
     assert "Redis" in degraded["message"] and "vectors.npy" in degraded["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the Redis Cluster bootstrap Job
+
+
+def bootstrap_failed(load: str = "Succeeded", load_message: str = "") -> ChildrenObservation:
+    """Redis pods answer PING (ready) but the Job that forms the cluster gave up."""
+    return ChildrenObservation(agents=healthy().agents, redis_ready=True, load=load, load_message=load_message,
+                               redis_bootstrap="Failed", redis_bootstrap_message="BackoffLimitExceeded")  # fmt: skip
+
+
+def test_a_failed_redis_cluster_bootstrap_is_degraded_and_not_ready() -> None:
+    status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=bootstrap_failed(),
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    found = conditions(status)
+    assert found["Degraded"] == ("True", "RedisClusterBootstrapFailed")
+    assert found["Ready"] == ("False", "RedisClusterBootstrapFailed")
+    assert found["Loaded"] == ("True", "Loaded")  # the loader's own report is kept
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert "dlrm-redis-bootstrap" in degraded["message"] and "BackoffLimitExceeded" in degraded["message"]
+    assert status_schema_errors(status) == []
+
+
+def test_a_failed_bootstrap_is_named_before_the_load_it_broke() -> None:
+    observed = bootstrap_failed(load="Failed", load_message="CLUSTERDOWN Hash slot not served")
+    status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=observed,
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    found = conditions(status)
+    assert found["Ready"] == ("False", "RedisClusterBootstrapFailed")
+    assert found["Loaded"] == ("False", "LoadFailed")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "RedisClusterBootstrapFailed" and "CLUSTERDOWN" in degraded["message"]
+
+
+@pytest.mark.parametrize("bootstrap", ["Running", "Succeeded", "NotNeeded", None])
+def test_a_bootstrap_that_has_not_failed_changes_nothing(bootstrap: str | None) -> None:
+    observed = ChildrenObservation(agents=healthy().agents, redis_ready=True, load="Succeeded",
+                                   redis_bootstrap=bootstrap)  # fmt: skip
+    status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=observed,
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    assert conditions(status)["Ready"] == ("True", "Ready")
+    assert conditions(status)["Degraded"] == ("False", "AsExpected")
+
+
+def test_observe_children_reads_the_rendered_bootstrap_job() -> None:
+    failed = {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}
+    live = [child("Job", "dlrm-redis-bootstrap", "redis-bootstrap", failed),
+            child("Job", "dlrm-load", "loader", {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})]  # fmt: skip
+    desired = [{"kind": "Job", "metadata": {"name": n, "labels": {"app.kubernetes.io/component": c}}}
+               for n, c in (("dlrm-redis-bootstrap", "redis-bootstrap"), ("dlrm-load", "loader"))]  # fmt: skip
+    seen = observe_children(live, desired=desired)
+    assert (seen.redis_bootstrap, seen.redis_bootstrap_message) == ("Failed", "BackoffLimitExceeded")
+    assert seen.load == "Succeeded"
+    assert observe_children([], desired=desired).redis_bootstrap is None  # rendered, not created yet
+    assert observe_children(live, desired=desired[1:]).redis_bootstrap == "NotNeeded"  # no cluster mode
+    assert observe_children(live).redis_bootstrap == "Failed"  # nothing rendered: what is live
