@@ -25,7 +25,11 @@ Decisions (the contract the tests hold it to):
 * **Re-plans** (``previous`` given): every piece stays on its slot when the slot still exists and
   stays within ``maxImbalance x mean`` load and the budget; over-full slots shed their pieces with the
   most load per byte first (least bytes moved per unit of load shed); shed and orphaned pieces
-  (removed slots, new tables) water-fill the least-loaded slots. ``row`` re-plans per table, keeping
+  (removed slots, new tables) water-fill the least-loaded slots. Where that leaves a slot over the cap
+  because the slots with load room are full of cold bytes, ``auto`` exchanges: the over-loaded slot's
+  hot buckets go to the slot with the most load room, which first sends its coldest buckets to slots
+  with free bytes (or back to the over-loaded slot), pieces that move anyway first, in whole buckets,
+  until every slot is within the cap or no exchange helps. ``row`` re-plans per table, keeping
   each slot's buckets up to its ``⌈B/slots⌉`` share. A re-plan with no change returns ``previous``
   itself (same version); any change is ``previous.version + 1``. Replicas never enter the plan.
 * **movedBytes** counts the bytes of ``(table, bucket)`` pieces a slot holds that it did not hold in
@@ -35,7 +39,10 @@ Decisions (the contract the tests hold it to):
   must shed at least that excess, carried by its densest pieces (a fractional-knapsack bound). For
   ``row`` the per-table bound counts buckets above each slot's ``⌈B/slots⌉`` share instead, and for
   ``replicate`` the bound is what every slot lacks. When the previous plan held a bucket on several
-  slots (``replicate``) only the orphaned bytes are counted.
+  slots (``replicate``) only the orphaned bytes are counted. Every term is bytes that any plan
+  within the cap and budget must move, so the bound stays a true lower bound; it does not count the
+  cold bytes a memory-full slot must give up to take load (an exchange), so there movedBytes may
+  exceed it by those bytes.
 * **partitions = 0**: the smallest ``P ≥ ⌈total bytes / (gpus_per_pod x budget)⌉`` (1 for
   ``replicate``) whose plan fits, trying at most 8 consecutive values.
 """
@@ -422,7 +429,165 @@ def _balanced_layout(tables: _Tables, slots: int, budget: int, prior: _Previous 
             used[s] += tables.range_bytes(t, lo, lo + k)
             heapq.heappush(heap, (slot_load + k * w, s))
             lo += k
+    if split:
+        _repair_balance(tables, kept, budget, cap, prior)
     return kept
+
+
+def _repair_balance(tables: _Tables, layout: list[list[Piece]], budget: int, cap: float,
+                    prior: _Previous | None) -> None:  # fmt: skip
+    """Brings slots still over ``cap`` after the water-fill under it, in place. The water-fill fails
+    where the slots with load room have no byte room (full of large, rarely read tables): then an
+    over-loaded slot's hot buckets go to the slot with the most load room, and that slot first sends
+    cold buckets (least load per byte) to slots with free bytes, or back to the over-loaded slot (an
+    exchange). Pieces that already move (not held there in ``previous``) go first, so an exchange
+    adds as few moved bytes as it can. Stops when every slot is within ``cap`` or no exchange helps;
+    costs one pass over the pieces when nothing is over."""
+    slots = len(layout)
+    load = np.array(
+        [sum((hi - lo) * float(tables.bucket_load[t]) for t, lo, hi in p) for p in layout], dtype=np.float64
+    )
+    limit = cap * (1 + _EPS)
+    if slots < 2 or float(load.max()) <= limit:
+        return
+    used = np.array([sum(tables.range_bytes(*p) for p in pieces) for pieces in layout], dtype=np.int64)
+    hopeless: set[int] = set()
+    tried: set[tuple[int, int]] = set()
+    # each exchange lowers the total excess by at least one bucket's load, so this bound is never the
+    # reason to stop on a solvable layout of sane size; it only keeps a pathological one finite
+    for _ in range(8 * slots + 64):
+        over = [s for s in np.flatnonzero(load > limit).tolist() if s not in hopeless]
+        if not over:
+            return
+        o = max(over, key=lambda s: (load[s], -s))
+        room = cap - load
+        open_ = room > _EPS * cap
+        open_[o] = False
+        for s in [r for oo, r in tried if oo == o]:
+            open_[s] = False
+        if not open_.any():
+            hopeless.add(o)
+            continue
+        r = int(np.argmax(np.where(open_, room, -np.inf)))
+        moves = _exchange(tables, layout, prior, o, r, load=load, used=used, budget=budget, cap=cap)
+        if moves is None:
+            tried.add((o, r))
+            continue
+        for src, dst, (t, lo, hi) in moves:
+            _take(layout[src], t, lo, hi)
+            layout[dst].append((t, lo, hi))
+            piece_load = (hi - lo) * float(tables.bucket_load[t])
+            piece_bytes = tables.range_bytes(t, lo, hi)
+            load[src] -= piece_load
+            load[dst] += piece_load
+            used[src] -= piece_bytes
+            used[dst] += piece_bytes
+
+
+def _exchange(tables: _Tables, layout: list[list[Piece]], prior: _Previous | None, o: int, r: int, *,
+              load: np.ndarray, used: np.ndarray, budget: int, cap: float) -> list[tuple[int, int, Piece]] | None:  # fmt: skip
+    """The moves ``(from, to, piece)`` that shift up to ``o``'s excess load from over-loaded slot ``o``
+    to slot ``r`` without taking ``r`` over ``cap``, making byte room on ``r`` with its coldest buckets
+    as needed; None when no piece of ``o`` can go."""
+    limit = cap * (1 + _EPS)
+    excess = float(load[o]) - cap
+    room = cap - float(load[r])
+    free = budget - used
+    after = load.copy()
+
+    def moved_anyway(s: int, p: Piece) -> bool:
+        return prior is None or _overlap_bytes(tables, *p, prior.holdings.get((p[0], s), ())) == 0
+
+    hot_first = sorted(layout[o], key=lambda p: (not moved_anyway(o, p), -tables.density[p[0]], p))
+    cold_first = sorted(layout[r], key=lambda p: (not moved_anyway(r, p), tables.density[p[0]], p))
+    moves: list[tuple[int, int, Piece]] = []
+    for t, lo, hi in hot_first:
+        if excess <= _EPS * cap or room <= _EPS * cap:
+            break
+        w = float(tables.bucket_load[t])
+        if w <= 0:
+            continue
+        k = min(hi - lo, max(1, math.ceil(excess / w - _EPS)), math.floor(room / w + _EPS))
+        if k < 1:
+            continue
+        hot = (t, hi - k, hi)
+        hot_bytes = tables.range_bytes(*hot)
+        need = hot_bytes - int(free[r])
+        trial_free, trial_load, trial_cold = free.copy(), after.copy(), list(cold_first)
+        trial_free[o] += hot_bytes
+        trial_load[o] -= k * w
+        cold: list[tuple[int, int, Piece]] = []
+        if need > 0:
+            made = _make_room(tables, trial_cold, r, need, below=float(tables.density[t]), free=trial_free,
+                              load=trial_load, limit=limit, prefer_not=o)  # fmt: skip
+            if made is None:
+                continue
+            cold = made
+        trial_free[r] -= hot_bytes
+        trial_load[r] += k * w
+        free, after, cold_first = trial_free, trial_load, trial_cold
+        moves += cold
+        moves.append((o, r, hot))
+        # what r sheds lowers its load too: its room is what keeps it within the cap
+        excess -= k * w
+        room = cap - float(after[r])
+    return moves or None
+
+
+def _make_room(tables: _Tables, cold_first: list[Piece], r: int, need: int, *, below: float, free: np.ndarray,
+               load: np.ndarray, limit: float, prefer_not: int) -> list[tuple[int, int, Piece]] | None:  # fmt: skip
+    """Moves of slot ``r``'s buckets from ``cold_first`` (density under ``below``, so ``r`` gains load
+    overall) freeing ``need`` bytes, each to the slot with the most free bytes that stays within
+    ``limit`` (``prefer_not`` only when no other can take it). ``cold_first``, ``free`` and ``load`` are
+    updated; None when the bytes find no home."""
+    moves: list[tuple[int, int, Piece]] = []
+    for i, (t, lo, hi) in enumerate(cold_first):
+        if need <= 0:
+            break
+        if tables.density[t] >= below * (1 - _EPS):
+            continue
+        w = float(tables.bucket_load[t])
+        bucket_bytes = tables.max_bucket_bytes(t)
+        while need > 0 and lo < hi:
+            k = _buckets_for_bytes(tables, t, lo, hi, need)
+            fits_load = load + k * w <= limit
+            fits_load[r] = False
+            candidates = fits_load & (free >= tables.range_bytes(t, hi - k, hi))
+            others = candidates.copy()
+            others[prefer_not] = False
+            pick = others if others.any() else candidates
+            if not pick.any():  # no slot takes the whole chunk: the roomiest takes what it can
+                pick = fits_load
+                if not pick.any():
+                    return None
+                d = int(np.argmax(np.where(pick, free, -1)))
+                k = min(k, int(free[d]) // bucket_bytes)
+                if k < 1:
+                    return None
+            else:
+                d = int(np.argmax(np.where(pick, free, -1)))
+            chunk_bytes = tables.range_bytes(t, hi - k, hi)
+            moves.append((r, d, (t, hi - k, hi)))
+            free[d] -= chunk_bytes
+            free[r] += chunk_bytes
+            load[d] += k * w
+            load[r] -= k * w
+            need -= chunk_bytes
+            hi -= k
+        cold_first[i] = (t, lo, hi)
+    return moves if need <= 0 else None
+
+
+def _take(pieces: list[Piece], t: int, lo: int, hi: int) -> None:
+    """Removes buckets ``[lo, hi)`` of table ``t`` from the top of the slot's piece ending at ``hi``."""
+    for i, (pt, plo, phi) in enumerate(pieces):
+        if pt == t and phi == hi and plo <= lo:
+            if plo < lo:
+                pieces[i] = (t, plo, lo)
+            else:
+                del pieces[i]
+            return
+    raise AssertionError(f"no piece of table {t} ends at bucket {hi}")
 
 
 def _whole_tables_only(tables: _Tables, kept: list[list[Piece]], pool: list[Piece]

@@ -336,3 +336,15 @@ def test_a_whole_table_too_large_for_any_gpu_reports_its_cache_bytes() -> None:
         plan_for(model)
     assert err.value.needed == 40_000_000 * 128 * 4 // 10  # a tenth of the table must be cached
     assert err.value.available <= 2**30
+
+
+def test_auto_meets_the_target_when_memory_is_tight_after_losing_a_gpu() -> None:
+    """4 → 3 GPUs with little free memory: after the minimal re-plan one GPU is full of large, rarely
+    read tables, so the load shed by the others has nowhere to land unless cold bytes make room."""
+    rows = (11234, 10697, 80560, 1595, 111547, 23993, 972086, 1103165, 2635323, 755352, 146376)
+    hotness = (0.316, 0.089, 0.081, 0.185, 0.233, 0.113, 1.0, 0.130, 0.0996, 0.483, 0.152)
+    model = make_model(rows, gpus=4, memory=316_049_317, hotness=hotness, dim=32)
+    _, after = _scaled(4, 3, model=model)
+    assert_valid(after, model, 316_049_317)
+    assert after.metrics.imbalance <= 1.05
+    assert after.metrics.movement_lower_bound <= after.metrics.moved_bytes <= 1.1 * after.metrics.movement_lower_bound
