@@ -1,0 +1,68 @@
+"""What every pod we render shares: the Redis password from its Secret, the model store volume, the
+user's pod labels and annotations, and the agent image's pod knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hps_operator.core.render.meta import MODEL_STORE_VOLUME, redis_secret_name
+
+from node_agent.spec import ModelSpec, ModelStoreSpec, NFSSource, PersistentVolumeClaimSource
+
+REDIS_PASSWORD_KEY = "password"
+
+
+REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
+
+
+def secret_env(model: ModelSpec, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "valueFrom": {"secretKeyRef": {"name": redis_secret_name(model), "key": REDIS_PASSWORD_KEY}},
+    }
+
+
+def model_store_volume(store: ModelStoreSpec) -> dict[str, Any]:
+    volume = store.volume
+    if isinstance(volume, PersistentVolumeClaimSource):
+        return {"name": MODEL_STORE_VOLUME,
+                "persistentVolumeClaim": {"claimName": volume.claim_name, "readOnly": volume.read_only}}
+    if isinstance(volume, NFSSource):
+        return {"name": MODEL_STORE_VOLUME,
+                "nfs": {"server": volume.server, "path": volume.path, "readOnly": volume.read_only}}
+    host_path: dict[str, Any] = {"path": volume.path}
+    if volume.type:
+        host_path["type"] = volume.type
+    return {"name": MODEL_STORE_VOLUME, "hostPath": host_path}  # fmt: skip
+
+
+def mount_model_store(model: ModelSpec, pod_spec: dict[str, Any]) -> None:
+    """Adds the model store to a pod that reads table sources: read-only whatever the volume says,
+    as nothing of ours writes there."""
+    store = model.model_store
+    if store is None:
+        return
+    pod_spec["volumes"].append(model_store_volume(store))
+    pod_spec["containers"][0]["volumeMounts"].append(
+        {"name": MODEL_STORE_VOLUME, "mountPath": store.mount_path, "readOnly": True}
+    )
+
+
+def pod_metadata(model: ModelSpec, own_labels: Mapping[str, str],
+                  own_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A pod template's metadata: the user's ``podLabels``/``podAnnotations`` under ours
+    (``check_renderable`` has already refused keys that would collide)."""
+    meta: dict[str, Any] = {"labels": {**model.agent.pod_labels, **own_labels}}
+    annotations = {**model.agent.pod_annotations, **(own_annotations or {})}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def add_pod_knobs(model: ModelSpec, pod_spec: dict[str, Any]) -> None:
+    """What every pod running the agent image takes from ``spec.agent``, beyond scheduling."""
+    if model.agent.priority_class_name:
+        pod_spec["priorityClassName"] = model.agent.priority_class_name
+    if model.agent.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in model.agent.image_pull_secrets]

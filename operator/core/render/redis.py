@@ -1,0 +1,313 @@
+"""The volatile tier in the cluster: the Redis StatefulSet, its headless Service, PDB, password Secret and,
+in cluster mode, the Job that forms the Redis Cluster.
+
+Redis runs as ONE StatefulSet ``<model>-redis`` of ``shards * (1 + replicasPerShard)`` pods: pod ``k``
+is shard ``k // (1 + r)``, a master when ``k % (1 + r) == 0`` and otherwise a replica of that master.
+One object to own, watch and cover with one PodDisruptionBudget, and one headless Service naming every
+node, which is what ``redis-cli --cluster create`` needs in cluster mode. (Changing
+``replicasPerShard`` therefore re-maps ordinals: the volatile tier is refilled by the loader.) Redis
+runs ``maxmemory-policy noeviction``: a full Redis rejects writes loudly instead of silently dropping
+table rows or unconsumed online updates. ``maxmemory`` is 85% of ``redis.memory`` (the container
+limit) to leave room for client buffers, replication backlog and fragmentation.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from hps_operator.core.render.meta import Manifest, labels, object_metadata, redis_name, selector_labels
+from hps_operator.core.render.pods import REDIS_PASSWORD_ENV, REDIS_PASSWORD_KEY, secret_env
+
+from node_agent.spec import ModelSpec, format_quantity
+
+REDIS_PORT = 6379
+
+
+REDIS_BUS_PORT = 16379
+
+
+DEFAULT_REDIS_IMAGE = "redis:7.4"
+
+
+def uses_redis(model: ModelSpec) -> bool:
+    return model.volatile_store.type == "redis"
+
+
+def _redis_host(model: ModelSpec, ordinal: int) -> str:
+    return f"{redis_name(model)}-{ordinal}.{redis_name(model)}.{model.namespace}.svc"
+
+
+def redis_pod_count(model: ModelSpec) -> int:
+    redis = model.volatile_store.redis
+    return redis.shards * (1 + redis.replicas_per_shard)
+
+
+def redis_addresses(model: ModelSpec) -> list[str]:
+    """What agents and the loader get as ``--redis``: the masters in client-side sharding (shard order
+    matters: it is the sharding), every node as a seed in cluster mode."""
+    redis = model.volatile_store.redis
+    if redis.cluster:
+        ordinals = range(redis_pod_count(model))
+    else:
+        ordinals = range(0, redis_pod_count(model), 1 + redis.replicas_per_shard)
+    return [f"{_redis_host(model, k)}:{REDIS_PORT}" for k in ordinals]
+
+
+def render_redis_secret(model: ModelSpec, *, owner: Mapping[str, Any], password: str) -> Manifest:
+    """The AUTH password, generated once by the caller (randomness is not pure) and kept."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": object_metadata(model, redis_name(model), "redis", owner),
+        "type": "Opaque",
+        # ``data`` rather than ``stringData``: the API server stores ``data``, so what we render is
+        # what we read back and an unchanged Secret compares equal
+        "data": {REDIS_PASSWORD_KEY: base64.b64encode(password.encode()).decode()},
+    }
+
+
+def render_redis_service(model: ModelSpec, *, owner: Mapping[str, Any]) -> Manifest:
+    """Headless: a stable DNS name per Redis pod. Not-ready pods are published too, so replicas find
+    their master and cluster nodes each other before any of them is ready."""
+    ports = [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}]
+    if model.volatile_store.redis.cluster:
+        ports.append(
+            {"name": "cluster-bus", "port": REDIS_BUS_PORT, "targetPort": "cluster-bus", "protocol": "TCP"}
+        )
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_metadata(model, redis_name(model), "redis", owner),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(model, "redis"),
+            "ports": ports,
+        },
+    }
+
+
+def _redis_server_script(model: ModelSpec) -> str:
+    redis = model.volatile_store.redis
+    group = 1 + redis.replicas_per_shard
+    service = f"{redis_name(model)}.{model.namespace}.svc"
+    lines = [
+        "set -eu",
+        'ordinal="${HOSTNAME##*-}"',
+        "conf=/tmp/redis.conf",
+        "umask 077",
+        "{",
+        f"  echo 'port {REDIS_PORT}'",
+        "  echo 'bind 0.0.0.0'",
+        "  echo 'protected-mode no'",
+        "  echo 'dir /data'",
+        "  echo 'save \"\"'",
+        "  echo 'appendonly no'",
+        f"  echo 'maxmemory {model.volatile_store.redis.memory * 85 // 100}'",
+        "  echo 'maxmemory-policy noeviction'",
+        '  echo "requirepass ${REDIS_PASSWORD}"',
+        '  echo "masterauth ${REDIS_PASSWORD}"',
+    ]
+    if redis.cluster:
+        lines += [
+            "  echo 'cluster-enabled yes'",
+            "  echo 'cluster-config-file /data/nodes.conf'",
+            "  echo 'cluster-node-timeout 5000'",
+            # clients are redirected by stable DNS names, which survive a pod's new IP after a restart
+            f'  echo "cluster-announce-hostname ${{HOSTNAME}}.{service}"',
+            "  echo 'cluster-preferred-endpoint-type hostname'",
+            '} > "$conf"',
+        ]
+    else:
+        lines += [
+            '} > "$conf"',
+            f"if [ $((ordinal % {group})) -ne 0 ]; then",
+            f'  echo "replicaof {redis_name(model)}-$((ordinal - ordinal % {group})).{service} {REDIS_PORT}" >> "$conf"',
+            "fi",
+        ]
+    lines.append('exec redis-server "$conf"')
+    return "\n".join(lines) + "\n"
+
+
+def render_redis_statefulset(
+    model: ModelSpec, *, owner: Mapping[str, Any], redis_image: str = DEFAULT_REDIS_IMAGE
+) -> Manifest:
+    redis = model.volatile_store.redis
+    memory = format_quantity(redis.memory)
+    ports = [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}]
+    if redis.cluster:
+        ports.append({"name": "cluster-bus", "containerPort": REDIS_BUS_PORT, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": "redis",
+        "image": redis_image,
+        "command": ["sh", "-c", _redis_server_script(model)],
+        # redis-cli reads REDISCLI_AUTH, so probes never put the password on a command line
+        "env": [secret_env(model, REDIS_PASSWORD_ENV), secret_env(model, "REDISCLI_AUTH")],
+        "ports": ports,
+        "resources": {"requests": {"cpu": "100m", "memory": memory}, "limits": {"memory": memory}},
+        "readinessProbe": {
+            "exec": {"command": ["sh", "-c", "redis-cli -p 6379 ping | grep -q PONG"]},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": "redis"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    spec: dict[str, Any] = {
+        "serviceName": redis_name(model),
+        "replicas": redis_pod_count(model),
+        # masters and replicas find each other by DNS: no reason to start them one at a time
+        "podManagementPolicy": "Parallel",
+        "selector": {"matchLabels": selector_labels(model, "redis")},
+        "template": {
+            "metadata": {"labels": labels(model, "redis")},
+            "spec": {
+                "containers": [container],
+                "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                "terminationGracePeriodSeconds": 30,
+            },
+        },
+    }
+    if redis.cluster:
+        # a cluster node's identity (nodes.conf) must survive a restart, or the node rejoins empty
+        claim: dict[str, Any] = {
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        }
+        if model.persistent_store.storage_class:
+            claim["spec"]["storageClassName"] = model.persistent_store.storage_class
+        spec["volumeClaimTemplates"] = [claim]
+        spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    else:
+        # the volatile tier without persistence: the loader refills it
+        spec["template"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": object_metadata(model, redis_name(model), "redis", owner),
+        "spec": spec,
+    }
+
+
+def render_redis_pdb(model: ModelSpec, *, owner: Mapping[str, Any]) -> Manifest:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_metadata(model, redis_name(model), "redis", owner),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(model, "redis")}},
+    }
+
+
+def _redis_bootstrap_script(model: ModelSpec) -> str:
+    hosts = " ".join(_redis_host(model, k) for k in range(redis_pod_count(model)))
+    first = _redis_host(model, 0)
+    replicas = model.volatile_store.redis.replicas_per_shard
+    return (
+        "\n".join(
+            [
+                "set -eu",
+                f'hosts="{hosts}"',
+                "deadline=$(( $(date +%s) + 900 ))",
+                "for h in $hosts; do",
+                '  until redis-cli -h "$h" -p 6379 ping 2>/dev/null | grep -q PONG; do',
+                '    if [ "$(date +%s)" -ge "$deadline" ]; then echo "redis node $h did not answer" >&2; exit 1; fi',
+                "    sleep 2",
+                "  done",
+                "done",
+                f'if redis-cli -h {first} -p 6379 cluster info | grep -q "^cluster_slots_assigned:16384"; then',
+                '  echo "cluster already formed"; exit 0',
+                "fi",
+                'addrs=""',
+                "for h in $hosts; do",
+                # redis-cli --cluster create wants addresses; nodes announce their DNS names afterwards
+                '  ip="$(getent hosts "$h" | awk \'{print $1}\')"',
+                f'  addrs="$addrs $ip:{REDIS_PORT}"',
+                "done",
+                f"redis-cli --cluster create $addrs --cluster-replicas {replicas} --cluster-yes",
+            ]
+        )
+        + "\n"
+    )
+
+
+def render_redis_bootstrap_job(
+    model: ModelSpec, *, owner: Mapping[str, Any], redis_image: str = DEFAULT_REDIS_IMAGE
+) -> Manifest:
+    """Forms the Redis Cluster once every node answers; does nothing when it is already formed."""
+    name = f"{redis_name(model)}-bootstrap"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": object_metadata(model, name, "redis-bootstrap", owner),
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                "metadata": {"labels": labels(model, "redis-bootstrap")},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "containers": [
+                        {
+                            "name": "bootstrap",
+                            "image": redis_image,
+                            "command": ["sh", "-c", _redis_bootstrap_script(model)],
+                            "env": [secret_env(model, "REDISCLI_AUTH")],
+                            "resources": {
+                                "requests": {"cpu": "50m", "memory": "32Mi"},
+                                "limits": {"memory": "128Mi"},
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                },
+            },
+        },
+    }
+
+
+def render_redis(
+    model: ModelSpec,
+    *,
+    owner: Mapping[str, Any],
+    redis_password: str | None,
+    redis_image: str = DEFAULT_REDIS_IMAGE,
+) -> list[Manifest]:
+    """Every Redis child: StatefulSet, headless Service, PDB, the Secret (unless the user names one;
+    then ``redis_password`` may be ``None``) and, in cluster mode, the bootstrap Job."""
+    if not uses_redis(model):
+        return []
+    children = [
+        render_redis_statefulset(model, owner=owner, redis_image=redis_image),
+        render_redis_service(model, owner=owner),
+        render_redis_pdb(model, owner=owner),
+    ]
+    if not model.volatile_store.redis.password_secret:
+        if not redis_password:
+            raise ValueError(
+                "redis_password is required when spec.volatileStore.redis.passwordSecret is empty"
+            )
+        children.append(render_redis_secret(model, owner=owner, password=redis_password))
+    if model.volatile_store.redis.cluster:
+        children.append(render_redis_bootstrap_job(model, owner=owner, redis_image=redis_image))
+    return children
+
+
+def redis_args(model: ModelSpec) -> list[str]:
+    if not uses_redis(model):
+        return []
+    args = ["--redis", ",".join(redis_addresses(model))]
+    if model.volatile_store.redis.cluster:
+        args.append("--redis-cluster")
+    return [*args, "--redis-password-env", REDIS_PASSWORD_ENV]
