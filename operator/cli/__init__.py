@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ SUBCOMMANDS = (
     "lookup",
     "update",
     "plan",
+    "render",
     "load",
     "agent",
     "operator_run",
@@ -61,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`hps render | head`): nothing is wrong, and nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout's flush at exit must not fail again
+        return 0
 
 
 if __name__ == "__main__":

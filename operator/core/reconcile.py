@@ -17,17 +17,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hps_operator.core.live_diff import contains, needs_apply, with_hash
 from hps_operator.core.planner import plan_placement
 from hps_operator.core.render import (
+    MAX_CONFIGMAP_BYTES,
     PLAN_KEY,
     ROUTING_KEY,
     check_renderable,
+    configmap_bytes,
     plan_configmap_name,
     render_children,
 )
@@ -39,6 +40,7 @@ from hps_operator.core.rollout import (
     RolloutObservation,
     advance,
 )
+from hps_operator.core.scheduling import gpu_capacity
 from hps_operator.core.status import (
     COMPONENT_LABEL,
     compute_status,
@@ -48,19 +50,20 @@ from hps_operator.core.status import (
 )
 from hps_operator.core.topology import Topology
 
-from node_agent.errors import InsufficientGPUMemoryError, InvalidSpecError
+from node_agent.errors import HpsError, InsufficientGPUMemoryError, InvalidSpecError
 from node_agent.plan import Plan
 from node_agent.spec import ModelSpec, parse_model
 
-APPLIED_HASH_ANNOTATION = "hps.dev/applied-hash"
 ROLLOUT_FROM_KEY = "rollout-from.json"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
-GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB, set by NVIDIA's GPU feature discovery
 
 #: ``Decision.outcome`` values (the operator's reconcile metric counts them)
 RECONCILED = "Reconciled"
 INVALID_SPEC = "InvalidSpec"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+OBJECT_TOO_LARGE = "ObjectTooLarge"
+#: the StatefulSet fields the API server refuses to change
+STATEFULSET_IMMUTABLE = ("selector", "serviceName", "podManagementPolicy", "volumeClaimTemplates")
 
 
 @dataclass(frozen=True)
@@ -102,16 +105,32 @@ class EventNote:
     message: str
 
 
+class ObjectTooLargeError(HpsError):
+    """A child would exceed what the API server stores (a ConfigMap's 1 MiB)."""
+
+
 @dataclass(frozen=True)
 class Decision:
+    """What the handler carries out, in this order: ``create``, ``replace``, ``apply``, ``delete``;
+    then it writes ``status`` and posts ``events``. Each child is written on its own, so one the API
+    server refuses does not stop the others (the handler reports it, see
+    ``status.with_apply_failures``)."""
+
     #: manifests that differ from (or are missing in) the cluster, sorted by (kind, name)
     apply: tuple[dict[str, Any], ...]
     delete: tuple[ChildRef, ...]
     #: the whole status to report (the handler writes it only when it differs)
     status: dict[str, Any]
     events: tuple[EventNote, ...]
-    #: RECONCILED, INVALID_SPEC or INSUFFICIENT_GPU_MEMORY
+    #: RECONCILED, INVALID_SPEC, INSUFFICIENT_GPU_MEMORY or OBJECT_TOO_LARGE
     outcome: str = RECONCILED
+    #: created when absent and never read back or updated: the Redis password Secret (the operator
+    #: needs no read access to Secrets; pods read the password from it by reference)
+    create: tuple[dict[str, Any], ...] = ()
+    #: StatefulSets whose immutable fields (selector, serviceName, podManagementPolicy,
+    #: volumeClaimTemplates) change: deleted with their pods orphaned, then applied anew, when the
+    #: new StatefulSet adopts the running pods and rolls them
+    replace: tuple[ChildRef, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +199,24 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         advanced, actions = dataclasses.replace(advanced, phase=Phase.DRAINING), (Action.DROP_OLD_SHARDS,)
 
     desired = _render(model, observed, options, target, active, advanced.phase)
+    too_large = [
+        f"ConfigMap/{m['metadata']['name']} would hold {configmap_bytes(m)} bytes"
+        for m in desired
+        if m["kind"] == "ConfigMap" and configmap_bytes(m) > MAX_CONFIGMAP_BYTES
+    ]
+    if too_large:
+        # nothing is written: the API server would refuse it, and the deployment keeps serving
+        error = ObjectTooLargeError(
+            f"{'; '.join(too_large)}, over the API server's {MAX_CONFIGMAP_BYTES} bytes: fewer tables or "
+            "GPUs per model, or a larger spec.placement.bucketCount granularity, would shrink the plan"
+        )
+        status = _status(observed, old_status, model=model, plan=previous, rollout=rollout, error=error,
+                         active_plan=_plan_of(stored, rollout.active_version))  # fmt: skip
+        return Decision((), (), status, tuple(_condition_events(old_status, status)), OBJECT_TOO_LARGE)
     desired_refs = {_ref(m) for m in desired}
-    apply = tuple(m for m in desired if _needs_apply(m, children.get(_ref(m))))
+    create = tuple(m for m in desired if m["kind"] == "Secret")
+    apply = tuple(m for m in desired if m["kind"] != "Secret" and needs_apply(m, children.get(_ref(m))))
+    replace = tuple(_ref(m) for m in apply if _immutable_fields_change(m, children.get(_ref(m))))
     delete = tuple(sorted(ref for ref in children if ref not in desired_refs))
     status = _status(observed, old_status, model=model, plan=target, rollout=advanced, active_plan=active,
                      desired=desired)  # fmt: skip
@@ -205,11 +240,25 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         summary += [f"deleted {', '.join(f'{r.kind}/{r.name}' for r in delete)}"] if delete else []
         events.append(EventNote("Normal", "Applied", "; ".join(summary)))
     events += _condition_events(old_status, status)
-    return Decision(apply, delete, status, tuple(events))
+    return Decision(apply, delete, status, tuple(events), create=create, replace=replace)
+
+
+def _immutable_fields_change(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
+    """A live StatefulSet cannot take ``desired`` as an update (the API server answers 422)."""
+    if live is None or desired.get("kind") != "StatefulSet":
+        return False
+    want, have = desired.get("spec") or {}, live.get("spec") or {}
+    for field in STATEFULSET_IMMUTABLE:
+        if field == "volumeClaimTemplates":
+            if not contains(have.get(field) or [], want.get(field) or []):
+                return True
+        elif field in want and not contains(have.get(field), want[field]):
+            return True
+    return False
 
 
 def _status(observed: Observed, old_status: Mapping[str, Any], *, model: ModelSpec | None, plan: Plan | None,
-            rollout: Rollout, error: InvalidSpecError | InsufficientGPUMemoryError | None = None,
+            rollout: Rollout, error: HpsError | None = None,
             active_plan: Plan | None = None, desired: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     meta = observed.model["metadata"]
     generation = meta.get("generation")
@@ -238,38 +287,23 @@ def _rollout_from_status(status: Mapping[str, Any]) -> Rollout:
 # placement
 
 
-def gpu_capacity(model: ModelSpec, nodes: Sequence[Mapping[str, Any]]) -> tuple[int | None, int]:
-    """``(smallest GPU memory in bytes among nodes that fit a pod — None when no such node says —,
-    number of GPU nodes)``. A node fits a pod when it can allocate ``gpusPerPod`` GPUs."""
-    gpu_nodes = [n for n in nodes if _allocatable_gpus(model, n) > 0]
-    memories = [
-        int(str(_labels(n)[GPU_MEMORY_LABEL])) * 2**20
-        for n in gpu_nodes
-        if _allocatable_gpus(model, n) >= model.gpus_per_pod
-        and str(_labels(n).get(GPU_MEMORY_LABEL, "")).isdigit()
-    ]
-    return (min(memories) if memories else None), len(gpu_nodes)
-
-
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj.get("metadata", {}).get("labels") or {}
 
 
-def _allocatable_gpus(model: ModelSpec, node: Mapping[str, Any]) -> int:
-    value = str(((node.get("status") or {}).get("allocatable") or {}).get(model.agent.gpu_resource_name, "0"))
-    return int(value) if value.isdigit() else 0
-
-
 def _plan(model: ModelSpec, nodes: Sequence[Mapping[str, Any]], previous: Plan | None) -> Plan:
-    """Plans against the GPUs the cluster reports: the cache budget of a GPU is the spec's
-    ``memoryPerGPU`` capped by the smallest GPU among the nodes that fit a pod. Without GPU nodes
-    (a CPU-only cluster: agents cache in host memory) the spec's budget stands."""
-    gpu_memory, gpu_nodes = gpu_capacity(model, nodes)
-    if gpu_nodes and not any(_allocatable_gpus(model, n) >= model.gpus_per_pod for n in nodes):
+    """Plans against the GPUs of the nodes the model's agents can schedule on (its nodeSelector,
+    tolerations and required node affinity): the cache budget of a GPU is the spec's
+    ``memoryPerGPU`` capped by the smallest such GPU. Without GPU nodes it can use (a CPU-only
+    cluster: agents cache in host memory) the spec's budget stands."""
+    capacity = gpu_capacity(model, nodes)
+    if capacity.gpu_nodes and not capacity.pod_nodes:
         raise InsufficientGPUMemoryError(
-            model.total_bytes, 0, f"no node can allocate {model.gpus_per_pod} {model.agent.gpu_resource_name}"
-        )
-    budget = model.cache.memory_per_gpu if gpu_memory is None else min(model.cache.memory_per_gpu, gpu_memory)
+            model.total_bytes, 0, f"no node the agents can run on can allocate {model.gpus_per_pod} "
+            f"{model.agent.gpu_resource_name}",
+        )  # fmt: skip
+    memory = capacity.gpu_memory_bytes
+    budget = model.cache.memory_per_gpu if memory is None else min(model.cache.memory_per_gpu, memory)
     return plan_placement(model, Topology.from_model(model, gpu_memory=budget), previous)
 
 
@@ -327,7 +361,7 @@ def _render(model: ModelSpec, observed: Observed, options: Options, target: Plan
             and active is not None
         ):
             m["data"][ROLLOUT_FROM_KEY] = active.to_json()
-        result.append(_with_hash(m))
+        result.append(with_hash(m))
     return result
 
 
@@ -344,7 +378,7 @@ def _agents_rolled_out(
         if not _is_agent_workload(m):
             continue
         live = children.get(_ref(m))
-        if live is None or _needs_apply(m, live) or not statefulset_rolled_out(live):
+        if live is None or needs_apply(m, live) or not statefulset_rolled_out(live):
             return False
     return True
 
@@ -380,8 +414,8 @@ def _condition_events(old_status: Mapping[str, Any], status: Mapping[str, Any]) 
         return new, any(new.get(k) != old.get(k) for k in ("status", "reason", "message"))
 
     ready, ready_changed = changed("Ready")
-    if ready_changed and ready.get("status") == "False" and ready.get("reason") == INVALID_SPEC:
-        events.append(EventNote("Warning", INVALID_SPEC, str(ready.get("message"))))
+    if ready_changed and ready.get("status") == "False" and ready.get("reason") in (INVALID_SPEC, OBJECT_TOO_LARGE):
+        events.append(EventNote("Warning", str(ready.get("reason")), str(ready.get("message"))))
     placed, placed_changed = changed("Placed")
     if placed_changed and placed.get("status") == "False" and placed.get("reason") == INSUFFICIENT_GPU_MEMORY:
         events.append(EventNote("Warning", INSUFFICIENT_GPU_MEMORY, str(placed.get("message"))))
@@ -409,41 +443,6 @@ def _ref(manifest: Mapping[str, Any]) -> ChildRef:
 
 def _index(children: Sequence[Mapping[str, Any]]) -> dict[ChildRef, Mapping[str, Any]]:
     return {_ref(c): c for c in children}
-
-
-def _with_hash(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """Stamps the manifest's own hash on it, so a changed field that the renderer dropped (which a
-    subset comparison cannot see) still triggers an apply."""
-    m = copy.deepcopy(dict(manifest))
-    annotations = m["metadata"].setdefault("annotations", {})
-    annotations.pop(APPLIED_HASH_ANNOTATION, None)
-    digest = hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    annotations[APPLIED_HASH_ANNOTATION] = digest
-    return m
-
-
-def _needs_apply(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
-    if live is None:
-        return True
-    if (live["metadata"].get("annotations") or {}).get(APPLIED_HASH_ANNOTATION) != desired["metadata"][
-        "annotations"
-    ][APPLIED_HASH_ANNOTATION]:
-        return True
-    # the same manifest was applied; re-apply only where someone changed it since (drift)
-    return not _contains(live, {k: v for k, v in desired.items() if k not in ("stringData", "status")})
-
-
-def _contains(live: Any, desired: Any) -> bool:
-    """Whether every field of ``desired`` is in ``live`` with the same value (the API server adds
-    defaults, so extra fields in ``live`` are fine)."""
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(
-            k in live and _contains(live[k], v) for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        return isinstance(live, list) and len(live) == len(desired) and all(
-            _contains(a, b) for a, b in zip(live, desired, strict=True))  # fmt: skip
-    return bool(live == desired)
 
 
 def _parse_time(text: str) -> datetime.datetime:

@@ -129,6 +129,8 @@ class ChildrenObservation:
     load_message: str = ""
     redis_bootstrap: str | None = "NotNeeded"
     redis_bootstrap_message: str = ""
+    #: the name of the bootstrap Job seen (it carries a hash of its spec)
+    redis_bootstrap_job: str = ""
 
 
 def statefulset_updated(sts: Mapping[str, Any]) -> bool:
@@ -226,7 +228,10 @@ def observe_children(
         redis_state = redis_ready(redis[0]) if redis else None
         bootstrap, bootstrap_message = job_state(bootstraps[0]) if bootstraps else ("NotNeeded", "")
         load, message = job_state(loaders[0]) if loaders else ("NotNeeded", "")
-        return ChildrenObservation(agents, redis_state, load, message, bootstrap, bootstrap_message)
+        bootstrap_job = next(
+            (str(m["metadata"]["name"]) for m in desired if m.get("kind") == "Job" and _component(m) == BOOTSTRAP), ""
+        )
+        return ChildrenObservation(agents, redis_state, load, message, bootstrap, bootstrap_message, bootstrap_job)
     redis_sets = [c for c in live if c.get("kind") == "StatefulSet" and _component(c) == "redis"]
     load, message = _worst_job(live, "loader", none=(None, ""))
     bootstrap, bootstrap_message = _worst_job(live, BOOTSTRAP, none=("NotNeeded", ""))
@@ -252,6 +257,14 @@ def _worst_job(
 
 # ---------------------------------------------------------------------------------------------
 # the whole status
+
+
+def replica_selector(name: str) -> str:
+    """The scale subresource's label selector: partition 0's agent pods, exactly one pod per
+    replica whatever the partition count, so an HPA's Pods metric averages over replicas (a
+    selector of every pod of the model would count Redis, the loader and every partition, and the
+    HPA would multiply its desired replicas by that pod count)."""
+    return f"{COMPONENT_LABEL}=agent,app.kubernetes.io/instance={name},{PARTITION_LABEL}=0"
 
 
 def replica_counts(agents: Iterable[AgentObservation], partitions: int) -> tuple[int, int]:
@@ -348,7 +361,7 @@ def compute_status(
         "observedGeneration": generation,
         "replicas": replicas,
         "readyReplicas": ready,
-        "selector": f"app.kubernetes.io/instance={name}",
+        "selector": replica_selector(name),
         "rebalance": rollout.to_status(),
     }
     if generation is None:
@@ -412,7 +425,7 @@ def compute_status(
     issues: list[tuple[str, str]] = []
     bootstrap_failed = observed.redis_bootstrap == "Failed"
     if bootstrap_failed:
-        issues.append((BOOTSTRAP_FAILED, _bootstrap_failure(name, observed.redis_bootstrap_message)))
+        issues.append((BOOTSTRAP_FAILED, _bootstrap_failure(observed.redis_bootstrap_job or f"{name}-redis-bootstrap", observed.redis_bootstrap_message)))
     if observed.redis_ready is False:
         issues.append(
             (
@@ -472,7 +485,7 @@ def compute_status(
     elif desired == 0:
         put("Ready", False, "ScaledToZero", "spec.replicas is 0")
     elif bootstrap_failed:
-        put("Ready", False, BOOTSTRAP_FAILED, _bootstrap_failure(name, observed.redis_bootstrap_message))
+        put("Ready", False, BOOTSTRAP_FAILED, _bootstrap_failure(observed.redis_bootstrap_job or f"{name}-redis-bootstrap", observed.redis_bootstrap_message))
     elif load not in ("Succeeded", "NotNeeded"):
         put(
             "Ready",
@@ -494,9 +507,30 @@ def compute_status(
     return status
 
 
-def _bootstrap_failure(name: str, message: str) -> str:
+APPLY_FAILED = "ApplyFailed"
+
+
+def with_apply_failures(
+    status: Mapping[str, Any], failures: Sequence[str], *, previous: Mapping[str, Any], now: datetime | str
+) -> dict[str, Any]:
+    """``status`` after the API server refused some children (``failures``, one line each naming the
+    child and the server's answer): ``Progressing`` is False with reason ``ApplyFailed``, and the
+    rollout stays where ``previous`` had it, as what it was to move on to was not written."""
+    result = dict(status)
+    if "rebalance" in previous:
+        result["rebalance"] = previous["rebalance"]
+    generation = status.get("observedGeneration")
+    result["conditions"] = _sorted_conditions(set_condition(
+        status.get("conditions"), type="Progressing", status=False, reason=APPLY_FAILED,
+        message="the API server refused: " + "; ".join(failures),
+        observed_generation=int(generation) if generation is not None else None, now=now,
+    ))  # fmt: skip
+    return result
+
+
+def _bootstrap_failure(job: str, message: str) -> str:
     return (
-        f"the Redis Cluster bootstrap Job {name}-redis-bootstrap failed ({message or 'no message'}): the "
+        f"the Redis Cluster bootstrap Job {job} failed ({message or 'no message'}): the "
         "cluster never formed, so the Redis tier holds no table and takes no update; lookups are "
         "answered from the GPU cache and the persistent store. Delete the Job to retry"
     )

@@ -6,31 +6,35 @@ operator do on scale-up" is :func:`hps_operator.core.reconcile.reconcile`, one h
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import datetime
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
 from hps_operator.core import reconcile as core
-from hps_operator.core.render import REDIS_PASSWORD_KEY, redis_secret_name
-from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi
+from hps_operator.core.render.meta import MANAGED_BY
+from hps_operator.core.status import APPLY_FAILED, with_apply_failures
+from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
 from hps_operator.metrics import OperatorMetrics
 
-from node_agent.errors import InvalidSpecError
-from node_agent.spec import API_GROUP, API_VERSION, KIND, parse_model
+from node_agent.spec import API_GROUP, API_VERSION, KIND
 
 MODEL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
-#: the kinds a model's children come in (what drift detection lists)
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+#: the kinds a model's children come in (what drift detection lists). Secrets are not among them:
+#: the operator creates the Redis password Secret once and never reads Secrets (least privilege).
 CHILD_KINDS = tuple(
     key
     for key, info in KINDS.items()
-    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment")
+    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret")
 )
+#: how long a replaced StatefulSet may take to go (the garbage collector orphans its pods first)
+REPLACE_TIMEOUT_S = 30.0
 
 _locks_guard = threading.Lock()
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -47,10 +51,13 @@ def now_rfc3339() -> str:
 
 
 def observe(api: KubeApi, model: Mapping[str, Any]) -> core.Observed:
-    """Reads what the core needs: the nodes, the model's children, the Redis password."""
+    """Reads what the core needs: the nodes and the model's children (server-side label-selected).
+
+    The Redis password is a fresh random one each round: it is used only when the Secret does not
+    exist yet (``Decision.create``), so the operator never reads a Secret back."""
     meta = model["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
-    selector = f"{core.INSTANCE_LABEL}={name}"
+    selector = f"{core.INSTANCE_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}"
     children = [
         child
         for api_version, kind in CHILD_KINDS
@@ -61,36 +68,22 @@ def observe(api: KubeApi, model: Mapping[str, Any]) -> core.Observed:
         model=model,
         nodes=api.list("v1", "Node"),
         children=children,
-        redis_password=_redis_password(api, model, children),
+        redis_password=secrets.token_urlsafe(24),
         now=now_rfc3339(),
     )
 
 
-def _redis_password(api: KubeApi, model: Mapping[str, Any], children: list[dict[str, Any]]) -> str:
-    """The password in the live Secret (ours, or the user's ``passwordSecret``); a fresh one when
-    there is none yet, which the Secret we render then keeps."""
-    try:
-        secret_name = redis_secret_name(parse_model(model))
-    except InvalidSpecError:
-        return ""  # nothing is rendered for an invalid spec
-    secret = next(
-        (c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] == secret_name), None
-    )
-    if secret is None:
-        secret = api.get("v1", "Secret", model["metadata"]["namespace"], secret_name)
-    encoded = ((secret or {}).get("data") or {}).get(REDIS_PASSWORD_KEY)
-    if encoded:
-        return base64.b64decode(encoded).decode()
-    return secrets.token_urlsafe(24)
-
-
 def reconcile_model(api: KubeApi, model: Mapping[str, Any], *, options: core.Options,
                     logger: logging.Logger | logging.LoggerAdapter[Any],
-                    metrics: OperatorMetrics | None = None) -> core.Decision:  # fmt: skip
-    """Observe → decide → apply → report, for one model. Writes nothing when nothing differs."""
+                    metrics: OperatorMetrics | None = None,
+                    on_locked: Callable[[], None] | None = None) -> core.Decision:  # fmt: skip
+    """Observe → decide → apply → report, for one model. Writes nothing when nothing differs.
+    ``on_locked`` runs once this call holds the model's lock, before it reads anything."""
     meta = model["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     with model_lock(namespace, name):
+        if on_locked is not None:
+            on_locked()
         started = time.monotonic()
         try:
             decision, spec = _reconcile_locked(api, namespace, name, options=options, logger=logger)
@@ -115,20 +108,88 @@ def _reconcile_locked(api: KubeApi, namespace: str, name: str, *, options: core.
     if live is None or live["metadata"].get("deletionTimestamp"):
         return core.Decision((), (), {}, ()), {}
     decision = core.reconcile(observe(api, live), options)
-    for manifest in decision.apply:
-        api.apply(manifest)
-    for ref in decision.delete:
-        api.delete(ref.api_version, ref.kind, ref.namespace, ref.name)
-    patch = status_patch(live.get("status") or {}, decision.status)
+    failures = carry_out(api, decision, logger=logger)
+    status = decision.status
+    if failures:
+        status = with_apply_failures(status, failures, previous=live.get("status") or {}, now=now_rfc3339())
+    patch = status_patch(live.get("status") or {}, status)
     if patch:
         api.patch_status(MODEL_API_VERSION, KIND, namespace, name, patch)
-    for note in decision.events:
+    notes = list(decision.events)
+    if failures:
+        notes.append(core.EventNote("Warning", APPLY_FAILED, "the API server refused: " + "; ".join(failures)))
+    for note in notes:
         kopf.event(
             kopf.Body(cast(kopf.RawBody, live)), type=note.type, reason=note.reason, message=note.message
         )
     if decision.apply or decision.delete:
         logger.info("applied %d, deleted %d children", len(decision.apply), len(decision.delete))
-    return decision, live.get("spec") or {}
+    return dataclasses.replace(decision, status=status), live.get("spec") or {}
+
+
+def carry_out(api: KubeApi, decision: core.Decision, *,
+              logger: logging.Logger | logging.LoggerAdapter[Any]) -> list[str]:  # fmt: skip
+    """Writes the decision's children one by one: a child the API server refuses is reported (the
+    returned lines name each and the server's answer) and the others are still written. A
+    StatefulSet or Job refused as unchangeable (422) is replaced once: deleted (a StatefulSet's pods
+    orphaned, to be adopted) and created anew."""
+    failures: list[str] = []
+
+    def attempt(what: str, write: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
+        try:
+            write(*args, **kwargs)
+        except KubeApiError as exc:
+            logger.warning("%s: %s", what, exc)
+            failures.append(f"{what}: HTTP {exc.status}: {exc}")
+            return False
+        return True
+
+    for manifest in decision.create:
+        key = (manifest["metadata"]["namespace"], manifest["metadata"]["name"],
+               manifest["metadata"]["ownerReferences"][0]["uid"])  # fmt: skip
+        if time.monotonic() - _created.get(key, -CREATE_RECHECK_S) >= CREATE_RECHECK_S and attempt(
+            _what(manifest), api.create, manifest
+        ):
+            _created[key] = time.monotonic()
+    for ref in decision.replace:
+        attempt(f"{ref.kind}/{ref.name}", _replace, api, ref)
+    for manifest in decision.apply:
+        try:
+            api.apply(manifest)
+        except KubeApiError as exc:
+            if exc.status == 422 and manifest["kind"] in ("StatefulSet", "Job"):
+                logger.info("%s cannot be updated in place (%s): replacing it", _what(manifest), exc)
+                ref = core.ChildRef(manifest["apiVersion"], manifest["kind"], manifest["metadata"]["namespace"],
+                                    manifest["metadata"]["name"])  # fmt: skip
+                attempt(_what(manifest), _replace, api, ref, then_apply=manifest)
+            else:
+                logger.warning("%s: %s", _what(manifest), exc)
+                failures.append(f"{_what(manifest)}: HTTP {exc.status}: {exc}")
+    for ref in decision.delete:
+        attempt(f"deleting {ref.kind}/{ref.name}", api.delete, ref.api_version, ref.kind, ref.namespace, ref.name)
+    return failures
+
+
+def _replace(api: KubeApi, ref: core.ChildRef, *, then_apply: Mapping[str, Any] | None = None) -> None:
+    """Deletes a child so that it can be created anew (``then_apply``): a StatefulSet leaves its
+    pods (and their volumes) running for the new one to adopt; a Job takes its pods with it."""
+    propagation = "Orphan" if ref.kind == "StatefulSet" else "Background"
+    api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, propagation=propagation)
+    if not api.wait_gone(ref.api_version, ref.kind, ref.namespace, ref.name, timeout_s=REPLACE_TIMEOUT_S):
+        raise KubeApiError(409, "DELETE", f"{ref.kind}/{ref.name}",
+                           f"still there {REPLACE_TIMEOUT_S:.0f}s after its deletion; retried next round")  # fmt: skip
+    if then_apply is not None:
+        api.apply(then_apply)
+
+
+def _what(manifest: Mapping[str, Any]) -> str:
+    return f"{manifest['kind']}/{manifest['metadata']['name']}"
+
+
+#: Secrets this process created or found (namespace, name, owner uid) → when: not posted again for
+#: CREATE_RECHECK_S, after which a Secret someone deleted is created anew
+_created: dict[tuple[str, str, str], float] = {}
+CREATE_RECHECK_S = 300.0
 
 
 def status_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:

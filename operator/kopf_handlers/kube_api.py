@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -169,6 +170,19 @@ class KubeApi:
         )  # fmt: skip
         return result
 
+    def create(self, manifest: Mapping[str, Any]) -> bool:
+        """Creates ``manifest`` unless an object of its name exists: True when created, False when it
+        was there (the operator never needs to read it, so it needs no read access)."""
+        meta = manifest["metadata"]
+        path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
+        try:
+            self._request("POST", path, query={"fieldManager": self.field_manager}, body=dict(manifest))
+        except KubeApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     def patch_status(self, api_version: str, kind: str, namespace: str | None, name: str,
                      status: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
         path = resource_path(api_version, kind, namespace, name, "status")
@@ -177,13 +191,25 @@ class KubeApi:
         )
         return result
 
-    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
-        """Deletes an object with its dependents (``Background`` propagation); False if absent."""
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str, *,
+               propagation: str = "Background") -> bool:  # fmt: skip
+        """Deletes an object, with its dependents (``Background``) or leaving them (``Orphan``);
+        False if absent."""
         try:
             self._request("DELETE", resource_path(api_version, kind, namespace, name),
-                          body={"propagationPolicy": "Background"})  # fmt: skip
+                          body={"propagationPolicy": propagation})  # fmt: skip
         except KubeApiError as exc:
             if exc.status == 404:
                 return False
             raise
         return True
+
+    def wait_gone(self, api_version: str, kind: str, namespace: str | None, name: str, *,
+                  timeout_s: float = 30.0, poll_s: float = 0.2) -> bool:  # fmt: skip
+        """Waits until the object no longer exists (its finalizers ran); False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.get(api_version, kind, namespace, name) is None:
+                return True
+            time.sleep(poll_s)
+        return False

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 #: (API group, resource, verbs); group "" is the core API
 API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # kopf: watch models, keep its progress annotations and finalizer (patch); the handler reads the
+    # live model before deciding (get)
     ("hps.dev", "embeddingmodels", ("get", "list", "watch", "patch")),
-    ("hps.dev", "embeddingmodels/status", ("get", "patch")),
+    ("hps.dev", "embeddingmodels/status", ("patch",)),
+    # children carry blockOwnerDeletion owner references, which the API server allows only to who
+    # may update the owner's finalizers (where OwnerReferencesPermissionEnforcement is on)
+    ("hps.dev", "embeddingmodels/finalizers", ("update",)),
     # the operator's own events on the EmbeddingModel (kopf posts core v1 Events)
     ("", "events", ("create",)),
-    ("", "configmaps", ("get", "list", "watch", "create", "patch", "delete")),
-    ("", "services", ("get", "list", "watch", "create", "patch", "delete")),
-    ("", "secrets", ("get", "list", "watch", "create", "patch", "delete")),
+    # children: listed and watched by label (server-side), written by server-side apply (patch,
+    # and create for a child that does not exist yet), deleted when no longer rendered
+    ("", "configmaps", ("list", "watch", "create", "patch", "delete")),
+    ("", "services", ("list", "watch", "create", "patch", "delete")),
+    # the Redis password: created once, never read (pods take it by reference), removed with the
+    # model by the garbage collector
+    ("", "secrets", ("create",)),
     ("", "nodes", ("list",)),  # GPU topology, read at each reconcile
+    # StatefulSets and Jobs are also read by name while one is replaced (an immutable field changed)
     ("apps", "statefulsets", ("get", "list", "watch", "create", "patch", "delete")),
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
-    ("policy", "poddisruptionbudgets", ("get", "list", "watch", "create", "patch", "delete")),
-    ("autoscaling", "horizontalpodautoscalers", ("get", "list", "watch", "create", "patch", "delete")),
+    ("policy", "poddisruptionbudgets", ("list", "watch", "create", "patch", "delete")),
+    ("autoscaling", "horizontalpodautoscalers", ("list", "watch", "create", "patch", "delete")),
 )

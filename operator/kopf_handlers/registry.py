@@ -3,13 +3,21 @@ logs in. Every handler is a few lines that end in :func:`embedding_model.reconci
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from hps_operator.core.reconcile import INSTANCE_LABEL, Options
-from hps_operator.kopf_handlers.embedding_model import CHILD_KINDS, MODEL_API_VERSION, reconcile_model
+from hps_operator.core.render.meta import MANAGED_BY
+from hps_operator.kopf_handlers.embedding_model import (
+    CHILD_KINDS,
+    MODEL_API_VERSION,
+    reconcile_model,
+)
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
 from hps_operator.metrics import OperatorMetrics
 
@@ -72,21 +80,32 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
         """Drift and rollout progress: a child changed behind our back, or a phase's wait is over."""
         reconcile(body, logger)
 
+    pending = PendingReconciles()
+
     def child_changed(body: kopf.Body, event: kopf.RawEvent, logger: kopf.Logger, **_: Any) -> None:
-        """A child was deleted, or a workload's status moved: reconcile its owner now."""
+        """A child was deleted, or a workload's status moved: reconcile its owner now.
+
+        The initial listing (event type None, at start and after a relist) is no change: the model's
+        own resume handler reconciles it once. Events that arrive while a reconcile of the same
+        model waits for its turn join that one instead of queueing one reconcile each."""
         owner = next((ref for ref in body.metadata.get("ownerReferences") or []
                       if ref.get("kind") == KIND and ref.get("apiVersion") == MODEL_API_VERSION), None)  # fmt: skip
-        if owner is None or not body.metadata.namespace:
+        if owner is None or not body.metadata.namespace or event["type"] not in ("DELETED", "MODIFIED"):
             return
-        if event["type"] not in ("DELETED", "MODIFIED", None):
-            return
-        model = {"metadata": {"namespace": body.metadata.namespace, "name": owner["name"]}}
+        key = (body.metadata.namespace, owner["name"])
+        if not pending.claim(key):
+            return  # a reconcile of this model is already waiting: it will read this change
+        model = {"metadata": {"namespace": key[0], "name": key[1]}}
         try:
-            reconcile_model(kube(), model, options=config.options, logger=logger, metrics=config.metrics)
+            # once the reconcile holds the lock, a new event needs a new reconcile
+            reconcile_model(kube(), model, options=config.options, logger=logger, metrics=config.metrics,
+                            on_locked=lambda: pending.release(key))  # fmt: skip
         except KubeApiError as exc:
             logger.warning("reconciling %s after a child's event failed: %s", owner["name"], exc)
+        finally:
+            pending.release(key)
 
-    labels: dict[str, Any] = {MANAGED_BY_LABEL: "hps-operator", INSTANCE_LABEL: kopf.PRESENT}
+    labels: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, INSTANCE_LABEL: kopf.PRESENT}
     for api_version, kind in CHILD_KINDS:
         group, _, version = api_version.rpartition("/")
         kopf.on.event(group, version, KINDS[(api_version, kind)].plural, labels=labels,
@@ -94,8 +113,48 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
     return registry
 
 
+class PendingReconciles:
+    """The models with a child-triggered reconcile waiting for the model's lock (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._keys: set[tuple[str, str]] = set()
+
+    def claim(self, key: tuple[str, str]) -> bool:
+        """True when no reconcile of ``key`` was waiting (the caller now runs one)."""
+        with self._guard:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release(self, key: tuple[str, str]) -> None:
+        with self._guard:
+            self._keys.discard(key)
+
+
+class CompactDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled-configuration annotation, with ``spec.tables`` kept as a digest.
+
+    kopf stores the spec it last handled in an annotation to tell what changed. All annotations of an
+    object share 256 KiB, and a model of a few thousand tables has a larger spec: the annotation
+    patch would be refused and the model never handled. A change of any table still changes the
+    digest, so ``on.update`` fires as before; handlers read the live spec, never this copy."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        spec = essence.get("spec")
+        if isinstance(spec, dict) and isinstance(spec.get("tables"), list):
+            text = json.dumps(spec["tables"], sort_keys=True, separators=(",", ":"))
+            spec["tables"] = {"count": len(spec["tables"]), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        return essence
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Settings every deployment wants: events and status under our own names, and no scanning.
+
+    Children are watched with a server-side label selector, and kopf's record of the last handled
+    spec keeps the tables as a digest (:class:`CompactDiffBaseStorage`).
 
     Scanning off: kopf neither watches CustomResourceDefinitions nor lists namespaces, so the operator
     needs no cluster-wide read of either (least privilege). It discovers its resources once at start
@@ -104,5 +163,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.scanning.disabled = True
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = CompactDiffBaseStorage(prefix=API_GROUP)
+    # children are watched server-side filtered: only what this operator manages streams in, never
+    # every Secret or ConfigMap of the cluster
+    for api_version, kind in CHILD_KINDS:
+        group, _, version = api_version.rpartition("/")
+        settings.watching.label_selectors[group, version, KINDS[(api_version, kind)].plural] = (
+            f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        )
     settings.posting.level = logging.WARNING  # our own events are posted explicitly

@@ -7,6 +7,7 @@ the Kubernetes-specific CEL libraries (the CRD uses none of them)."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -106,10 +107,26 @@ def _validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(_as_json_schema(openapi_schema()))
 
 
-def validation_errors(obj: dict[str, Any]) -> list[str]:
-    """Why the API server would reject ``obj`` (after defaulting it); empty when it would accept it."""
+def _at(value: Any, path: str) -> tuple[bool, Any]:
+    """The value at a :func:`walk` path (``.spec.tables[0].name``), and whether it is there."""
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        key, index = part
+        if key and isinstance(value, dict) and key in value:
+            value = value[key]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return False, None
+    return True, value
+
+
+def validation_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """Why the API server would reject ``obj`` (after defaulting it) as a create, or as an update of
+    ``old``; empty when it would accept it. Transition rules (those reading ``oldSelf``) run on an
+    update only, where the old object has a value at the same path, as the API server runs them."""
     schema = openapi_schema()
     defaulted = apply_defaults(obj)
+    old_defaulted = apply_defaults(old) if old is not None else None
     validator = _validator()
     errors = [
         f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(defaulted)
@@ -121,6 +138,12 @@ def validation_errors(obj: dict[str, Any]) -> list[str]:
             if len(seen) != len(set(seen)):
                 errors.append(f"{path}: duplicate entries for keys {keys}")
         for rule in node.get("x-kubernetes-validations") or ():
-            if not _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)}):
-                errors.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
+            context = {"self": celpy.json_to_cel(value)}
+            if "oldSelf" in rule["rule"]:
+                present, before = _at(old_defaulted, path) if old_defaulted is not None else (False, None)
+                if not present:
+                    continue
+                context["oldSelf"] = celpy.json_to_cel(before)
+            if not _cel_program(rule["rule"]).evaluate(context):
+                errors.append(f"{path}{rule.get('fieldPath', '')}: {' '.join(rule['message'].split())}")
     return errors

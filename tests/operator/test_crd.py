@@ -321,7 +321,9 @@ def test_duplicate_table_names_are_rejected_by_the_list_map() -> None:
 
 def test_cel_rules_say_what_a_schema_cannot() -> None:
     rules = dict(cel_rules())
-    assert set(rules) == {"", ".spec.volatileStore.redis", ".spec.autoscaling", ".spec.modelStore"}
+    assert set(rules) == {
+        "", ".spec.volatileStore.redis", ".spec.autoscaling", ".spec.modelStore", ".spec.persistentStore"
+    }
     cluster_of_two = _set(minimal(), "spec.volatileStore.redis", {"cluster": True, "shards": 2})
     assert validation_errors(cluster_of_two) == [
         ".spec.volatileStore.redis.shards: a Redis Cluster needs at least 3 shards (masters)"
@@ -330,6 +332,26 @@ def test_cel_rules_say_what_a_schema_cannot() -> None:
     assert validation_errors(_set(minimal(), "spec.autoscaling", {"minReplicas": 9})) == [
         ".spec.autoscaling.maxReplicas: maxReplicas must be at least minReplicas"
     ]
+
+
+def test_volume_size_and_class_cannot_change_under_running_agents() -> None:
+    """A StatefulSet's volume claim templates are immutable: such a change is refused up front with
+    what to do instead, never left for the operator to meet as a 422."""
+    rocks = _set(minimal(), "spec.persistentStore", {"type": "rocksdb", "storage": "100Gi"})
+    assert validation_errors(rocks) == []  # a create has no old value: transition rules do not run
+    bigger = _set(copy.deepcopy(rocks), "spec.persistentStore.storage", "200Gi")
+    (error,) = validation_errors(bigger, old=rocks)
+    assert error.startswith(".spec.persistentStore.storage: storage cannot change while type is rocksdb")
+    assert "data-<model>-agent-p<N>-<i>" in error
+    fast = _set(copy.deepcopy(rocks), "spec.persistentStore.storageClassName", "fast")
+    (error,) = validation_errors(fast, old=rocks)
+    assert error.startswith(".spec.persistentStore.storageClassName: storageClassName cannot change")
+    # without a store the size means nothing, and other fields change freely
+    none = _set(minimal(), "spec.persistentStore", {"type": "none"})
+    assert validation_errors(_set(copy.deepcopy(none), "spec.persistentStore.storage", "1Ti"), old=none) == []
+    assert validation_errors(_set(copy.deepcopy(rocks), "spec.replicas", 5), old=rocks) == []
+    # turning the store on adds a volume: the operator replaces the StatefulSet, nothing to refuse
+    assert validation_errors(rocks, old=none) == []
 
 
 @pytest.mark.parametrize(("name", "ok"), [("dlrm", True), ("a" * 40, True), ("a" * 41, False), ("7up", False)])

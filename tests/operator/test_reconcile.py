@@ -7,7 +7,8 @@ import dataclasses
 import json
 from typing import Any
 
-from hps_operator.core.reconcile import Decision, Observed, Options, gpu_capacity, reconcile
+from hps_operator.core.reconcile import Decision, Observed, Options, reconcile
+from hps_operator.core.scheduling import GpuCapacity, gpu_capacity
 
 from node_agent.spec import parse_model
 from tests.operator.test_status import status_schema_errors
@@ -109,7 +110,7 @@ def test_first_reconcile_places_and_renders_everything() -> None:
     assert decision.status["placement"]["version"] == 1
     assert condition(decision.status, "Placed")["status"] == "True"
     assert condition(decision.status, "Ready")["status"] == "False"  # nothing runs yet
-    assert decision.status["selector"] == "app.kubernetes.io/instance=dlrm"
+    assert decision.status["selector"] == "app.kubernetes.io/component=agent,app.kubernetes.io/instance=dlrm,hps.dev/partition=0"
     (created,) = [e for e in decision.events if e.reason == "PlanCreated"]
     assert created.type == "Normal" and created.message.startswith("plan v1: ")
     assert decision.status["rebalance"] == {"state": "Idle", "phase": "Idle", "toVersion": 1, "since": T0}
@@ -239,8 +240,11 @@ def test_unplaceable_spec_reports_needed_and_available_and_keeps_serving() -> No
 
 def test_gpu_capacity_reads_allocatable_and_the_memory_label() -> None:
     spec = parse_model(model())
-    assert gpu_capacity(spec, [node(8, 81920), node(4, 40960), node(2, 1024)]) == (40960 * 2**20, 3)
-    assert gpu_capacity(spec, []) == (None, 0)
+    # a 2-GPU node cannot take a 4-GPU pod, so its small GPUs do not set the budget
+    assert gpu_capacity(spec, [node(8, 81920), node(4, 40960), node(2, 1024)]) == GpuCapacity(
+        gpu_memory_bytes=40960 * 2**20, gpu_nodes=3, pod_nodes=2, gpus=14
+    )
+    assert gpu_capacity(spec, []) == GpuCapacity(None, 0, 0, 0)
 
 
 def live(children: list[dict[str, Any]], kind: str, prefix: str) -> dict[str, Any]:
@@ -331,13 +335,13 @@ def test_a_failed_redis_cluster_bootstrap_job_reaches_the_status() -> None:
     the model stops reporting Ready and says why."""
     body = model(volatileStore={"type": "redis", "redis": {"shards": 3, "cluster": True}})
     first = reconcile(observe(body, []), OPTIONS)
-    assert ("Job", "dlrm-redis-bootstrap") in {(m["kind"], m["metadata"]["name"]) for m in first.apply}
+    (bootstrap,) = [m["metadata"]["name"] for m in first.apply if m["metadata"]["name"].startswith("dlrm-redis-bootstrap-")]
     children = applied(first, [], ready=True)
     body = with_status(body, first)
     healthy = reconcile(observe(body, children), OPTIONS)
     assert condition(healthy.status, "Ready")["status"] == "True"
 
-    job = next(c for c in children if c["metadata"]["name"] == "dlrm-redis-bootstrap")
+    job = next(c for c in children if c["metadata"]["name"] == bootstrap)
     job["status"] = {"failed": 7, "conditions": [{"type": "Failed", "status": "True",
                                                   "reason": "BackoffLimitExceeded"}]}  # fmt: skip
     broken = reconcile(observe(with_status(body, healthy), children, now=T1), OPTIONS)
@@ -346,4 +350,5 @@ def test_a_failed_redis_cluster_bootstrap_job_reaches_the_status() -> None:
     assert condition(broken.status, "Ready")["reason"] == "RedisClusterBootstrapFailed"
     assert condition(broken.status, "Loaded")["status"] == "True"
     assert [e.reason for e in broken.events if e.type == "Warning"] == ["RedisClusterBootstrapFailed"]
+    assert bootstrap in condition(broken.status, "Degraded")["message"]
     assert status_schema_errors(broken.status) == []

@@ -28,6 +28,7 @@ from hps_operator.core.render import (
     ROUTING_KEY,
     SERVING_KEY,
     model_manifest,
+    render_agent_config,
     render_agent_statefulset,
     render_children,
     render_loader_job,
@@ -162,7 +163,7 @@ def test_agent_statefulset_whole() -> None:
                                          {"name": "data", "mountPath": "/var/lib/hps"}],
                         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
                     }],
-                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-plan"}}],
+                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-config"}}],
                     "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
                     "terminationGracePeriodSeconds": 30,
                     "nodeSelector": {"gpu": "a100"},
@@ -179,9 +180,10 @@ def test_agent_statefulset_whole() -> None:
     }  # fmt: skip
 
 
-def test_plan_configmap_whole() -> None:
+def test_plan_and_config_configmaps_whole() -> None:
     the_plan = plan()
     cm = render_plan_configmap(model(), the_plan, owner=OWNER)
+    config = render_agent_config(model(), the_plan, owner=OWNER)
     expected_model = {
         "apiVersion": "hps.dev/v1alpha1",
         "kind": "EmbeddingModel",
@@ -228,12 +230,18 @@ def test_plan_configmap_whole() -> None:
                        "hps.dev/plan-version": "3", "hps.dev/routing-version": "3"},
             "ownerReferences": OWNER_REFS,
         },
-        "data": {
-            "model.yaml": yaml.safe_dump(expected_model, sort_keys=True),
-            "plan.json": plan_json,
-            "routing.json": plan_json,
-            "serving.json": plan_json,
+        "data": {"plan.json": plan_json, "routing.json": plan_json},
+    }  # fmt: skip
+    assert config == {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "dlrm-config",
+            "namespace": "recsys",
+            "labels": {**LABELS, "app.kubernetes.io/component": "config", "hps.dev/plan-version": "3"},
+            "ownerReferences": OWNER_REFS,
         },
+        "data": {"model.yaml": yaml.safe_dump(expected_model, sort_keys=True), "serving.json": plan_json},
     }  # fmt: skip
 
 
@@ -326,8 +334,9 @@ def test_render_is_sorted_stable_and_owned() -> None:
     keys = [(m["kind"], m["metadata"]["name"]) for m in first]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert keys == [
+        ("ConfigMap", "dlrm-config"),
         ("ConfigMap", "dlrm-plan"),
-        ("Job", keys[1][1]),
+        ("Job", keys[2][1]),
         ("PodDisruptionBudget", "dlrm-agent-p0"),
         ("PodDisruptionBudget", "dlrm-agent-p1"),
         ("PodDisruptionBudget", "dlrm-redis"),
@@ -340,13 +349,13 @@ def test_render_is_sorted_stable_and_owned() -> None:
         ("StatefulSet", "dlrm-agent-p1"),
         ("StatefulSet", "dlrm-redis"),
     ]
-    assert keys[1][1].startswith("dlrm-load-")
+    assert keys[2][1].startswith("dlrm-load-")
     for m in first:
         meta = m["metadata"]
         assert meta["namespace"] == "recsys"
         assert meta["ownerReferences"] == OWNER_REFS
         assert LABELS.items() <= meta["labels"].items()
-        assert meta["labels"]["app.kubernetes.io/component"] in ("agent", "redis", "loader", "plan")
+        assert meta["labels"]["app.kubernetes.io/component"] in ("agent", "redis", "loader", "plan", "config")
 
 
 def test_scaling_replicas_restarts_nothing() -> None:
@@ -355,7 +364,7 @@ def test_scaling_replicas_restarts_nothing() -> None:
     assert before.keys() == after.keys()
     changed = {key for key in before if before[key] != after[key]}
     # the agent StatefulSets' replica counts, and the model file in the ConfigMap
-    assert changed == {("StatefulSet", "dlrm-agent-p0"), ("StatefulSet", "dlrm-agent-p1"), ("ConfigMap", "dlrm-plan")}
+    assert changed == {("StatefulSet", "dlrm-agent-p0"), ("StatefulSet", "dlrm-agent-p1"), ("ConfigMap", "dlrm-config")}
     for p in (0, 1):
         old, new = before[("StatefulSet", f"dlrm-agent-p{p}")], after[("StatefulSet", f"dlrm-agent-p{p}")]
         assert (old["spec"]["replicas"], new["spec"]["replicas"]) == (2, 5)
@@ -381,7 +390,8 @@ def test_make_before_break_serves_both_plans_until_routing_has_switched() -> Non
                                        active_plan=active, phase=phase))  # fmt: skip
 
     def data(children: dict[tuple[str, str], dict[str, Any]], key: str) -> Plan:
-        return Plan.from_json(children[("ConfigMap", "dlrm-plan")]["data"][key])
+        name = "dlrm-config" if key == SERVING_KEY else "dlrm-plan"
+        return Plan.from_json(children[("ConfigMap", name)]["data"][key])
 
     warming, switching, draining = render("Warming"), render("Switching"), render("Draining")
     assert data(warming, PLAN_KEY) == target
@@ -420,7 +430,7 @@ def test_model_file_round_trips_through_the_spec_parser() -> None:
     specs.append(model(tables=[{"name": "t", "rows": 1, "dim": 1, "source": "dlrm/t"}],
                        modelStore={"hostPath": {"path": "/m"}}))  # fmt: skip
     for spec in specs:
-        cm = render_plan_configmap(spec, _partition_plan(2), owner=OWNER)
+        cm = render_agent_config(spec, _partition_plan(2), owner=OWNER)
         in_pods = parse_model(yaml.safe_load(cm["data"][MODEL_KEY]))
         assert in_pods == sources_in_pods(spec)
         assert sources_in_pods(in_pods) == in_pods
@@ -469,7 +479,8 @@ def test_redis_children_follow_the_spec() -> None:
     cluster = by_name(render_children(model(volatileStore={"redis": {"shards": 3, "replicasPerShard": 1,
                                                                      "cluster": True}}),
                                       plan(), owner=OWNER, image=IMAGE, redis_password="pw"))  # fmt: skip
-    script = cluster[("Job", "dlrm-redis-bootstrap")]["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    (job,) = [m for (kind, name), m in cluster.items() if kind == "Job" and name.startswith("dlrm-redis-bootstrap-")]
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
     assert "--cluster-replicas 1" in script and "dlrm-redis-5.dlrm-redis.recsys.svc" in script
     assert cluster[("StatefulSet", "dlrm-redis")]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
@@ -581,7 +592,7 @@ def test_loader_job_whole_with_a_host_path_store() -> None:
                                          {"name": "models", "mountPath": "/models", "readOnly": True}],
                         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
                     }],
-                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-plan"}},
+                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-config"}},
                                 {"name": "models", "hostPath": {"path": "/data/models", "type": "Directory"}}],
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                     "priorityClassName": "gpu-inference",
@@ -615,14 +626,16 @@ def test_the_model_store_is_mounted_only_where_sources_are_read() -> None:
         "StatefulSet": False, "Job": False}  # fmt: skip
 
 
-def test_loader_job_name_changes_only_with_what_its_pod_runs() -> None:
-    """A Job's pod template cannot change, so whatever changes it changes the Job's name; a model
-    without the new fields keeps the name it had (a re-run would write over online updates)."""
+def test_loader_job_name_changes_with_what_its_pod_runs_and_loads() -> None:
+    """A Job's pod template cannot change, so whatever changes it changes the Job's name (a new Job,
+    never an update the API server rejects); what leaves the pod alone keeps the name."""
 
-    def name(**spec: Any) -> str:
-        return str(render_loader_job(model(**spec), owner=OWNER, image=IMAGE)["metadata"]["name"])
+    def name(**kwargs: Any) -> str:
+        policy = kwargs.pop("pull", None)
+        return str(render_loader_job(model(**kwargs), owner=OWNER, image=IMAGE, image_pull_policy=policy)
+                   ["metadata"]["name"])  # fmt: skip
 
-    assert name() == "dlrm-load-26bca7cf"
+    assert name().startswith("dlrm-load-") and name() == name()
     claim = {"persistentVolumeClaim": {"claimName": "models"}}
     names = [
         name(),
@@ -632,6 +645,9 @@ def test_loader_job_name_changes_only_with_what_its_pod_runs() -> None:
         name(modelStore={"hostPath": {"path": "/data/models"}}),
         name(modelStore={"hostPath": {"path": "/data/models"}}, agent={**AGENT, "nodeSelector": {"gpu": "h100"}}),
         *(name(agent={**AGENT, key: value}) for key, value in KNOBS.items()),
+        name(pull="Always"),
+        name(tables=[{"name": "user-id", "rows": 2000, "dim": 16}]),
+        name(volatileStore={"redis": {"shards": 3}}),
     ]
     assert len(set(names)) == len(names)
     # the agents' node selector is none of a PVC-fed loader's business
@@ -686,7 +702,7 @@ def test_the_loader_reads_relative_sources_from_the_mounted_store(
 
     etc = tmp_path / "etc-hps"
     etc.mkdir()
-    (etc / "model.yaml").write_text(children[("ConfigMap", "storeload-plan")]["data"][MODEL_KEY])
+    (etc / "model.yaml").write_text(children[("ConfigMap", "storeload-config")]["data"][MODEL_KEY])
     args = list(container["args"])
     args[args.index("-f") + 1] = str(etc / "model.yaml")
     args[args.index("--redis") + 1] = redis_server.address

@@ -99,7 +99,7 @@ def test_a_healthy_model_is_ready() -> None:
     assert [c["type"] for c in status["conditions"]] == ["Ready", "Placed", "Loaded", "Progressing", "Degraded"]
     assert status["observedGeneration"] == 3
     assert (status["replicas"], status["readyReplicas"]) == (2, 2)
-    assert status["selector"] == "app.kubernetes.io/instance=dlrm"
+    assert status["selector"] == "app.kubernetes.io/component=agent,app.kubernetes.io/instance=dlrm,hps.dev/partition=0"
     assert status["tableCount"] == 2
     assert status["placement"]["version"] == 7 and status["placement"]["movedBytes"] == 120
     assert status["placement"]["imbalance"] == 1.02

@@ -57,22 +57,35 @@ tests keep them equal, and no wildcard). Namespaced rules go in a Role per watch
 the ClusterRole when the operator serves every namespace; nodes are cluster-scoped either way.
 */}}
 {{- define "hps-operator.namespacedRules" -}}
-# EmbeddingModels: watch them, keep kopf's progress annotations and finalizer, report status
+# EmbeddingModels: watch them, keep kopf's progress annotations and finalizer, read the live model
 - apiGroups: ["hps.dev"]
   resources: ["embeddingmodels"]
   verbs: ["get", "list", "watch", "patch"]
+# report status
 - apiGroups: ["hps.dev"]
   resources: ["embeddingmodels/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
+# children's owner references set blockOwnerDeletion, which needs this where owner reference
+# permissions are enforced
+- apiGroups: ["hps.dev"]
+  resources: ["embeddingmodels/finalizers"]
+  verbs: ["update"]
 # the operator posts what it does (plans, rollout phases, errors) as Events on the EmbeddingModel
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# children of an EmbeddingModel: plan ConfigMap, Redis and agent Services, Redis password Secret,
-# Redis and agent StatefulSets, loader Job, PodDisruptionBudget, HorizontalPodAutoscaler
+# children of an EmbeddingModel, watched by label (server-side) and written by server-side apply:
+# plan and config ConfigMaps, Redis and agent Services
 - apiGroups: [""]
-  resources: ["configmaps", "secrets", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  resources: ["configmaps", "services"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# the Redis password Secret: created once and never read back (pods read it by reference); the
+# garbage collector removes it with its model. No access to any other Secret.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+# Redis and agent StatefulSets, loader and Redis Cluster bootstrap Jobs (read by name while one is
+# replaced because an immutable field changed)
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -81,10 +94,10 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 {{- end }}
 
 {{- define "hps-operator.clusterRules" -}}

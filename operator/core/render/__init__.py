@@ -23,6 +23,7 @@ from hps_operator.core.render.meta import (
     ROUTING_KEY,
     SERVING_KEY,
     Manifest,
+    agent_config_name,
     check_renderable,
     endpoint,
     plan_configmap_name,
@@ -30,7 +31,14 @@ from hps_operator.core.render.meta import (
     sort_manifests,
 )
 from hps_operator.core.render.model_file import model_manifest, sources_in_pods
-from hps_operator.core.render.plan_configmap import plans_for_phase, render_plan_configmap, serving_plan
+from hps_operator.core.render.plan_configmap import (
+    MAX_CONFIGMAP_BYTES,
+    configmap_bytes,
+    plans_for_phase,
+    render_agent_config,
+    render_plan_configmap,
+    serving_plan,
+)
 from hps_operator.core.render.pods import REDIS_PASSWORD_KEY
 from hps_operator.core.render.redis import DEFAULT_REDIS_IMAGE, render_redis, uses_redis
 from hps_operator.core.rollout import Phase
@@ -40,6 +48,7 @@ from node_agent.spec import ModelSpec
 
 __all__ = [
     "CONFIG_DIR",
+    "MAX_CONFIGMAP_BYTES",
     "MODEL_KEY",
     "PARTITION_LABEL",
     "PLAN_KEY",
@@ -49,12 +58,15 @@ __all__ = [
     "SERVING_KEY",
     "Manifest",
     "agent_args",
+    "agent_config_name",
     "check_renderable",
+    "configmap_bytes",
     "endpoint",
     "loader_job_name",
     "model_manifest",
     "plan_configmap_name",
     "redis_secret_name",
+    "render_agent_config",
     "render_agent_statefulset",
     "render_children",
     "render_loader_job",
@@ -86,7 +98,8 @@ def render_children(
     check_renderable(model)
     serving, routing = plans_for_phase(plan, active_plan, phase)
     children: list[Manifest] = [
-        render_plan_configmap(model, plan, owner=owner, serving=serving, routing=routing),
+        render_plan_configmap(model, plan, owner=owner, routing=routing),
+        render_agent_config(model, serving, owner=owner),
         *render_agents(model, serving, owner=owner, image=image, image_pull_policy=image_pull_policy),
         *render_redis(model, owner=owner, redis_password=redis_password, redis_image=redis_image),
     ]

@@ -22,12 +22,12 @@ from hps_operator.core.render.meta import (
     ROCKSDB_DIR,
     SERVING_KEY,
     Manifest,
+    agent_config_name,
     agent_name,
     client_service_name,
     digest,
     labels,
     object_metadata,
-    plan_configmap_name,
     pull_policy,
     selector_labels,
 )
@@ -128,7 +128,7 @@ def render_agent_statefulset(
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": plan_configmap_name(model)}}],
+        "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
         # the data volume is group-writable for a non-root image user
         "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
         "terminationGracePeriodSeconds": 30,

@@ -9,13 +9,12 @@ from hps_operator.core.render.meta import (
     CONFIG_DIR,
     MODEL_KEY,
     Manifest,
+    agent_config_name,
     digest,
     labels,
     object_metadata,
-    plan_configmap_name,
     pull_policy,
 )
-from hps_operator.core.render.model_file import model_manifest, model_store_manifest
 from hps_operator.core.render.pods import (
     REDIS_PASSWORD_ENV,
     add_pod_knobs,
@@ -28,36 +27,16 @@ from hps_operator.core.render.redis import redis_args
 from node_agent.spec import HostPathSource, ModelSpec
 
 
-def _loader_pod_extras(model: ModelSpec) -> dict[str, Any]:
-    """What the loader's pod template takes from the spec beyond the tables, Redis and image: only
-    what is set, so the Job name of a model without them stays what it was (a re-run of the loader
-    would write the tables' rows over online updates already applied)."""
-    extras: dict[str, Any] = {}
-    if model.model_store is not None:
-        extras["modelStore"] = model_store_manifest(model.model_store)
-        if isinstance(model.model_store.volume, HostPathSource):
-            extras["scheduling"] = [dict(model.agent.node_selector), list(model.agent.tolerations),
-                                    dict(model.agent.affinity).get("nodeAffinity")]  # fmt: skip
-    agent = model_manifest(model)["spec"]["agent"]
-    for key in ("priorityClassName", "imagePullSecrets", "podLabels", "podAnnotations"):
-        if key in agent:
-            extras[key] = agent[key]
-    return extras
-
-
-def loader_job_name(model: ModelSpec, image: str) -> str:
-    """``<model>-load-<hash>``: a Job's pod template cannot change, so what it loads and how its pod
-    runs is in its name, and a change gets a new Job (the handler deletes the stale one)."""
+def loader_job_name(model: ModelSpec, job_spec: Mapping[str, Any]) -> str:
+    """``<model>-load-<hash>``: a Job's pod template is immutable, so what the Job loads (the tables,
+    the Redis layout) and its whole spec are in its name; any change gets a new Job (the handler
+    deletes the stale one), never a rejected update."""
     redis = model.volatile_store.redis
-    what: list[Any] = [
+    loads: list[Any] = [
         [[t.name, t.rows, t.dim, t.dtype, t.source, t.default_value] for t in model.tables],
         [redis.shards, redis.replicas_per_shard, redis.cluster],
-        model.agent.image or image,
     ]
-    extras = _loader_pod_extras(model)
-    if extras:
-        what.append(extras)
-    return f"{model.name}-load-{digest(what, 8)}"
+    return f"{model.name}-load-{digest([loads, job_spec], 8)}"
 
 
 def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
@@ -81,7 +60,7 @@ def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
                 },
             }
         ],
-        "volumes": [{"name": "config", "configMap": {"name": plan_configmap_name(model)}}],
+        "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     }
     add_pod_knobs(model, pod_spec)
@@ -96,12 +75,13 @@ def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
         node_affinity = model.agent.affinity.get("nodeAffinity")
         if node_affinity:
             pod_spec["affinity"] = {"nodeAffinity": node_affinity}
+    spec: dict[str, Any] = {
+        "backoffLimit": 10,
+        "template": {"metadata": pod_metadata(model, labels(model, "loader")), "spec": pod_spec},
+    }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": object_metadata(model, loader_job_name(model, image), "loader", owner),
-        "spec": {
-            "backoffLimit": 10,
-            "template": {"metadata": pod_metadata(model, labels(model, "loader")), "spec": pod_spec},
-        },
+        "metadata": object_metadata(model, loader_job_name(model, spec), "loader", owner),
+        "spec": spec,
     }

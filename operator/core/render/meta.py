@@ -78,7 +78,13 @@ def client_service_name(model: ModelSpec) -> str:
 
 
 def plan_configmap_name(model: ModelSpec) -> str:
+    """The operator's record of placement and the routing clients follow."""
     return f"{model.name}-plan"
+
+
+def agent_config_name(model: ModelSpec) -> str:
+    """What agent and loader pods mount at ``/etc/hps``: the model file and the plan they serve."""
+    return f"{model.name}-config"
 
 
 def redis_secret_name(model: ModelSpec) -> str:

@@ -1,5 +1,5 @@
-"""The plan ConfigMap ``<model>-plan``: the model file, and the plans the operator keeps (target),
-clients route by and agents load, for each phase of a make-before-break rollout (see ``rollout.py``).
+"""The ConfigMaps of placement: ``<model>-plan`` (the plan the operator keeps and the one clients route
+by) and ``<model>-config`` (the model file and the plan agents load), for each phase of a make-before-break rollout (see ``rollout.py``).
 
 While Warming and Switching the agents serve the union of the active and the target plan, and
 ``routing.json`` (what clients route by) flips from active to target at Switching; Draining renders
@@ -19,6 +19,7 @@ from hps_operator.core.render.meta import (
     ROUTING_VERSION_LABEL,
     SERVING_KEY,
     Manifest,
+    agent_config_name,
     object_metadata,
     plan_configmap_name,
 )
@@ -67,17 +68,26 @@ def plans_for_phase(plan: Plan, active_plan: Plan | None, phase: Phase | str) ->
     return serving, (active_plan if phase is Phase.WARMING else plan)
 
 
+#: the API server refuses a ConfigMap whose data exceeds 1 MiB
+MAX_CONFIGMAP_BYTES = 1 << 20
+
+
+def configmap_bytes(manifest: Mapping[str, Any]) -> int:
+    """The size the API server holds against :data:`MAX_CONFIGMAP_BYTES` (keys and values)."""
+    return sum(len(k) + len(str(v).encode()) for k, v in (manifest.get("data") or {}).items())
+
+
 def render_plan_configmap(
     model: ModelSpec,
     plan: Plan,
     *,
     owner: Mapping[str, Any],
-    serving: Plan | None = None,
     routing: Plan | None = None,
 ) -> Manifest:
-    """``<model>-plan``: ``model.yaml``, the target ``plan.json``, the ``routing.json`` clients route by
-    and the ``serving.json`` agents load (both the target plan outside a rollout)."""
-    serving = serving or plan
+    """``<model>-plan``: the target ``plan.json`` (the planner's ``previous`` next time) and the
+    ``routing.json`` clients route by (the target outside a rollout). The model file and the plan
+    agents serve are in :func:`render_agent_config`: each ConfigMap holds at most three plans, so a
+    large model's stays under the API server's 1 MiB."""
     routing = routing or plan
     return {
         "apiVersion": "v1",
@@ -89,10 +99,21 @@ def render_plan_configmap(
             owner,
             extra_labels={PLAN_VERSION_LABEL: str(plan.version), ROUTING_VERSION_LABEL: str(routing.version)},
         ),
+        "data": {PLAN_KEY: plan.to_json(), ROUTING_KEY: routing.to_json()},
+    }
+
+
+def render_agent_config(model: ModelSpec, serving: Plan, *, owner: Mapping[str, Any]) -> Manifest:
+    """``<model>-config``, mounted at ``/etc/hps`` by agents and the loader: ``model.yaml`` and the
+    ``serving.json`` agents load (a union of two plans during a rollout)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_metadata(
+            model, agent_config_name(model), "config", owner, extra_labels={PLAN_VERSION_LABEL: str(serving.version)}
+        ),
         "data": {
             MODEL_KEY: yaml.safe_dump(model_manifest(sources_in_pods(model)), sort_keys=True),
-            PLAN_KEY: plan.to_json(),
-            ROUTING_KEY: routing.to_json(),
             SERVING_KEY: serving.to_json(),
         },
     }

@@ -17,7 +17,14 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
-from hps_operator.core.render.meta import Manifest, labels, object_metadata, redis_name, selector_labels
+from hps_operator.core.render.meta import (
+    Manifest,
+    digest,
+    labels,
+    object_metadata,
+    redis_name,
+    selector_labels,
+)
 from hps_operator.core.render.pods import REDIS_PASSWORD_ENV, REDIS_PASSWORD_KEY, secret_env
 
 from node_agent.spec import ModelSpec, format_quantity
@@ -243,37 +250,40 @@ def render_redis_bootstrap_job(
     model: ModelSpec, *, owner: Mapping[str, Any], redis_image: str = DEFAULT_REDIS_IMAGE
 ) -> Manifest:
     """Forms the Redis Cluster once every node answers; does nothing when it is already formed."""
-    name = f"{redis_name(model)}-bootstrap"
+    spec: dict[str, Any] = {
+        "backoffLimit": 6,
+        "template": {
+            "metadata": {"labels": labels(model, "redis-bootstrap")},
+            "spec": {
+                "restartPolicy": "OnFailure",
+                "containers": [
+                    {
+                        "name": "bootstrap",
+                        "image": redis_image,
+                        "command": ["sh", "-c", _redis_bootstrap_script(model)],
+                        "env": [secret_env(model, "REDISCLI_AUTH")],
+                        "resources": {
+                            "requests": {"cpu": "50m", "memory": "32Mi"},
+                            "limits": {"memory": "128Mi"},
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+                "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            },
+        },
+    }
+    # the script names every node, so it changes with the shard count: a Job's template is immutable,
+    # so the spec's hash is in the name and a change makes a new Job instead of a rejected update
+    name = f"{redis_name(model)}-bootstrap-{digest(spec, 8)}"
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": object_metadata(model, name, "redis-bootstrap", owner),
-        "spec": {
-            "backoffLimit": 6,
-            "template": {
-                "metadata": {"labels": labels(model, "redis-bootstrap")},
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "containers": [
-                        {
-                            "name": "bootstrap",
-                            "image": redis_image,
-                            "command": ["sh", "-c", _redis_bootstrap_script(model)],
-                            "env": [secret_env(model, "REDISCLI_AUTH")],
-                            "resources": {
-                                "requests": {"cpu": "50m", "memory": "32Mi"},
-                                "limits": {"memory": "128Mi"},
-                            },
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                        }
-                    ],
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                },
-            },
-        },
+        "spec": spec,
     }
 
 
