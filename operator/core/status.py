@@ -47,6 +47,8 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 #: the component label of the Job that forms the Redis Cluster (``<model>-redis-bootstrap``)
 BOOTSTRAP = "redis-bootstrap"
 BOOTSTRAP_FAILED = "RedisClusterBootstrapFailed"
+#: Degraded's reason until the model is Ready for the first time
+NOT_YET_READY = "NotYetReady"
 
 
 def set_condition(
@@ -425,7 +427,8 @@ def compute_status(
     issues: list[tuple[str, str]] = []
     bootstrap_failed = observed.redis_bootstrap == "Failed"
     if bootstrap_failed:
-        issues.append((BOOTSTRAP_FAILED, _bootstrap_failure(observed.redis_bootstrap_job or f"{name}-redis-bootstrap", observed.redis_bootstrap_message)))
+        issues.append((BOOTSTRAP_FAILED, _bootstrap_failure(
+            observed.redis_bootstrap_job or f"{name}-redis-bootstrap", observed.redis_bootstrap_message)))
     if observed.redis_ready is False:
         issues.append(
             (
@@ -453,8 +456,21 @@ def compute_status(
         and not _still_scaling(previous, ready)
     ):
         issues.append(("ReplicasUnavailable", f"{ready}/{desired} replicas ready"))
+    # A model coming up for the first time is Progressing, not Degraded: its Redis and agents start in
+    # any order, so a part not ready yet is no news. Once it has been Ready (the Degraded condition has
+    # left NOT_YET_READY), a part that stops serving degrades it. A failed Job degrades it at once.
+    fully_ready = (
+        error is None and plan is not None and 0 < desired <= ready
+        and load in ("Succeeded", "NotNeeded") and not bootstrap_failed and observed.redis_ready is not False
+    )  # fmt: skip
+    before = get_condition(previous.get("conditions"), "Degraded")
+    has_served = fully_ready or (before is not None and before.get("reason") != NOT_YET_READY)
+    if not has_served:
+        issues = [(reason, message) for reason, message in issues if reason in (BOOTSTRAP_FAILED, "LoadFailed")]
     if serving and issues:
         put("Degraded", True, issues[0][0], "; ".join(message for _, message in issues))
+    elif not has_served:
+        put("Degraded", False, NOT_YET_READY, "the model has not been Ready yet: Progressing says what it waits for")
     else:
         put("Degraded", False, "AsExpected", "every tier answers" if serving else "nothing serves yet")
     replicas_degraded = any(reason == "ReplicasUnavailable" for reason, _ in issues)

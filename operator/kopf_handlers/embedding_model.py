@@ -131,8 +131,8 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
               logger: logging.Logger | logging.LoggerAdapter[Any]) -> list[str]:  # fmt: skip
     """Writes the decision's children one by one: a child the API server refuses is reported (the
     returned lines name each and the server's answer) and the others are still written. A
-    StatefulSet or Job refused as unchangeable (422) is replaced once: deleted (a StatefulSet's pods
-    orphaned, to be adopted) and created anew."""
+    StatefulSet refused as unchangeable (422) is replaced once: deleted with its pods orphaned (to be
+    adopted) and created anew. (A Job's name carries its spec's hash, so it is never updated.)"""
     failures: list[str] = []
 
     def attempt(what: str, write: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
@@ -157,7 +157,7 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
         try:
             api.apply(manifest)
         except KubeApiError as exc:
-            if exc.status == 422 and manifest["kind"] in ("StatefulSet", "Job"):
+            if exc.status == 422 and manifest["kind"] == "StatefulSet":
                 logger.info("%s cannot be updated in place (%s): replacing it", _what(manifest), exc)
                 ref = core.ChildRef(manifest["apiVersion"], manifest["kind"], manifest["metadata"]["namespace"],
                                     manifest["metadata"]["name"])  # fmt: skip
@@ -171,10 +171,9 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
 
 
 def _replace(api: KubeApi, ref: core.ChildRef, *, then_apply: Mapping[str, Any] | None = None) -> None:
-    """Deletes a child so that it can be created anew (``then_apply``): a StatefulSet leaves its
-    pods (and their volumes) running for the new one to adopt; a Job takes its pods with it."""
-    propagation = "Orphan" if ref.kind == "StatefulSet" else "Background"
-    api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, propagation=propagation)
+    """Deletes a StatefulSet so that it can be created anew (``then_apply``), leaving its pods (and
+    their volumes) running for the new one to adopt."""
+    api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, propagation="Orphan")
     if not api.wait_gone(ref.api_version, ref.kind, ref.namespace, ref.name, timeout_s=REPLACE_TIMEOUT_S):
         raise KubeApiError(409, "DELETE", f"{ref.kind}/{ref.name}",
                            f"still there {REPLACE_TIMEOUT_S:.0f}s after its deletion; retried next round")  # fmt: skip

@@ -27,9 +27,10 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # model by the garbage collector
     ("", "secrets", ("create",)),
     ("", "nodes", ("list",)),  # GPU topology, read at each reconcile
-    # StatefulSets and Jobs are also read by name while one is replaced (an immutable field changed)
+    # a StatefulSet is also read by name while it is replaced (an immutable field changed)
     ("apps", "statefulsets", ("get", "list", "watch", "create", "patch", "delete")),
-    ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
+    # a Job's name carries a hash of its spec, so a changed Job is a new one, never an update
+    ("batch", "jobs", ("list", "watch", "create", "patch", "delete")),
     ("policy", "poddisruptionbudgets", ("list", "watch", "create", "patch", "delete")),
     ("autoscaling", "horizontalpodautoscalers", ("list", "watch", "create", "patch", "delete")),
 )

@@ -112,11 +112,34 @@ def test_a_replica_needs_a_ready_pod_in_every_partition() -> None:
     agents = (AgentObservation(0, 3, 3, True), AgentObservation(1, 3, 1, True))
     assert replica_counts(agents, 2) == (3, 1)
     assert replica_counts(agents, 3) == (0, 0)  # partition 2 has no StatefulSet yet
+    all_ready = (AgentObservation(0, 3, 3, True), AgentObservation(1, 3, 3, True))
+    served = compute_status(name="dlrm", generation=1, model=model(replicas=3), plan=plan(),
+                            observed=ChildrenObservation(agents=all_ready, redis_ready=True, load="Succeeded"),
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
     status = compute_status(name="dlrm", generation=1, model=model(replicas=3), plan=plan(),
                             observed=ChildrenObservation(agents=agents, redis_ready=True, load="Succeeded"),
-                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0, previous=served)  # fmt: skip
     assert conditions(status)["Ready"] == ("False", "ReplicasNotReady")
     assert conditions(status)["Degraded"] == ("True", "ReplicasUnavailable")
+
+
+def test_a_model_coming_up_is_progressing_not_degraded() -> None:
+    """Redis and the agents start in any order: until the model has been Ready once, a part not
+    ready yet is progress (no Warning), and from then on a part that stops serving degrades it."""
+    agents = (AgentObservation(0, 1, 1, True), AgentObservation(1, 1, 1, True))
+    coming = compute_status(name="dlrm", generation=1, model=model(replicas=1), plan=plan(),
+                            observed=ChildrenObservation(agents=agents, redis_ready=False, load="Running"),
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+    assert conditions(coming)["Degraded"] == ("False", "NotYetReady")
+    assert conditions(coming)["Progressing"] == ("True", "Loading")
+    up = compute_status(name="dlrm", generation=1, model=model(replicas=1), plan=plan(),
+                        observed=ChildrenObservation(agents=agents, redis_ready=True, load="Succeeded"),
+                        rollout=Rollout(Phase.IDLE, 7, 7), now=T1, previous=coming)  # fmt: skip
+    assert conditions(up)["Ready"] == ("True", "Ready") and conditions(up)["Degraded"] == ("False", "AsExpected")
+    down = compute_status(name="dlrm", generation=1, model=model(replicas=1), plan=plan(),
+                          observed=ChildrenObservation(agents=agents, redis_ready=False, load="Succeeded"),
+                          rollout=Rollout(Phase.IDLE, 7, 7), now=T1, previous=up)  # fmt: skip
+    assert conditions(down)["Degraded"] == ("True", "VolatileStoreUnavailable")
 
 
 def test_an_invalid_spec_names_the_field_and_keeps_what_is_served() -> None:
@@ -146,10 +169,16 @@ def test_an_unplaceable_spec_says_what_it_needs_and_keeps_serving() -> None:
     assert status["placement"]["version"] == 7  # the old plan, untouched
 
 
+def served() -> dict[str, Any]:
+    """The status of a model that has been Ready."""
+    return compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=healthy(),
+                          rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+
+
 def test_redis_down_is_degraded_not_unready() -> None:
     observed = ChildrenObservation(agents=healthy().agents, redis_ready=False, load="Succeeded")
     status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=observed,
-                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0, previous=served())  # fmt: skip
     assert conditions(status)["Degraded"] == ("True", "VolatileStoreUnavailable")
     assert conditions(status)["Ready"] == ("True", "Ready")
 
@@ -254,14 +283,14 @@ def test_a_partition_without_a_ready_pod_is_degraded_and_nothing_serving_is_not(
     agents = (AgentObservation(0, 2, 2, True), AgentObservation(1, 2, 0, True))
     status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(),
                             observed=ChildrenObservation(agents=agents, redis_ready=True, load="Succeeded"),
-                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0, previous=served())  # fmt: skip
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "PartitionUnavailable")
     assert "partition(s) 1" in degraded["message"]
 
     down = ChildrenObservation(agents=healthy(ready=0).agents, redis_ready=False, load="Succeeded")
     status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=down,
-                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0, previous=served())  # fmt: skip
     assert conditions(status)["Degraded"] == ("False", "AsExpected")
     assert conditions(status)["Ready"] == ("False", "ReplicasNotReady")
 
@@ -270,7 +299,7 @@ def test_every_cause_is_listed_and_the_first_names_the_reason() -> None:
     observed = ChildrenObservation(agents=healthy().agents, redis_ready=False, load="Failed",
                                    load_message="/models/dlrm/user_id/vectors.npy: no such file")  # fmt: skip
     status = compute_status(name="dlrm", generation=1, model=model(), plan=plan(), observed=observed,
-                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0)  # fmt: skip
+                            rollout=Rollout(Phase.IDLE, 7, 7), now=T0, previous=served())  # fmt: skip
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "VolatileStoreUnavailable"
     assert "Redis" in degraded["message"] and "vectors.npy" in degraded["message"]

@@ -1,0 +1,549 @@
+"""The operator on a real control plane: kube-apiserver with etcd, the controller-manager (garbage
+collector, StatefulSet, Job, HPA controllers), the scheduler, and kwok's fake GPU nodes; the chart
+installed by ``helm install`` and the operator running under its ServiceAccount token, so validation,
+defaulting, value normalisation, immutability, size limits and RBAC are the API server's own.
+
+kwok is the one stand-in: it plays the kubelets, so pods on its nodes become Running and Ready (Job
+pods Succeeded) without a process in them. What a pod's process does is tested on the embedded
+default (``e2e/test_local_e2e.py``, ``e2e/test_rebalance_e2e.py``).
+
+The scenarios share one cluster and one operator; the audit log the last scenarios read holds every
+request the operator made in all of them. They run in file order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hps_operator.kopf_handlers.embedding_model import CHILD_KINDS
+
+from e2e.conftest import (
+    NODE_POOL,
+    OPERATOR_NAMESPACE,
+    RELEASE,
+    RESYNC_S,
+    Kube,
+    OperatorProcess,
+    condition,
+    wait_for,
+)
+from e2e.control_plane import NodePool
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCE = "app.kubernetes.io/instance"
+#: every kind of child, as kubectl names them (Secrets too: the admin may read them)
+CHILD_RESOURCES = ("configmaps", "secrets", "services", "statefulsets", "jobs", "poddisruptionbudgets",
+                   "horizontalpodautoscalers")  # fmt: skip
+#: HPA controller warnings that say no custom metrics API serves the agents' metric (none is
+#: installed here); they are about the cluster, not about what the operator wrote
+METRICS_API_REASONS = ("FailedGetPodsMetric", "FailedComputeMetricsReplicas")
+
+
+def model(name: str, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "tables": [
+            {"name": "user-id", "rows": 2_000_000, "dim": 64},
+            {"name": "item-id", "rows": 1_000_000, "dim": 64},
+        ],
+        "replicas": 1,
+        "gpusPerPod": 1,
+        "partitions": 1,
+        "cache": {"memoryPerGPU": "8Gi"},
+        "volatileStore": {"type": "redis", "redis": {"shards": 1, "memory": "1Gi"}},
+        "persistentStore": {"type": "none"},
+    }
+    base.update(spec)
+    return {"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "metadata": {"name": name}, "spec": base}
+
+
+def get_model(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    found = kube.get("embeddingmodel", name, namespace=namespace)
+    assert found is not None, f"EmbeddingModel {namespace}/{name} is gone"
+    return dict(found)
+
+
+def ready(kube: Kube, namespace: str, name: str, *, within_s: float = 90) -> dict[str, Any]:
+    """Waits until the model is Ready for its current generation; returns it."""
+
+    def check() -> dict[str, Any] | None:
+        m = get_model(kube, namespace, name)
+        generation = m["metadata"]["generation"]
+        ok = (
+            condition(m, "Ready").get("status") == "True"
+            and m.get("status", {}).get("observedGeneration") == generation
+            and (m["status"].get("rebalance") or {}).get("phase", "Idle") == "Idle"
+        )
+        return m if ok else None
+
+    result: dict[str, Any] = wait_for(f"{namespace}/{name} Ready", check, within_s=within_s)
+    return result
+
+
+def children(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for resource in CHILD_RESOURCES:
+        items += kube.get(resource, namespace=namespace, selector=f"{INSTANCE}={name}")
+    return items
+
+
+def plan_of(kube: Kube, namespace: str, name: str, key: str = "plan.json") -> dict[str, Any]:
+    cm = kube.get("configmap", f"{name}-plan", namespace=namespace)
+    assert cm is not None
+    return dict(json.loads(cm["data"][key]))
+
+
+def operator_warnings(kube: Kube, namespace: str) -> list[str]:
+    events = kube.get("events", namespace=namespace)
+    return [
+        f"{e['involvedObject']['kind']}/{e['involvedObject']['name']} {e['reason']}: {e['message']}"
+        for e in events
+        if e.get("type") == "Warning" and e.get("reason") not in METRICS_API_REASONS
+        and e["involvedObject"]["kind"] in ("EmbeddingModel",)
+    ]  # fmt: skip
+
+
+def model_store_volume(kube: Kube, namespace: str, claim: str) -> None:
+    """The read-only model store a cluster would have on NFS: here a hostPath volume any node mounts,
+    bound to ``claim`` ahead of time (no provisioner runs)."""
+    kube.apply({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-{claim}"},
+        "spec": {"capacity": {"storage": "1Ti"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": "/models"},
+                 "claimRef": {"namespace": namespace, "name": claim}},
+    })  # fmt: skip
+    kube.apply({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": f"{namespace}-{claim}",
+                 "resources": {"requests": {"storage": "1Ti"}}},
+    }, namespace=namespace)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _operator_running(operator: OperatorProcess) -> Iterator[None]:
+    """Every scenario here needs the operator; one a scenario killed is started again after it."""
+    yield
+    if operator.process is None or operator.process.poll() is not None:
+        operator.start()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a user applies
+
+
+def test_every_example_is_served_owned_and_steady(kube: Kube, operator: OperatorProcess, namespace: str) -> None:
+    """``kubectl apply -f examples/...``: each model becomes Ready, every child is owned by it, every
+    condition is of the current generation; then over three resync periods nothing is rewritten (no
+    child's resourceVersion moves) and no Warning is posted (the API server's normalised values, such
+    as the HPA's ``averageValue: "20000"`` stored as ``"20k"``, are not drift)."""
+    model_store_volume(kube, namespace, "criteo-models")
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    names = []
+    for path in examples:
+        done = kube.kubectl("apply", "-n", namespace, "-f", str(path))
+        assert "created" in done.stdout
+        names.append(yaml.safe_load(path.read_text())["metadata"]["name"])
+    for name in names:
+        m = ready(kube, namespace, name, within_s=120)
+        uid, generation = m["metadata"]["uid"], m["metadata"]["generation"]
+        for c in m["status"]["conditions"]:
+            assert c["observedGeneration"] == generation, c
+        owned = children(kube, namespace, name)
+        kinds = {c["kind"] for c in owned}
+        assert {"ConfigMap", "Secret", "Service", "StatefulSet", "Job", "PodDisruptionBudget"} <= kinds
+        for child in owned:
+            (ref,) = child["metadata"]["ownerReferences"]
+            assert (ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == (uid, True, True), child["metadata"]
+
+    # `hps render` prints what the operator created, from the same core
+    nodes = kube.kubectl("get", "nodes", "-o", "yaml").stdout
+    nodes_file = kube.kubeconfig.parent / f"{namespace}-nodes.yaml"
+    nodes_file.write_text(nodes)
+    for path, name in zip(examples, names, strict=True):
+        rendered = kube_render(path, namespace, nodes_file)
+        live = {(c["kind"], c["metadata"]["name"]) for c in children(kube, namespace, name)}
+        assert {(o["kind"], o["metadata"]["name"]) for o in rendered} == live
+
+    before = {(c["kind"], c["metadata"]["name"]): c["metadata"]["resourceVersion"]
+              for name in names for c in children(kube, namespace, name)}  # fmt: skip
+    time.sleep(3 * RESYNC_S + 1)
+    after = {(c["kind"], c["metadata"]["name"]): c["metadata"]["resourceVersion"]
+             for name in names for c in children(kube, namespace, name)}  # fmt: skip
+    assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    warnings = operator_warnings(kube, namespace)
+    assert warnings == [], "\n".join(warnings)
+    hpa = kube.get("hpa", "criteo", namespace=namespace)
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "20k"  # the server's spelling
+
+
+def kube_render(path: Path, namespace: str, nodes: Path) -> list[dict[str, Any]]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "hps_operator", "render", "-f", str(path), "-n", namespace,
+                           "--nodes", str(nodes), "-o", "json"], capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout)["items"])
+
+
+#: one violating manifest change per CEL rule of the CRD, keyed by the rule's message (its start)
+CEL_CASES: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {
+    "the model name must be at most 40 characters": (None, {"metadata": {"name": "m" * 41}}),
+    "set exactly one of persistentVolumeClaim, nfs or hostPath": (
+        None, {"spec": {"modelStore": {"hostPath": {"path": "/m"}, "nfs": {"server": "nfs", "path": "/m"}}}}),
+    "mountPath must not overlap /etc/hps or /var/lib/hps": (
+        None, {"spec": {"modelStore": {"hostPath": {"path": "/m"}, "mountPath": "/etc/hps"}}}),
+    "a Redis Cluster needs at least 3 shards": (
+        None, {"spec": {"volatileStore": {"redis": {"cluster": True, "shards": 2}}}}),
+    "maxReplicas must be at least minReplicas": (
+        None, {"spec": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}),
+    # transition rules: the first change creates the model, the second is refused
+    "storage cannot change while type is rocksdb": (
+        {"spec": {"persistentStore": {"type": "rocksdb", "storage": "10Gi"}}},
+        {"spec": {"persistentStore": {"type": "rocksdb", "storage": "20Gi"}}}),
+    "storageClassName cannot change": (
+        {"spec": {"persistentStore": {"type": "rocksdb", "storageClassName": "local"}}},
+        {"spec": {"persistentStore": {"type": "rocksdb", "storageClassName": "fast"}}}),
+}  # fmt: skip
+
+
+def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def test_bad_specs_are_refused_naming_the_field(kube: Kube, namespace: str) -> None:
+    """kubectl's strict field validation names a misspelt field; each CEL rule, violated once, is
+    refused with its message (a new rule without a case here fails this test)."""
+    typo = model("typo")
+    typo["spec"]["replica"] = 2
+    done = kube.apply(typo, namespace=namespace, check=False)
+    assert done.returncode != 0 and 'unknown field "spec.replica"' in done.stderr
+
+    crd = yaml.safe_load((ROOT / "crds" / "hps.dev_embeddingmodels.yaml").read_text())
+    messages: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            messages.extend(" ".join(r["message"].split()) for r in node.get("x-kubernetes-validations") or [])
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(crd["spec"]["versions"][0]["schema"])
+    assert sorted(messages) == sorted(m for m in messages if any(m.startswith(k) for k in CEL_CASES)), messages
+    for i, (message, (first, change)) in enumerate(CEL_CASES.items()):
+        base = model(f"cel-{i}")
+        if first is not None:
+            kube.apply(merge(base, first), namespace=namespace)
+        done = kube.apply(merge(merge(base, first or {}), change), namespace=namespace, check=False)
+        assert done.returncode != 0, f"accepted a violation of {message!r}"
+        assert message in " ".join(done.stderr.split()), done.stderr
+
+
+def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str) -> None:
+    """``kubectl scale`` makes no new plan; ``gpusPerPod`` and ``partitions`` changes roll out a new
+    plan to the end (routing on it, the old partitions' StatefulSets gone)."""
+    kube.apply(model("elastic"), namespace=namespace)
+    first = ready(kube, namespace, "elastic")
+    version = first["status"]["placement"]["version"]
+    assert first["status"]["selector"] == (
+        "app.kubernetes.io/component=agent,app.kubernetes.io/instance=elastic,hps.dev/partition=0"
+    )
+
+    kube.kubectl("scale", "-n", namespace, "em/elastic", "--replicas", "3")
+    scaled = wait_for("3 ready replicas", lambda: (
+        m if (m := get_model(kube, namespace, "elastic"))["status"].get("readyReplicas") == 3 else None))  # fmt: skip
+    assert scaled["status"]["placement"]["version"] == version
+    assert plan_of(kube, namespace, "elastic")["version"] == version
+    sts = kube.get("statefulset", "elastic-agent-p0", namespace=namespace)
+    assert sts["spec"]["replicas"] == 3
+    # the scale subresource's selector matches one pod per replica
+    pods = kube.get("pods", namespace=namespace, selector=scaled["status"]["selector"])
+    assert len(pods) == 3
+
+    kube.kubectl("patch", "-n", namespace, "em/elastic", "--type=merge", "-p", '{"spec":{"gpusPerPod":2}}')
+    wider = wait_for("plan v2 rolled out", lambda: (
+        m if (m := ready(kube, namespace, "elastic"))["status"]["placement"]["version"] == version + 1 else None))  # fmt: skip
+    assert wider["status"]["placement"]["gpusPerPod"] == 2
+    assert plan_of(kube, namespace, "elastic", "routing.json")["version"] == version + 1
+
+    kube.kubectl("patch", "-n", namespace, "em/elastic", "--type=merge", "-p", '{"spec":{"partitions":2}}')
+    wait_for("plan v3 on 2 partitions", lambda: (
+        ready(kube, namespace, "elastic")["status"]["placement"]["partitions"] == 2))  # fmt: skip
+    assert kube.get("statefulset", "elastic-agent-p1", namespace=namespace) is not None
+
+    kube.kubectl("patch", "-n", namespace, "em/elastic", "--type=merge", "-p", '{"spec":{"partitions":1}}')
+    wait_for("back on 1 partition", lambda: ready(kube, namespace, "elastic")["status"]["placement"]["partitions"] == 1)
+    wait_for("partition 1's StatefulSet gone",
+             lambda: kube.get("statefulset", "elastic-agent-p1", namespace=namespace) is None)  # fmt: skip
+    assert operator_warnings(kube, namespace) == []
+
+
+def test_changes_that_reach_immutable_fields_never_stop_a_reconcile(kube: Kube, operator: OperatorProcess,
+                                                                    namespace: str) -> None:  # fmt: skip
+    """Turning the persistent store on adds volume claim templates (the StatefulSet is replaced, its
+    pods adopted); more Redis Cluster shards change the bootstrap Job (a new Job); the status follows
+    each generation and no 422 reaches the operator's log."""
+    kube.apply(model("mutable", volatileStore={"type": "redis", "redis": {"shards": 3, "cluster": True}}),
+               namespace=namespace)  # fmt: skip
+    ready(kube, namespace, "mutable")
+    sts_uid = kube.get("statefulset", "mutable-agent-p0", namespace=namespace)["metadata"]["uid"]
+    jobs = {j["metadata"]["name"] for j in kube.get("jobs", namespace=namespace, selector=f"{INSTANCE}=mutable")}
+
+    kube.kubectl("patch", "-n", namespace, "em/mutable", "--type=merge", "-p",
+                 '{"spec":{"persistentStore":{"type":"rocksdb","storage":"10Gi"},'
+                 '"volatileStore":{"redis":{"shards":4}}}}')  # fmt: skip
+    ready(kube, namespace, "mutable", within_s=120)
+    sts = kube.get("statefulset", "mutable-agent-p0", namespace=namespace)
+    assert sts["metadata"]["uid"] != sts_uid  # replaced, as its volume claim templates changed
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    redis = kube.get("statefulset", "mutable-redis", namespace=namespace)
+    assert redis["spec"]["replicas"] == 4
+    now = {j["metadata"]["name"] for j in kube.get("jobs", namespace=namespace, selector=f"{INSTANCE}=mutable")}
+    bootstrap = {n for n in now if n.startswith("mutable-redis-bootstrap-")}
+    assert len(bootstrap) == 1 and not bootstrap & jobs  # a new Job; the old one is deleted
+    assert "HTTP 422" not in operator.log()
+    m = get_model(kube, namespace, "mutable")
+    assert condition(m, "Progressing").get("reason") != "ApplyFailed"
+
+
+def test_one_refused_child_blocks_neither_the_others_nor_the_status(kube: Kube, namespace: str) -> None:
+    """A ResourceQuota forbids HorizontalPodAutoscalers here: every other child is still written, the
+    status says which child the API server refused and why, and once the quota goes the HPA follows."""
+    kube.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-hpa"},
+                "spec": {"hard": {"count/horizontalpodautoscalers.autoscaling": "0"}}}, namespace=namespace)  # fmt: skip
+    kube.apply(model("quota", autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetQPSPerReplica": 1000}),
+               namespace=namespace)  # fmt: skip
+
+    def refused() -> dict[str, Any] | None:
+        m = get_model(kube, namespace, "quota")
+        progressing = condition(m, "Progressing")
+        return m if progressing.get("reason") == "ApplyFailed" else None
+
+    m = wait_for("ApplyFailed", refused)
+    message = condition(m, "Progressing")["message"]
+    assert "HorizontalPodAutoscaler/quota" in message and "exceeded quota" in message
+    assert m["status"]["observedGeneration"] == m["metadata"]["generation"]
+    assert kube.get("statefulset", "quota-agent-p0", namespace=namespace) is not None
+    assert kube.get("statefulset", "quota-redis", namespace=namespace) is not None
+    events = [e for e in kube.get("events", namespace=namespace) if e["reason"] == "ApplyFailed"]
+    assert events and "HorizontalPodAutoscaler/quota" in events[0]["message"]
+
+    kube.kubectl("delete", "-n", namespace, "resourcequota", "no-hpa")
+    wait_for("the HPA", lambda: kube.get("hpa", "quota", namespace=namespace))
+    wait_for("ApplyFailed cleared", lambda: condition(get_model(kube, namespace, "quota"), "Progressing")
+             .get("reason") != "ApplyFailed")  # fmt: skip
+    # autoscaling off: the HPA goes
+    kube.kubectl("patch", "-n", namespace, "em/quota", "--type=json", "-p", '[{"op":"remove","path":"/spec/autoscaling"}]')
+    wait_for("the HPA gone", lambda: kube.get("hpa", "quota", namespace=namespace) is None)
+
+
+def test_a_node_the_model_cannot_use_leaves_its_budget_alone(kube: Kube, namespace: str) -> None:
+    """A tainted pool of 16 GiB GPUs joins: a model that does not tolerate the taint keeps its plan
+    and stays Ready (its 95 GiB of rows need the 80 GiB GPUs); one that does tolerate it is told it
+    does not fit."""
+    big = [{"name": "user-id", "rows": 200_000_000, "dim": 128}]
+    kube.apply(model("picky", tables=big, gpusPerPod=4, cache={"memoryPerGPU": "40Gi"}), namespace=namespace)
+    before = ready(kube, namespace, "picky")["status"]["placement"]
+    pool = NodePool(prefix="small-gpu", count=1, gpus=8, gpu_memory_mib=16384,
+                    taints=(("team", "vision", "NoSchedule"),))  # fmt: skip
+    kube.plane.add_node(pool, 0, volumes=0)
+    try:
+        time.sleep(2 * RESYNC_S + 1)
+        m = ready(kube, namespace, "picky")
+        assert m["status"]["placement"] == before
+        assert condition(m, "Placed")["status"] == "True"
+        tolerant = model("tolerant", tables=big, gpusPerPod=4, cache={"memoryPerGPU": "40Gi"},
+                         agent={"tolerations": [{"key": "team", "operator": "Exists"}]})  # fmt: skip
+        kube.apply(tolerant, namespace=namespace)
+        wait_for("tolerant told it does not fit", lambda: condition(get_model(kube, namespace, "tolerant"), "Placed")
+                 .get("reason") == "InsufficientGPUMemory")  # fmt: skip
+    finally:
+        kube.kubectl("delete", "node", "small-gpu-0", "--wait=false", check=False)
+
+
+def test_a_model_of_2500_tables_reconciles(kube: Kube, namespace: str) -> None:
+    """Its spec is larger than all annotations together may be (256 KiB) and its plans than one
+    ConfigMap (1 MiB): it is applied server-side (``kubectl apply --server-side``: client-side apply
+    would copy the spec into an annotation) and served."""
+    tables = [{"name": f"sparse-feature-{i:04d}", "rows": 100_000 + 37 * i, "dim": 64, "dtype": "float32",
+               "hotness": round(1 / 2500, 6), "source": f"file:///models/criteo-like/v1/sparse-feature-{i:04d}"}
+              for i in range(2500)]  # fmt: skip
+    big = model("huge", tables=tables, gpusPerPod=8, partitions=4, cache={"memoryPerGPU": "40Gi"})
+    assert len(json.dumps(big)) > 256 * 1024
+    kube.apply(big, namespace=namespace, server_side=True)
+    m = ready(kube, namespace, "huge", within_s=180)
+    assert m["status"]["tableCount"] == 2500
+    annotations = m["metadata"].get("annotations") or {}
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 256 * 1024
+    for name in ("huge-plan", "huge-config"):
+        cm = kube.get("configmap", name, namespace=namespace)
+        assert sum(len(k) + len(v.encode()) for k, v in cm["data"].items()) < 1 << 20
+
+
+def test_a_killed_operator_finishes_the_rollout_without_duplicates(kube: Kube, operator: OperatorProcess,
+                                                                  namespace: str) -> None:  # fmt: skip
+    """SIGKILL mid-rollout, then a restart: the rollout completes on the plan it started, nothing is
+    duplicated, and the restart reconciles each model once, not once per child."""
+    kube.apply(model("phoenix", replicas=2), namespace=namespace)
+    version = ready(kube, namespace, "phoenix")["status"]["placement"]["version"]
+    kube.kubectl("patch", "-n", namespace, "em/phoenix", "--type=merge", "-p", '{"spec":{"partitions":3}}')
+    wait_for("the rollout under way", lambda: (get_model(kube, namespace, "phoenix")["status"].get("rebalance") or {})
+             .get("phase") in ("Warming", "Switching"), poll_s=0.1)  # fmt: skip
+    operator.kill()
+    restarted_at = time.time()
+    operator.start()
+    m = wait_for("plan v2 on 3 partitions", lambda: (
+        m if (m := ready(kube, namespace, "phoenix"))["status"]["placement"]["version"] == version + 1 else None))  # fmt: skip
+    assert m["status"]["placement"]["partitions"] == 3
+    agents = sorted(s["metadata"]["name"] for s in kube.get("statefulsets", namespace=namespace,
+                                                            selector=f"{INSTANCE}=phoenix,app.kubernetes.io/component=agent"))  # fmt: skip
+    assert agents == ["phoenix-agent-p0", "phoenix-agent-p1", "phoenix-agent-p2"]
+    assert len(kube.get("pods", namespace=namespace, selector=f"{INSTANCE}=phoenix,app.kubernetes.io/component=agent")) == 6
+    assert plan_of(kube, namespace, "phoenix", "routing.json")["version"] == version + 1
+
+    # after the restart, each model was read a handful of times, not once per child (~12 each)
+    requests = audit(kube, since=restarted_at, until=restarted_at + 2 * RESYNC_S)
+    gets = [r for r in requests if r["verb"] == "get" and (r.get("objectRef") or {}).get("resource") == "embeddingmodels"
+            and r["objectRef"].get("name") == "phoenix"]  # fmt: skip
+    assert len(gets) <= 6, len(gets)
+
+
+def test_stale_children_are_deleted(kube: Kube, namespace: str) -> None:
+    """A child the operator no longer renders (here, a ConfigMap an older version wrote) goes."""
+    kube.apply(model("tidy"), namespace=namespace)
+    m = ready(kube, namespace, "tidy")
+    stale = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "tidy-legacy", "labels": {INSTANCE: "tidy", "app.kubernetes.io/managed-by": "hps-operator"},
+        "ownerReferences": [{"apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "name": "tidy",
+                             "uid": m["metadata"]["uid"], "controller": True}]}, "data": {"a": "b"}}  # fmt: skip
+    kube.apply(stale, namespace=namespace)
+    wait_for("the stale ConfigMap gone", lambda: kube.get("configmap", "tidy-legacy", namespace=namespace) is None)
+
+
+def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespace: str) -> None:
+    kube.apply(model("brief"), namespace=namespace)
+    ready(kube, namespace, "brief")
+    assert children(kube, namespace, "brief")
+    kube.kubectl("delete", "-n", namespace, "em/brief", "--timeout=60s")
+    assert kube.get("embeddingmodel", "brief", namespace=namespace) is None
+    wait_for("the garbage collector to remove the children", lambda: not children(kube, namespace, "brief"))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the API server saw the operator do, over every scenario above
+
+
+def audit(kube: Kube, *, since: float = 0.0, until: float = float("inf")) -> list[dict[str, Any]]:
+    """The operator's requests in the API server's audit log (its ServiceAccount's)."""
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{RELEASE}"
+    found = []
+    for line in kube.plane.audit_log.read_text().splitlines():
+        event = json.loads(line)
+        if event["user"]["username"] != user or event.get("stage") != "ResponseComplete":
+            continue
+        stamp = _timestamp(event["requestReceivedTimestamp"])
+        if since <= stamp <= until:
+            found.append(event)
+    return found
+
+
+def _timestamp(text: str) -> float:
+    import datetime
+
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def granted_rules(kube: Kube) -> set[tuple[str, str, str]]:
+    manifest = kube.helm("get", "manifest", RELEASE, "-n", OPERATOR_NAMESPACE).stdout
+    rules: set[tuple[str, str, str]] = set()
+    for doc in yaml.safe_load_all(manifest):
+        aggregated = any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+                         for k in ((doc or {}).get("metadata", {}).get("labels") or {}))  # fmt: skip
+        if doc and doc["kind"] in ("ClusterRole", "Role") and not aggregated:
+            for rule in doc.get("rules") or []:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        for verb in rule["verbs"]:
+                            rules.add((group, resource, verb))
+    return rules
+
+
+#: permissions the API server checks without a request of that verb: an owner reference with
+#: blockOwnerDeletion needs "update embeddingmodels/finalizers", and a server-side apply (a patch)
+#: that creates its object needs "create"
+CHECKED_BY_ADMISSION = {("hps.dev", "embeddingmodels/finalizers", "update")} | {
+    (group, resource, "create")
+    for group, resource in (("", "configmaps"), ("", "services"), ("apps", "statefulsets"), ("batch", "jobs"),
+                            ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"))
+}  # fmt: skip
+
+
+def test_watches_are_label_selected_and_permissions_are_exactly_those_used(kube: Kube) -> None:
+    requests = audit(kube)
+    assert requests, "no request of the operator in the audit log"
+    used: set[tuple[str, str, str]] = set()
+    for r in requests:
+        ref = r.get("objectRef") or {}
+        if not ref.get("resource"):
+            continue  # discovery
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        used.add((ref.get("apiGroup", ""), resource, r["verb"]))
+        status = r.get("responseStatus") or {}
+        # no request was denied by RBAC (quota and terminating-namespace refusals are 403s too)
+        assert not (status.get("code") == 403 and "cannot" in (status.get("message") or "")), status
+    child_resources = {plural for (api_version, kind) in CHILD_KINDS for plural in [_plural(kind)]}
+    for r in requests:
+        ref = r.get("objectRef") or {}
+        if r["verb"] in ("list", "watch") and ref.get("resource") in child_resources:
+            assert "labelSelector=" in r["requestURI"], r["requestURI"]
+    assert not any(r["verb"] in ("get", "list", "watch") and (r.get("objectRef") or {}).get("resource") == "secrets"
+                   for r in requests)  # fmt: skip
+    granted = granted_rules(kube)
+    assert used <= granted, used - granted
+    assert granted - used == CHECKED_BY_ADMISSION, granted - used
+
+
+def _plural(kind: str) -> str:
+    from hps_operator.kopf_handlers.kube_api import KINDS
+
+    return next(info.plural for (_, k), info in KINDS.items() if k == kind)
+
+
+def test_uninstalling_the_chart_leaves_models_serving(kube: Kube, operator: OperatorProcess, namespace: str) -> None:
+    """``helm uninstall`` with models present (docs/operations.md): the CRD and the models stay, their
+    children keep serving, a model deleted meanwhile waits on its finalizer; installing the chart
+    again brings the operator back, which finishes that deletion and plans nothing new."""
+    kube.apply(model("survivor"), namespace=namespace)
+    kube.apply(model("doomed"), namespace=namespace)
+    version = ready(kube, namespace, "survivor")["status"]["placement"]["version"]
+    ready(kube, namespace, "doomed")
+    operator.stop()
+    kube.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE)
+    assert kube.get("crd", "embeddingmodels.hps.dev") is not None
+    assert kube.get("statefulset", "survivor-agent-p0", namespace=namespace)["status"]["readyReplicas"] == 1
+    kube.kubectl("delete", "-n", namespace, "em/doomed", "--wait=false")
+    time.sleep(2)
+    doomed = get_model(kube, namespace, "doomed")
+    assert doomed["metadata"].get("deletionTimestamp") and doomed["metadata"]["finalizers"] == ["hps.dev/finalizer"]
+
+    kube.helm("install", RELEASE, str(ROOT / "charts" / "hps-operator"), "-n", OPERATOR_NAMESPACE, "--wait=false")
+    operator.start()
+    wait_for("doomed deleted", lambda: kube.get("embeddingmodel", "doomed", namespace=namespace) is None)
+    assert ready(kube, namespace, "survivor")["status"]["placement"]["version"] == version
+    assert NODE_POOL.count == len([n for n in kube.get("nodes") if n["metadata"]["name"].startswith("gpu-node")])
