@@ -84,14 +84,15 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]
-# Redis and agent StatefulSets, loader and Redis Cluster bootstrap Jobs (read by name while one is
-# replaced because an immutable field changed)
+# Redis and agent StatefulSets (read by name while one is replaced, as an immutable field changed)
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# loader and Redis Cluster bootstrap Jobs: a Job's name carries a hash of its spec, so a changed Job
+# is a new Job (the stale one deleted), never an update
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "create", "patch", "delete"]
