@@ -95,6 +95,14 @@ def children(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     return items
 
 
+def agent_sets(kube: Kube, namespace: str, name: str, partition: int | None = None) -> list[dict[str, Any]]:
+    """The model's agent StatefulSets (one per partition, two for a partition mid-rollout)."""
+    selector = f"{INSTANCE}={name},app.kubernetes.io/component=agent"
+    if partition is not None:
+        selector += f",hps.dev/partition={partition}"
+    return list(kube.get("statefulsets", namespace=namespace, selector=selector))
+
+
 def plan_of(kube: Kube, namespace: str, name: str, key: str = "plan.json") -> dict[str, Any]:
     cm = kube.get("configmap", f"{name}-plan", namespace=namespace)
     assert cm is not None
@@ -270,7 +278,7 @@ def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str)
         m if (m := get_model(kube, namespace, "elastic"))["status"].get("readyReplicas") == 3 else None))  # fmt: skip
     assert scaled["status"]["placement"]["version"] == version
     assert plan_of(kube, namespace, "elastic")["version"] == version
-    sts = kube.get("statefulset", "elastic-agent-p0", namespace=namespace)
+    (sts,) = agent_sets(kube, namespace, "elastic", 0)
     assert sts["spec"]["replicas"] == 3
     # the scale subresource's selector matches one pod per replica
     pods = kube.get("pods", namespace=namespace, selector=scaled["status"]["selector"])
@@ -285,13 +293,41 @@ def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str)
     kube.kubectl("patch", "-n", namespace, "em/elastic", "--type=merge", "-p", '{"spec":{"partitions":2}}')
     wait_for("plan v3 on 2 partitions", lambda: (
         ready(kube, namespace, "elastic")["status"]["placement"]["partitions"] == 2))  # fmt: skip
-    assert kube.get("statefulset", "elastic-agent-p1", namespace=namespace) is not None
+    assert len(agent_sets(kube, namespace, "elastic", 1)) == 1
 
     kube.kubectl("patch", "-n", namespace, "em/elastic", "--type=merge", "-p", '{"spec":{"partitions":1}}')
     wait_for("back on 1 partition", lambda: ready(kube, namespace, "elastic")["status"]["placement"]["partitions"] == 1)
-    wait_for("partition 1's StatefulSet gone",
-             lambda: kube.get("statefulset", "elastic-agent-p1", namespace=namespace) is None)  # fmt: skip
+    wait_for("partition 1's StatefulSet gone", lambda: agent_sets(kube, namespace, "elastic", 1) == [])
     assert operator_warnings(kube, namespace) == []
+
+
+def test_a_one_replica_partition_never_goes_dark_in_a_rollout(kube: Kube, namespace: str) -> None:
+    """``gpusPerPod`` 4 -> 8 with one replica: the new pod starts beside the old one, which keeps
+    serving until routing has switched; at no moment does the partition lack a ready pod."""
+    kube.apply(model("steady", gpusPerPod=4), namespace=namespace)
+    version = ready(kube, namespace, "steady")["status"]["placement"]["version"]
+    selector = f"{INSTANCE}=steady,app.kubernetes.io/component=agent,hps.dev/partition=0"
+    kube.kubectl("patch", "-n", namespace, "em/steady", "--type=merge", "-p", '{"spec":{"gpusPerPod":8}}')
+    fewest_ready, most_sets = 99, 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        pods = kube.get("pods", namespace=namespace, selector=selector)
+        ready_pods = [p for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))]  # fmt: skip
+        fewest_ready = min(fewest_ready, len(ready_pods))
+        most_sets = max(most_sets, len(agent_sets(kube, namespace, "steady", 0)))
+        m = get_model(kube, namespace, "steady")
+        if (m["status"]["placement"]["version"] == version + 1
+                and (m["status"].get("rebalance") or {}).get("phase") == "Idle"
+                and len(agent_sets(kube, namespace, "steady", 0)) == 1):  # fmt: skip
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the rollout did not finish in 90 s")
+    assert fewest_ready >= 1, "partition 0 had no ready agent during the rollout"
+    assert most_sets == 2  # the new agent set ran beside the old one
+    (final,) = agent_sets(kube, namespace, "steady", 0)
+    assert final["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
 def test_changes_that_reach_immutable_fields_never_stop_a_reconcile(kube: Kube, operator: OperatorProcess,
@@ -302,14 +338,14 @@ def test_changes_that_reach_immutable_fields_never_stop_a_reconcile(kube: Kube, 
     kube.apply(model("mutable", volatileStore={"type": "redis", "redis": {"shards": 3, "cluster": True}}),
                namespace=namespace)  # fmt: skip
     ready(kube, namespace, "mutable")
-    sts_uid = kube.get("statefulset", "mutable-agent-p0", namespace=namespace)["metadata"]["uid"]
+    sts_uid = agent_sets(kube, namespace, "mutable", 0)[0]["metadata"]["uid"]
     jobs = {j["metadata"]["name"] for j in kube.get("jobs", namespace=namespace, selector=f"{INSTANCE}=mutable")}
 
     kube.kubectl("patch", "-n", namespace, "em/mutable", "--type=merge", "-p",
                  '{"spec":{"persistentStore":{"type":"rocksdb","storage":"10Gi"},'
                  '"volatileStore":{"redis":{"shards":4}}}}')  # fmt: skip
     ready(kube, namespace, "mutable", within_s=120)
-    sts = kube.get("statefulset", "mutable-agent-p0", namespace=namespace)
+    (sts,) = agent_sets(kube, namespace, "mutable", 0)
     assert sts["metadata"]["uid"] != sts_uid  # replaced, as its volume claim templates changed
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
     redis = kube.get("statefulset", "mutable-redis", namespace=namespace)
@@ -339,7 +375,7 @@ def test_one_refused_child_blocks_neither_the_others_nor_the_status(kube: Kube, 
     message = condition(m, "Progressing")["message"]
     assert "HorizontalPodAutoscaler/quota" in message and "exceeded quota" in message
     assert m["status"]["observedGeneration"] == m["metadata"]["generation"]
-    assert kube.get("statefulset", "quota-agent-p0", namespace=namespace) is not None
+    assert agent_sets(kube, namespace, "quota", 0)
     assert kube.get("statefulset", "quota-redis", namespace=namespace) is not None
     events = [e for e in kube.get("events", namespace=namespace) if e["reason"] == "ApplyFailed"]
     assert events and "HorizontalPodAutoscaler/quota" in events[0]["message"]
@@ -411,9 +447,8 @@ def test_a_killed_operator_finishes_the_rollout_without_duplicates(kube: Kube, o
     m = wait_for("plan v2 on 3 partitions", lambda: (
         m if (m := ready(kube, namespace, "phoenix"))["status"]["placement"]["version"] == version + 1 else None))  # fmt: skip
     assert m["status"]["placement"]["partitions"] == 3
-    agents = sorted(s["metadata"]["name"] for s in kube.get("statefulsets", namespace=namespace,
-                                                            selector=f"{INSTANCE}=phoenix,app.kubernetes.io/component=agent"))  # fmt: skip
-    assert agents == ["phoenix-agent-p0", "phoenix-agent-p1", "phoenix-agent-p2"]
+    agents = sorted(s["metadata"]["labels"]["hps.dev/partition"] for s in agent_sets(kube, namespace, "phoenix"))
+    assert agents == ["0", "1", "2"]  # one agent set per partition: nothing duplicated, nothing left over
     assert len(kube.get("pods", namespace=namespace, selector=f"{INSTANCE}=phoenix,app.kubernetes.io/component=agent")) == 6
     assert plan_of(kube, namespace, "phoenix", "routing.json")["version"] == version + 1
 
@@ -536,7 +571,7 @@ def test_uninstalling_the_chart_leaves_models_serving(kube: Kube, operator: Oper
     operator.stop()
     kube.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE)
     assert kube.get("crd", "embeddingmodels.hps.dev") is not None
-    assert kube.get("statefulset", "survivor-agent-p0", namespace=namespace)["status"]["readyReplicas"] == 1
+    assert agent_sets(kube, namespace, "survivor", 0)[0]["status"]["readyReplicas"] == 1
     kube.kubectl("delete", "-n", namespace, "em/doomed", "--wait=false")
     time.sleep(2)
     doomed = get_model(kube, namespace, "doomed")

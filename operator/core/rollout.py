@@ -2,13 +2,14 @@
 
 Idle → Warming → Switching → Draining → Idle:
 
-- **Warming**: agents serve the union of the active and the target plan (``render.serving_plan``):
-  new owners load their new shards while clients still route by the active plan to old owners.
-- **Switching**: every agent is warm, so the plan ConfigMap's ``routing.json`` now names the target;
-  clients pick it up. The union is still served, so a client that has not re-read the routing yet
-  still finds its keys. It lasts at least ``switch_grace_s``.
-- **Draining**: agents are rendered with the target alone (old shards dropped; partitions the target
-  lacks are deleted). Once they are rolled out and ready, the target becomes active: Idle.
+- **Warming**: each partition whose share of the plan changes gets a new agent set (StatefulSet)
+  beside its old one (``render.agents``): the new pods load the target's shards while clients still
+  route by the active plan to the old pods, which keep running untouched.
+- **Switching**: every new agent set is ready, so the plan ConfigMap's ``routing.json`` now names the
+  target; clients pick it up. The old sets still run, so a client that has not re-read the routing
+  yet still finds its keys. It lasts at least ``switch_grace_s``.
+- **Draining**: the target's agent sets alone are rendered (the old sets, and partitions the target
+  lacks, are deleted). Once they are rolled out and ready, the target becomes active: Idle.
 
 No lookup fails along the way: at every step the plan clients route by is served by ready agents.
 The first plan of a model goes straight to Idle (nothing serves yet, so nothing can break).

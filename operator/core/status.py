@@ -271,15 +271,25 @@ def replica_selector(name: str) -> str:
 
 def replica_counts(agents: Iterable[AgentObservation], partitions: int) -> tuple[int, int]:
     """``(replicas, readyReplicas)``: a replica is one pod in *every* partition, so each is the
-    least over the partitions (a partition without a StatefulSet counts 0)."""
+    least over the partitions (a partition without an agent set counts 0)."""
     if partitions <= 0:
         return 0, 0
-    by_partition = {a.partition: a for a in agents}
-    seen = [by_partition.get(p) for p in range(partitions)]
+    existing, ready = _per_partition(agents)
     return (
-        min((a.replicas if a else 0) for a in seen),
-        min((a.ready_replicas if a else 0) for a in seen),
+        min(existing.get(p, 0) for p in range(partitions)),
+        min(ready.get(p, 0) for p in range(partitions)),
     )
+
+
+def _per_partition(agents: Iterable[AgentObservation]) -> tuple[dict[int, int], dict[int, int]]:
+    """Pods and ready pods of each partition. During a rollout a partition can have two agent sets
+    (the active plan's and the target's): it has as many replicas as its most complete set."""
+    existing: dict[int, int] = {}
+    ready: dict[int, int] = {}
+    for a in agents:
+        existing[a.partition] = max(existing.get(a.partition, 0), a.replicas)
+        ready[a.partition] = max(ready.get(a.partition, 0), a.ready_replicas)
+    return existing, ready
 
 
 def error_reason(error: HpsError) -> str:
@@ -439,7 +449,7 @@ def compute_status(
         )
     if load == "Failed":
         issues.append(("LoadFailed", f"the loader Job failed: {observed.load_message or 'no message'}"))
-    ready_by_partition = {a.partition: a.ready_replicas for a in observed.agents}
+    _, ready_by_partition = _per_partition(observed.agents)
     partitions_down = [p for p in range(partitions) if ready_by_partition.get(p, 0) == 0]
     if partitions_down and serving and rollout.phase is Phase.IDLE:
         issues.append(

@@ -342,7 +342,7 @@ def test_volume_size_and_class_cannot_change_under_running_agents() -> None:
     bigger = _set(copy.deepcopy(rocks), "spec.persistentStore.storage", "200Gi")
     (error,) = validation_errors(bigger, old=rocks)
     assert error.startswith(".spec.persistentStore.storage: storage cannot change while type is rocksdb")
-    assert "data-<model>-agent-p<N>-<i>" in error
+    assert "data-<model>-p<N>-<set>-<i>" in error
     fast = _set(copy.deepcopy(rocks), "spec.persistentStore.storageClassName", "fast")
     (error,) = validation_errors(fast, old=rocks)
     assert error.startswith(".spec.persistentStore.storageClassName: storageClassName cannot change")
@@ -356,7 +356,7 @@ def test_volume_size_and_class_cannot_change_under_running_agents() -> None:
 
 @pytest.mark.parametrize(("name", "ok"), [("dlrm", True), ("a" * 40, True), ("a" * 41, False), ("7up", False)])
 def test_model_names_fit_the_children_names(name: str, ok: bool) -> None:
-    """``<name>-agent-p9999`` must be a valid StatefulSet name and ``<name>-redis`` a Service name."""
+    """``<name>-p9999-<hash5>`` must be a valid StatefulSet name and ``<name>-redis`` a Service name."""
     errors = validation_errors(_set(minimal(), "metadata.name", name))
     assert (errors == []) is ok, errors
 

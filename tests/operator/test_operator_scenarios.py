@@ -110,6 +110,17 @@ class Cluster:
     def children(self, res: str) -> dict[str, dict[str, Any]]:
         return {o["metadata"]["name"]: o for o in self.emulator.list_objects(res) if o["metadata"].get("namespace") == NS}
 
+    def agents(self, partition: int = 0) -> dict[str, Any] | None:
+        """Partition ``partition``'s agent StatefulSet (the newest set, during a rollout)."""
+        sets = [o for o in self.children(STATEFULSETS).values()
+                if o["metadata"]["labels"].get("hps.dev/partition") == str(partition)]  # fmt: skip
+        return max(sets, key=lambda o: int(o["metadata"]["annotations"]["hps.dev/plan-version"]), default=None)
+
+    def agents_name(self, partition: int = 0) -> str:
+        found = self.agents(partition)
+        assert found is not None, f"no agent StatefulSet for partition {partition}"
+        return str(found["metadata"]["name"])
+
     def plan_cm(self, name: str = "dlrm") -> dict[str, Any] | None:
         return self.emulator.get_object(CONFIGMAPS, NS, f"{name}-plan")
 
@@ -218,7 +229,7 @@ async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: f
 
 async def deployed(cluster: Cluster, tmp_path: Path) -> None:
     await cluster.create_model(model_manifest())
-    await wait_until("the agent StatefulSet", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+    await wait_until("the agent StatefulSet", lambda: cluster.agents(0) is not None)
     await wait_until("the loader Job", lambda: cluster.children(JOBS))
     await cluster.make_agents_ready()
     await cluster.finish_jobs()
@@ -283,7 +294,7 @@ async def scrape(config: OperatorConfig) -> dict[str, float]:
 async def test_create_makes_children_and_reports_conditions(cluster: Cluster, tmp_path: Path) -> None:
     async with running_operator(cluster, tmp_path):
         await cluster.create_model(model_manifest())
-        await wait_until("children", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+        await wait_until("children", lambda: cluster.agents(0) is not None)
         await wait_until("Placed", lambda: condition(cluster.model(), "Placed"))
         model = cluster.model()
         assert model is not None
@@ -296,7 +307,7 @@ async def test_create_makes_children_and_reports_conditions(cluster: Cluster, tm
         assert status["placement"]["version"] == 1
         assert status["replicas"] == 0 and status["readyReplicas"] == 0  # no agent pod exists yet
         sts = cluster.children(STATEFULSETS)
-        assert sts["dlrm-agent-p0"]["spec"]["replicas"] == 2
+        assert cluster.agents(0)["spec"]["replicas"] == 2  # type: ignore[index]
         assert "dlrm-redis" in sts
         plan_cm = cluster.plan_cm()
         assert plan_cm is not None and '"version":1' in plan_cm["data"]["routing.json"]
@@ -341,7 +352,7 @@ async def test_scaling_replicas_changes_no_plan(cluster: Cluster, tmp_path: Path
         # the scale subresource, as `kubectl scale` and the HPA use it
         await cluster.request("PATCH", f"/apis/hps.dev/v1alpha1/namespaces/{NS}/embeddingmodels/dlrm/scale",
                               {"spec": {"replicas": 4}}, "application/merge-patch+json")  # fmt: skip
-        await wait_until("4 agent replicas", lambda: cluster.children(STATEFULSETS)["dlrm-agent-p0"]["spec"]["replicas"] == 4)
+        await wait_until("4 agent replicas", lambda: cluster.agents(0)["spec"]["replicas"] == 4)  # type: ignore[index]
         await cluster.make_agents_ready()
         await wait_until("status.replicas", lambda: cluster.model()["status"]["replicas"] == 4)  # type: ignore[index]
         await wait_until("4 ready", lambda: cluster.model()["status"]["readyReplicas"] == 4)  # type: ignore[index]
@@ -440,13 +451,14 @@ async def test_deleted_child_is_recreated(cluster: Cluster, tmp_path: Path) -> N
     async with running_operator(cluster, tmp_path):
         await deployed(cluster, tmp_path)
         await cluster.emulator.delete_object(CONFIGMAPS, NS, "dlrm-plan")
-        await cluster.emulator.delete_object(STATEFULSETS, NS, "dlrm-agent-p0")
+        agents = cluster.agents_name(0)
+        await cluster.emulator.delete_object(STATEFULSETS, NS, agents)
         await wait_until("the plan back", lambda: cluster.plan_cm() is not None)
-        await wait_until("the agents back", lambda: "dlrm-agent-p0" in cluster.children(STATEFULSETS))
+        await wait_until("the agents back", lambda: cluster.agents(0) is not None)
         assert '"version":1' in cluster.plan_cm()["data"]["plan.json"]  # type: ignore[index]
         await wait_until("a ChildRecreated event", lambda: "ChildRecreated" in cluster.reasons())
         recreated = " ".join(m for _, r, m in cluster.events() if r == "ChildRecreated")
-        assert "ConfigMap/dlrm-plan" in recreated and "StatefulSet/dlrm-agent-p0" in recreated
+        assert "ConfigMap/dlrm-plan" in recreated and f"StatefulSet/{agents}" in recreated
         assert "RebalanceStarted" not in cluster.reasons()  # the same plan came back, nothing moves
 
 
@@ -466,7 +478,7 @@ async def test_degraded_says_which_part_is_unhealthy(cluster: Cluster, tmp_path:
         await wait_until("recovered", lambda: degraded() == ("False", "AsExpected"))
         await wait_until("the Recovered event", lambda: "Recovered" in cluster.reasons())
 
-        await cluster.set_ready("dlrm-agent-p0", 1)  # one agent pod stopped passing its probe
+        await cluster.set_ready(cluster.agents_name(0), 1)  # one agent pod stopped passing its probe
         await wait_until("a replica lost", lambda: degraded() == ("True", "ReplicasUnavailable"))
         assert cluster.model()["status"]["readyReplicas"] == 1  # type: ignore[index]
         await cluster.make_agents_ready()
@@ -497,7 +509,7 @@ async def test_every_request_is_declared_in_the_rbac(cluster: Cluster, tmp_path:
     async with running_operator(cluster, tmp_path):
         await deployed(cluster, tmp_path)
         await cluster.patch_spec("dlrm", {"replicas": 3})
-        await wait_until("3 replicas", lambda: cluster.children(STATEFULSETS)["dlrm-agent-p0"]["spec"]["replicas"] == 3)
+        await wait_until("3 replicas", lambda: cluster.agents(0)["spec"]["replicas"] == 3)  # type: ignore[index]
         await cluster.emulator.delete_object(CONFIGMAPS, NS, "dlrm-plan")
         await wait_until("the plan back", lambda: cluster.plan_cm() is not None)
     granted = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}

@@ -105,7 +105,8 @@ def plan_data(children: list[dict[str, Any]], key: str) -> dict[str, Any]:
 def test_first_reconcile_places_and_renders_everything() -> None:
     decision = reconcile(observe(model(), []), OPTIONS)
     kinds = {(m["kind"], m["metadata"]["name"]) for m in decision.apply}
-    assert {("StatefulSet", "dlrm-agent-p0"), ("StatefulSet", "dlrm-redis"), ("ConfigMap", "dlrm-plan")} <= kinds
+    assert {("StatefulSet", "dlrm-redis"), ("ConfigMap", "dlrm-plan"), ("ConfigMap", "dlrm-config")} <= kinds
+    assert any(kind == "StatefulSet" and name.startswith("dlrm-p0-") for kind, name in kinds)  # partition 0's agents
     assert decision.delete == ()
     assert decision.status["placement"]["version"] == 1
     assert condition(decision.status, "Placed")["status"] == "True"
@@ -126,26 +127,27 @@ def test_unchanged_cluster_means_no_writes_and_stable_conditions() -> None:
 
 def test_drift_is_repaired() -> None:
     body, children = deployed()
-    sts = next(c for c in children if c["kind"] == "StatefulSet" and c["metadata"]["name"] == "dlrm-agent-p0")
+    sts = live(children, "StatefulSet", "dlrm-p0-")
     sts["spec"]["replicas"] = 7  # someone scaled the StatefulSet behind the operator's back
     decision = reconcile(observe(body, children), OPTIONS)
-    assert [m["metadata"]["name"] for m in decision.apply] == ["dlrm-agent-p0"]
+    assert [m["metadata"]["name"] for m in decision.apply] == [sts["metadata"]["name"]]
     assert decision.apply[0]["spec"]["replicas"] == 2
     assert [(e.type, e.reason) for e in decision.events] == [("Warning", "DriftCorrected")]
-    assert "StatefulSet/dlrm-agent-p0" in decision.events[0].message
+    assert f"StatefulSet/{sts['metadata']['name']}" in decision.events[0].message
 
 
 def test_a_deleted_child_is_recreated_with_an_event() -> None:
     body, children = deployed()
-    gone = {("ConfigMap", "dlrm-plan"), ("StatefulSet", "dlrm-agent-p0")}
+    p0 = live(children, "StatefulSet", "dlrm-p0-")["metadata"]["name"]
+    gone = {("ConfigMap", "dlrm-plan"), ("StatefulSet", p0)}
     children = [c for c in children if (c["kind"], c["metadata"]["name"]) not in gone]
     decision = reconcile(observe(body, children, now=T1), OPTIONS)
     assert sorted((m["kind"], m["metadata"]["name"]) for m in decision.apply) == sorted(gone)
     (event,) = decision.events[:1]
     assert (event.type, event.reason) == ("Warning", "ChildRecreated")
-    assert "ConfigMap/dlrm-plan" in event.message and "StatefulSet/dlrm-agent-p0" in event.message
+    assert "ConfigMap/dlrm-plan" in event.message and f"StatefulSet/{p0}" in event.message
     # the same deterministic plan comes back under the version the status reports: no rebalance
-    assert json.loads(next(m for m in decision.apply if m["kind"] == "ConfigMap")["data"]["plan.json"])["version"] == 1
+    assert json.loads(next(m for m in decision.apply if m["metadata"]["name"] == "dlrm-plan")["data"]["plan.json"])["version"] == 1
     assert decision.status["rebalance"]["phase"] == "Idle"
 
 
@@ -154,7 +156,7 @@ def test_replicas_scale_the_agents_and_make_no_plan() -> None:
     body = {**body, "spec": {**body["spec"], "replicas": 4}, "metadata": {**body["metadata"], "generation": 2}}
     decision = reconcile(observe(body, children), OPTIONS)
     changed = {(m["kind"], m["metadata"]["name"]) for m in decision.apply}
-    assert ("StatefulSet", "dlrm-agent-p0") in changed
+    assert any(kind == "StatefulSet" and name.startswith("dlrm-p0-") for kind, name in changed)
     assert next(m for m in decision.apply if m["kind"] == "StatefulSet")["spec"]["replicas"] == 4
     assert decision.status["placement"]["version"] == 1
     assert decision.status["rebalance"]["state"] == "Idle"
@@ -291,7 +293,7 @@ def test_loaded_follows_the_loader_job_and_a_failed_load_is_degraded() -> None:
 
 def test_a_lost_replica_is_degraded_but_a_scale_up_is_progress() -> None:
     body, children = deployed()
-    agents = live(children, "StatefulSet", "dlrm-agent-p0")
+    agents = live(children, "StatefulSet", "dlrm-p0-")
     agents["status"]["readyReplicas"] = 1  # a pod crashed: it exists, runs the template, is not ready
     lost = reconcile(observe(body, children, now=T1), OPTIONS)
     degraded = condition(lost.status, "Degraded")
@@ -306,7 +308,7 @@ def test_a_lost_replica_is_degraded_but_a_scale_up_is_progress() -> None:
     body = {**body, "spec": {**body["spec"], "replicas": 4}, "metadata": {**body["metadata"], "generation": 2}}
     scaling = reconcile(observe(body, children, now=T1), OPTIONS)
     children = applied(scaling, children)
-    sts = live(children, "StatefulSet", "dlrm-agent-p0")  # the new pods exist but are still loading
+    sts = live(children, "StatefulSet", "dlrm-p0-")  # the new pods exist but are still loading
     sts["status"] = {"observedGeneration": sts["metadata"]["generation"], "replicas": 4, "updatedReplicas": 4,
                      "readyReplicas": 2}  # fmt: skip
     for _ in range(2):

@@ -26,14 +26,15 @@ from hps_operator.core.render import (
     MODEL_KEY,
     PLAN_KEY,
     ROUTING_KEY,
-    SERVING_KEY,
+    agent_set_hash,
     model_manifest,
+    partition_plan,
+    partition_plan_key,
     render_agent_config,
     render_agent_statefulset,
     render_children,
     render_loader_job,
     render_plan_configmap,
-    serving_plan,
     sources_in_pods,
 )
 from hps_operator.core.topology import Topology
@@ -104,16 +105,30 @@ def by_name(manifests: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
 # whole manifests
 
 
+def agent_sets(children: dict[tuple[str, str], dict[str, Any]], partition: int) -> list[dict[str, Any]]:
+    """The agent StatefulSets of a partition (one per agent set), by name."""
+    return sorted((m for (kind, _), m in children.items() if kind == "StatefulSet"
+                   and m["metadata"]["labels"].get("hps.dev/partition") == str(partition)),
+                  key=lambda m: m["metadata"]["name"])  # fmt: skip
+
+
+def agent_set(children: dict[tuple[str, str], dict[str, Any]], partition: int) -> dict[str, Any]:
+    (only,) = agent_sets(children, partition)
+    return only
+
+
 def test_agent_statefulset_whole() -> None:
     sts = render_agent_statefulset(model(), plan(), 1, owner=OWNER, image=IMAGE)
     grpc = {"port": 50051}
+    h = agent_set_hash(plan(), 1)
+    set_labels = {"hps.dev/partition": "1", "hps.dev/agent-set": h}
     assert sts == {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": {
-            "name": "dlrm-agent-p1",
+            "name": f"dlrm-p1-{h[:5]}",
             "namespace": "recsys",
-            "labels": {**LABELS, "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"},
+            "labels": {**LABELS, "app.kubernetes.io/component": "agent", **set_labels},
             "ownerReferences": OWNER_REFS,
             "annotations": {"hps.dev/plan-version": "3"},
         },
@@ -123,12 +138,12 @@ def test_agent_statefulset_whole() -> None:
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
             "selector": {"matchLabels": {"app.kubernetes.io/instance": "dlrm",
-                                         "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"}},
+                                         "app.kubernetes.io/component": "agent", **set_labels}},
             "template": {
                 "metadata": {
-                    "labels": {**LABELS, "app.kubernetes.io/component": "agent", "hps.dev/partition": "1"},
-                    "annotations": {"hps.dev/partition-plan": "45cf585d52635d60",
-                                    "hps.dev/model-hash": "6219a5560671158b",
+                    "labels": {**LABELS, "app.kubernetes.io/component": "agent", **set_labels},
+                    "annotations": {"hps.dev/partition-plan": h,
+                                    "hps.dev/model-hash": "b68deb9add905e52",
                                     "prometheus.io/scrape": "true", "prometheus.io/port": "9464",
                                     "prometheus.io/path": "/metrics"},
                 },
@@ -138,7 +153,7 @@ def test_agent_statefulset_whole() -> None:
                         "image": IMAGE,
                         "command": ["hps"],
                         "args": [
-                            "agent", "-f", "/etc/hps/model.yaml", "--plan", "/etc/hps/serving.json",
+                            "agent", "-f", "/etc/hps/model.yaml", "--plan", f"/etc/hps/p1-{h}.json",
                             "--partition", "1", "--host", "0.0.0.0", "--port", "50051",
                             "--agent-id", "$(POD_NAME)", "--metrics-port", "9464",
                             "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
@@ -183,7 +198,7 @@ def test_agent_statefulset_whole() -> None:
 def test_plan_and_config_configmaps_whole() -> None:
     the_plan = plan()
     cm = render_plan_configmap(model(), the_plan, owner=OWNER)
-    config = render_agent_config(model(), the_plan, owner=OWNER)
+    config = render_agent_config(model(), [the_plan], owner=OWNER)
     expected_model = {
         "apiVersion": "hps.dev/v1alpha1",
         "kind": "EmbeddingModel",
@@ -241,8 +256,16 @@ def test_plan_and_config_configmaps_whole() -> None:
             "labels": {**LABELS, "app.kubernetes.io/component": "config", "hps.dev/plan-version": "3"},
             "ownerReferences": OWNER_REFS,
         },
-        "data": {"model.yaml": yaml.safe_dump(expected_model, sort_keys=True), "serving.json": plan_json},
+        "data": {
+            "model.yaml": yaml.safe_dump(expected_model, sort_keys=True),
+            # each partition's agents read their share alone
+            partition_plan_key(the_plan, 0): partition_plan(the_plan, 0).to_json(),
+            partition_plan_key(the_plan, 1): partition_plan(the_plan, 1).to_json(),
+        },
     }  # fmt: skip
+    share = Plan.from_json(config["data"][partition_plan_key(the_plan, 0)])
+    assert (share.version, share.partitions, share.bucket_count) == (3, 2, 4)
+    assert [a.table for a in share.assignments] == ["user-id"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +368,8 @@ def test_render_is_sorted_stable_and_owned() -> None:
         ("Service", "dlrm-agent-p0"),
         ("Service", "dlrm-agent-p1"),
         ("Service", "dlrm-redis"),
-        ("StatefulSet", "dlrm-agent-p0"),
-        ("StatefulSet", "dlrm-agent-p1"),
+        ("StatefulSet", f"dlrm-p0-{agent_set_hash(plan(), 0)[:5]}"),
+        ("StatefulSet", f"dlrm-p1-{agent_set_hash(plan(), 1)[:5]}"),
         ("StatefulSet", "dlrm-redis"),
     ]
     assert keys[2][1].startswith("dlrm-load-")
@@ -364,9 +387,10 @@ def test_scaling_replicas_restarts_nothing() -> None:
     assert before.keys() == after.keys()
     changed = {key for key in before if before[key] != after[key]}
     # the agent StatefulSets' replica counts, and the model file in the ConfigMap
-    assert changed == {("StatefulSet", "dlrm-agent-p0"), ("StatefulSet", "dlrm-agent-p1"), ("ConfigMap", "dlrm-config")}
+    sets = {("StatefulSet", agent_set(before, p)["metadata"]["name"]) for p in (0, 1)}
+    assert changed == sets | {("ConfigMap", "dlrm-config")}
     for p in (0, 1):
-        old, new = before[("StatefulSet", f"dlrm-agent-p{p}")], after[("StatefulSet", f"dlrm-agent-p{p}")]
+        old, new = agent_set(before, p), agent_set(after, p)
         assert (old["spec"]["replicas"], new["spec"]["replicas"]) == (2, 5)
         assert old["spec"]["template"] == new["spec"]["template"]
 
@@ -376,50 +400,69 @@ def test_a_new_plan_rolls_only_the_partitions_it_touches() -> None:
     v4 = plan(4, layout=(("user-id", 0, 0, 0, 4), ("item-id", 1, 0, 0, 4)))  # item-id moves GPU in p1
     before = by_name(render_children(model(), v3, owner=OWNER, image=IMAGE, redis_password="pw"))
     after = by_name(render_children(model(), v4, owner=OWNER, image=IMAGE, redis_password="pw"))
-    template = lambda m, p: m[("StatefulSet", f"dlrm-agent-p{p}")]["spec"]["template"]  # noqa: E731
-    assert template(before, 0) == template(after, 0)
-    assert template(before, 1) != template(after, 1)
+    # partition 0's share is the same: the same agent set, its pods untouched (only the StatefulSet's
+    # plan-version annotation moves); partition 1 gets a new set
+    assert agent_set(before, 0)["metadata"]["name"] == agent_set(after, 0)["metadata"]["name"]
+    assert agent_set(before, 0)["spec"] == agent_set(after, 0)["spec"]
+    assert agent_set(before, 1)["metadata"]["name"] != agent_set(after, 1)["metadata"]["name"]
 
 
-def test_make_before_break_serves_both_plans_until_routing_has_switched() -> None:
+def test_make_before_break_keeps_the_old_agent_sets_until_routing_has_switched() -> None:
+    """A partition whose share changes gets new pods beside the old ones: while Warming and
+    Switching both agent sets run (each reading its own share), clients route by the active plan
+    until Switching, and the old sets go at Draining. Partition 2, gone from the target, keeps its
+    Service and pods until then too."""
     active = plan(3, partitions=3, layout=(("user-id", 0, 0, 0, 4), ("item-id", 2, 1, 0, 4)))
-    target = plan(4, partitions=2, layout=(("user-id", 0, 0, 0, 2), ("user-id", 1, 0, 2, 4), ("item-id", 1, 1, 0, 4)))
+    target = plan(4, partitions=2, layout=(("user-id", 0, 0, 0, 4), ("item-id", 1, 1, 0, 4)))
 
     def render(phase: str) -> dict[tuple[str, str], dict[str, Any]]:
         return by_name(render_children(model(), target, owner=OWNER, image=IMAGE, redis_password="pw",
                                        active_plan=active, phase=phase))  # fmt: skip
 
-    def data(children: dict[tuple[str, str], dict[str, Any]], key: str) -> Plan:
-        name = "dlrm-config" if key == SERVING_KEY else "dlrm-plan"
-        return Plan.from_json(children[("ConfigMap", name)]["data"][key])
+    def routing(children: dict[tuple[str, str], dict[str, Any]]) -> int:
+        return Plan.from_json(children[("ConfigMap", "dlrm-plan")]["data"][ROUTING_KEY]).version
 
     warming, switching, draining = render("Warming"), render("Switching"), render("Draining")
-    assert data(warming, PLAN_KEY) == target
-    assert data(warming, ROUTING_KEY) == active  # clients still route by the active plan
-    serving = data(warming, SERVING_KEY)
-    assert set(active.assignments) | set(target.assignments) == set(serving.assignments)
-    assert ("StatefulSet", "dlrm-agent-p2") in warming  # the old owner of item-id keeps serving
-
-    assert data(switching, ROUTING_KEY) == target
-    assert data(switching, SERVING_KEY) == serving
-    # switching routing restarts no agent
-    for p in range(3):
-        key = ("StatefulSet", f"dlrm-agent-p{p}")
-        assert warming[key]["spec"]["template"] == switching[key]["spec"]["template"]
-
-    assert data(draining, ROUTING_KEY) == data(draining, SERVING_KEY) == target
-    assert ("StatefulSet", "dlrm-agent-p2") not in draining
+    assert Plan.from_json(warming[("ConfigMap", "dlrm-plan")]["data"][PLAN_KEY]) == target
+    assert (routing(warming), routing(switching), routing(draining)) == (3, 4, 4)
+    # partition 0's share did not change: one agent set, the same in every phase
+    assert len(agent_sets(warming, 0)) == 1 and agent_set(warming, 0) == agent_set(draining, 0)
+    # partition 1 owned nothing and now owns item-id: its new set beside the old; partition 2 (gone
+    # from the target) keeps its old set
+    assert sorted(m["metadata"]["annotations"]["hps.dev/plan-version"] for m in agent_sets(warming, 1)) == ["3", "4"]
+    assert [m["metadata"]["annotations"]["hps.dev/plan-version"] for m in agent_sets(warming, 2)] == ["3"]
+    assert ("Service", "dlrm-agent-p2") in warming and ("PodDisruptionBudget", "dlrm-agent-p2") in warming
+    config = warming[("ConfigMap", "dlrm-config")]["data"]
+    for p in (0, 1, 2):
+        for sts in agent_sets(warming, p):
+            key = sts["spec"]["template"]["spec"]["containers"][0]["args"][4].removeprefix("/etc/hps/")
+            assert key in config  # every set finds its share in the config ConfigMap
+    assert switching == {**warming, ("ConfigMap", "dlrm-plan"): switching[("ConfigMap", "dlrm-plan")]}
+    assert agent_sets(draining, 2) == [] and ("Service", "dlrm-agent-p2") not in draining
     assert draining == by_name(render_children(model(), target, owner=OWNER, image=IMAGE, redis_password="pw"))
 
 
-def test_serving_plan_across_bucket_counts_keeps_old_owners_whole_tables() -> None:
-    active = plan(3, buckets=4, gpus=4, layout=(("user-id", 0, 3, 0, 2),))
-    target = plan(4, buckets=8, gpus=2, layout=(("user-id", 1, 0, 0, 8),))
-    union = serving_plan(active, target)
-    assert union.version == 4 and union.bucket_count == 8
-    # the old owner (partition 0, GPU 3 folded onto GPU 1) answers for the whole table
-    assert {(a.partition, a.gpu, a.buckets) for a in union.assignments} == {(0, 1, (0, 8)), (1, 0, (0, 8))}
-    assert serving_plan(None, target) is target
+def test_a_partition_whose_share_changes_runs_both_agent_sets_during_the_rollout() -> None:
+    """gpusPerPod 4 -> 8 with one replica: every partition's share changes, so every partition has
+    its old set (still serving) and its new set while the new pods load."""
+    active = plan(3, gpus=4, layout=(("user-id", 0, 0, 0, 4), ("item-id", 1, 3, 0, 4)))
+    target = plan(4, gpus=8, layout=(("user-id", 0, 0, 0, 4), ("item-id", 1, 7, 0, 4)))
+    warming = by_name(render_children(model(replicas=1), target, owner=OWNER, image=IMAGE, redis_password="pw",
+                                      active_plan=active, phase="Warming"))  # fmt: skip
+    for p in (0, 1):
+        sets = agent_sets(warming, p)
+        assert len(sets) == 2 and sets[0]["spec"]["selector"] != sets[1]["spec"]["selector"]
+        assert {m["spec"]["replicas"] for m in sets} == {1}
+        assert sorted(m["metadata"]["annotations"]["hps.dev/plan-version"] for m in sets) == ["3", "4"]
+        gpus = {m["metadata"]["annotations"]["hps.dev/plan-version"]:
+                m["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for m in sets}
+        assert gpus == {"3": "4", "4": "8"}
+    # the old sets are exactly what was running before the change: nothing of theirs is updated
+    before = by_name(render_children(model(replicas=1, gpusPerPod=4), active, owner=OWNER, image=IMAGE,
+                                     redis_password="pw"))  # fmt: skip
+    for p in (0, 1):
+        old = next(m for m in agent_sets(warming, p) if m["metadata"]["annotations"]["hps.dev/plan-version"] == "3")
+        assert old["spec"] == agent_set(before, p)["spec"]
 
 
 def test_model_file_round_trips_through_the_spec_parser() -> None:
@@ -430,7 +473,7 @@ def test_model_file_round_trips_through_the_spec_parser() -> None:
     specs.append(model(tables=[{"name": "t", "rows": 1, "dim": 1, "source": "dlrm/t"}],
                        modelStore={"hostPath": {"path": "/m"}}))  # fmt: skip
     for spec in specs:
-        cm = render_agent_config(spec, _partition_plan(2), owner=OWNER)
+        cm = render_agent_config(spec, [_partition_plan(2)], owner=OWNER)
         in_pods = parse_model(yaml.safe_load(cm["data"][MODEL_KEY]))
         assert in_pods == sources_in_pods(spec)
         assert sources_in_pods(in_pods) == in_pods
@@ -442,7 +485,7 @@ def test_model_file_round_trips_through_the_spec_parser() -> None:
 def test_agent_and_loader_commands_follow_the_tiers() -> None:
     def agent_args(**spec: Any) -> list[str]:
         children = by_name(render_children(model(**spec), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
-        return children[("StatefulSet", "dlrm-agent-p0")]["spec"]["template"]["spec"]["containers"][0]["args"]
+        return agent_set(children, 0)["spec"]["template"]["spec"]["containers"][0]["args"]
 
     cluster = agent_args(volatileStore={"redis": {"shards": 3, "replicasPerShard": 1, "cluster": True}})
     hosts = cluster[cluster.index("--redis") + 1].split(",")
@@ -487,7 +530,7 @@ def test_redis_children_follow_the_spec() -> None:
     users = by_name(render_children(model(volatileStore={"redis": {"passwordSecret": "my-auth"}}), plan(),
                                     owner=OWNER, image=IMAGE, redis_password=None))  # fmt: skip
     assert ("Secret", "dlrm-redis") not in users
-    env = users[("StatefulSet", "dlrm-agent-p0")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    env = agent_set(users, 0)["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "my-auth", "key": "password"}}} in env
 
     none = by_name(render_children(model(volatileStore={"type": "none"}), plan(), owner=OWNER, image=IMAGE,

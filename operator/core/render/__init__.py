@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hps_operator.core.render.agents import agent_args, render_agent_statefulset, render_agents
+from hps_operator.core.render.agents import (
+    agent_args,
+    agent_set_hash,
+    agent_statefulset_name,
+    partition_plan,
+    partition_plan_key,
+    render_agent_statefulset,
+    render_agents,
+)
 from hps_operator.core.render.autoscaling import QPS_METRIC, render_hpa
 from hps_operator.core.render.loader import loader_job_name, render_loader_job
 from hps_operator.core.render.meta import (
@@ -21,7 +29,6 @@ from hps_operator.core.render.meta import (
     PARTITION_LABEL,
     PLAN_KEY,
     ROUTING_KEY,
-    SERVING_KEY,
     Manifest,
     agent_config_name,
     check_renderable,
@@ -34,10 +41,9 @@ from hps_operator.core.render.model_file import model_manifest, sources_in_pods
 from hps_operator.core.render.plan_configmap import (
     MAX_CONFIGMAP_BYTES,
     configmap_bytes,
-    plans_for_phase,
     render_agent_config,
     render_plan_configmap,
-    serving_plan,
+    rollout_plans,
 )
 from hps_operator.core.render.pods import REDIS_PASSWORD_KEY
 from hps_operator.core.render.redis import DEFAULT_REDIS_IMAGE, render_redis, uses_redis
@@ -55,15 +61,18 @@ __all__ = [
     "QPS_METRIC",
     "REDIS_PASSWORD_KEY",
     "ROUTING_KEY",
-    "SERVING_KEY",
     "Manifest",
     "agent_args",
     "agent_config_name",
+    "agent_set_hash",
+    "agent_statefulset_name",
     "check_renderable",
     "configmap_bytes",
     "endpoint",
     "loader_job_name",
     "model_manifest",
+    "partition_plan",
+    "partition_plan_key",
     "plan_configmap_name",
     "redis_secret_name",
     "render_agent_config",
@@ -71,7 +80,7 @@ __all__ = [
     "render_children",
     "render_loader_job",
     "render_plan_configmap",
-    "serving_plan",
+    "rollout_plans",
     "sources_in_pods",
 ]
 
@@ -91,16 +100,16 @@ def render_children(
     """Every child of the model, sorted by (kind, name).
 
     ``plan`` is the target plan; ``active_plan`` the one clients route by now and ``phase`` the
-    rollout phase (``rollout.Rollout.phase``): Idle and Draining render the target alone, Warming and
-    Switching make agents serve both (routing flips at Switching). ``image`` is the operator's default
+    rollout phase (``rollout.Rollout.phase``): Idle and Draining render the target's agent sets alone,
+    Warming and Switching the active plan's beside them (routing flips at Switching). ``image`` is the operator's default
     agent image (``spec.agent.image`` wins) and ``image_pull_policy`` the policy of the containers
     running it (None leaves Kubernetes' default)."""
     check_renderable(model)
-    serving, routing = plans_for_phase(plan, active_plan, phase)
+    generations, routing = rollout_plans(plan, active_plan, phase)
     children: list[Manifest] = [
         render_plan_configmap(model, plan, owner=owner, routing=routing),
-        render_agent_config(model, serving, owner=owner),
-        *render_agents(model, serving, owner=owner, image=image, image_pull_policy=image_pull_policy),
+        render_agent_config(model, generations, owner=owner),
+        *render_agents(model, generations, owner=owner, image=image, image_pull_policy=image_pull_policy),
         *render_redis(model, owner=owner, redis_password=redis_password, redis_image=redis_image),
     ]
     if uses_redis(model):

@@ -1,17 +1,30 @@
-"""The agents: one StatefulSet, headless Service and PDB per partition, and the client Service.
+"""The agents: per partition a headless Service, a PDB and one StatefulSet per *agent set*; and the
+client Service.
 
-A new plan does not restart every agent. Agents read ``serving.json`` from the plan ConfigMap at
-start; each partition's pod template carries a hash of *its own* assignments, so a new plan rolls only
-the partitions whose share changed. Agents fill what is theirs alone (the in-process hash map, their
-own RocksDB volume) with ``--load``; Redis, shared by all, is filled once by the loader Job.
+An agent set is the pods serving one partition's share of one plan. Its StatefulSet is named by a
+hash of that share (``<model>-p<N>-<hash>``, see :func:`agent_set_hash`) and its pods read that share
+from ``/etc/hps/p<N>-<hash>.json`` (the config ConfigMap holds one file per set). So:
+
+- a new plan restarts nothing whose share did not change: same hash, same StatefulSet, same pods;
+- a partition whose share changes gets a new StatefulSet *beside* the old one (make-before-break):
+  during a rollout's Warming and Switching both sets run, the old one still serving what clients
+  route to it, and the old set goes only at Draining, after routing switched. A partition with one
+  replica never goes dark while its new pod loads (an in-place update would take its only pod down);
+- the partition's Service and PDB select both sets (by the partition label); each StatefulSet
+  selects its own set only (``hps.dev/agent-set``).
+
+Agents fill what is theirs alone (the in-process hash map, their own RocksDB volume) with ``--load``;
+Redis, shared by all, is filled once by the loader Job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hps_operator.core.render.meta import (
+    AGENT_SET_LABEL,
     CONFIG_DIR,
     DATA_DIR,
     MODEL_HASH_ANNOTATION,
@@ -20,7 +33,6 @@ from hps_operator.core.render.meta import (
     PARTITION_PLAN_ANNOTATION,
     PLAN_VERSION_LABEL,
     ROCKSDB_DIR,
-    SERVING_KEY,
     Manifest,
     agent_config_name,
     agent_name,
@@ -54,14 +66,41 @@ def agent_loads_tables(model: ModelSpec) -> bool:
     )
 
 
-def agent_args(model: ModelSpec, partition: int) -> list[str]:
+def _partition_assignments(plan: Plan, partition: int) -> list[dict[str, Any]]:
+    return [a.to_dict() for a in sorted(plan.assignments_for(partition=partition))]
+
+
+def agent_set_hash(plan: Plan, partition: int) -> str:
+    """What a partition's agents load of ``plan``: its assignments, the bucket count and the GPUs of
+    a pod. Equal across plan versions that leave the partition's share alone."""
+    return digest([plan.bucket_count, plan.gpus_per_pod, _partition_assignments(plan, partition)], 10)
+
+
+def agent_statefulset_name(model: ModelSpec, plan: Plan, partition: int) -> str:
+    """``<model>-p<N>-<hash5>``: at most 52 characters (a 40-character model name, 9999 partitions),
+    the longest a StatefulSet name may be (its pods' revision label adds 11)."""
+    return f"{model.name}-p{partition}-{agent_set_hash(plan, partition)[:5]}"
+
+
+def partition_plan_key(plan: Plan, partition: int) -> str:
+    """The config ConfigMap's key (and the file under ``/etc/hps``) of a partition's share."""
+    return f"p{partition}-{agent_set_hash(plan, partition)}.json"
+
+
+def partition_plan(plan: Plan, partition: int) -> Plan:
+    """``plan`` with only ``partition``'s assignments: what its agents read (a whole plan per file
+    would multiply the ConfigMap's size by the partition count)."""
+    return dataclasses.replace(plan, assignments=tuple(sorted(plan.assignments_for(partition=partition))))
+
+
+def agent_args(model: ModelSpec, partition: int, plan_key: str) -> list[str]:
     """``hps agent ...`` as an agent pod runs it (``$(POD_NAME)`` is expanded by the kubelet)."""
     args = [
         "agent",
         "-f",
         f"{CONFIG_DIR}/{MODEL_KEY}",
         "--plan",
-        f"{CONFIG_DIR}/{SERVING_KEY}",
+        f"{CONFIG_DIR}/{plan_key}",
         "--partition",
         str(partition),
         "--host",
@@ -83,32 +122,33 @@ def agent_args(model: ModelSpec, partition: int) -> list[str]:
     return args
 
 
-def _agent_resources(model: ModelSpec) -> dict[str, Any]:
-    """The user's resources plus the GPUs; an extended resource's request must equal its limit."""
+def _agent_resources(model: ModelSpec, plan: Plan) -> dict[str, Any]:
+    """The user's resources plus the GPUs the plan gives a pod (an old agent set keeps its GPUs while
+    a new set with another count starts beside it); an extended resource's request must equal its
+    limit."""
     resources = {k: dict(v) for k, v in model.agent.resources.items() if isinstance(v, Mapping)}
-    gpus = str(model.gpus_per_pod)
+    gpus = str(plan.gpus_per_pod)
     resources.setdefault("limits", {})[model.agent.gpu_resource_name] = gpus
     if "requests" in resources:
         resources["requests"][model.agent.gpu_resource_name] = gpus
     return {k: dict(sorted(v.items())) for k, v in sorted(resources.items())}
 
 
-def _partition_assignments(plan: Plan, partition: int) -> list[dict[str, Any]]:
-    return [a.to_dict() for a in sorted(plan.assignments_for(partition=partition))]
-
-
 def render_agent_statefulset(
     model: ModelSpec, serving: Plan, partition: int, *, owner: Mapping[str, Any], image: str,
     image_pull_policy: str | None = None,
 ) -> Manifest:
-    """Partition ``partition``'s agents: ``spec.replicas`` pods, one per data-parallel replica."""
+    """The agent set of ``partition`` under ``serving``: ``spec.replicas`` pods, one per data-parallel
+    replica."""
+    agent_set = agent_set_hash(serving, partition)
+    set_labels = {PARTITION_LABEL: str(partition), AGENT_SET_LABEL: agent_set}
     grpc = {"port": model.agent.port}
     container: dict[str, Any] = {
         "name": "agent",
         "image": model.agent.image or image,
         **pull_policy(image_pull_policy),
         "command": ["hps"],
-        "args": agent_args(model, partition),
+        "args": agent_args(model, partition, partition_plan_key(serving, partition)),
         "env": sorted(
             [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
             + ([secret_env(model, REDIS_PASSWORD_ENV)] if uses_redis(model) else []),
@@ -118,7 +158,7 @@ def render_agent_statefulset(
             {"name": "grpc", "containerPort": model.agent.port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": model.agent.metrics_port, "protocol": "TCP"},
         ],
-        "resources": _agent_resources(model),
+        "resources": _agent_resources(model, serving),
         # loading a large table at start can take long: the startup probe holds off liveness for an hour
         "startupProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 360},
         "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
@@ -146,17 +186,13 @@ def render_agent_statefulset(
         # replicas are independent copies: start and stop them together
         "podManagementPolicy": "Parallel",
         "updateStrategy": {"type": "RollingUpdate"},
-        "selector": {"matchLabels": selector_labels(model, "agent", **{PARTITION_LABEL: str(partition)})},
+        "selector": {"matchLabels": selector_labels(model, "agent", **set_labels)},
         "template": {
             "metadata": pod_metadata(
                 model,
-                labels(model, "agent", **{PARTITION_LABEL: str(partition)}),
-                # only what this partition's process reads: a new plan that leaves the partition's
-                # shards alone, or a change of replicas, does not restart it
+                labels(model, "agent", **set_labels),
                 {
-                    PARTITION_PLAN_ANNOTATION: digest(
-                        [serving.bucket_count, _partition_assignments(serving, partition)]
-                    ),
+                    PARTITION_PLAN_ANNOTATION: agent_set,
                     MODEL_HASH_ANNOTATION: agent_model_hash(model),
                     # the convention annotation-based Prometheus scraping reads
                     "prometheus.io/scrape": "true",
@@ -193,10 +229,10 @@ def render_agent_statefulset(
         "kind": "StatefulSet",
         "metadata": object_metadata(
             model,
-            agent_name(model, partition),
+            agent_statefulset_name(model, serving, partition),
             "agent",
             owner,
-            extra_labels={PARTITION_LABEL: str(partition)},
+            extra_labels=set_labels,
             annotations={PLAN_VERSION_LABEL: str(serving.version)},
         ),
         "spec": spec,
@@ -262,14 +298,20 @@ def render_agent_pdb(model: ModelSpec, partition: int, *, owner: Mapping[str, An
     }
 
 
-def render_agents(model: ModelSpec, serving: Plan, *, owner: Mapping[str, Any], image: str,
-                  image_pull_policy: str | None = None) -> list[Manifest]:
+def render_agents(model: ModelSpec, generations: Sequence[Plan], *, owner: Mapping[str, Any], image: str,
+                  image_pull_policy: str | None = None) -> list[Manifest]:  # fmt: skip
+    """The client Service, and for every partition of any of ``generations`` (the target plan first,
+    then, during a rollout, the active one) its Service, PDB and an agent set per distinct share."""
     children: list[Manifest] = [render_client_service(model, owner=owner)]
-    for partition in range(serving.partitions):
-        children += [
-            render_agent_statefulset(model, serving, partition, owner=owner, image=image,
-                                     image_pull_policy=image_pull_policy),
-            render_agent_service(model, partition, owner=owner),
-            render_agent_pdb(model, partition, owner=owner),
-        ]
+    partitions = sorted({p for plan in generations for p in range(plan.partitions)})
+    for partition in partitions:
+        children += [render_agent_service(model, partition, owner=owner), render_agent_pdb(model, partition, owner=owner)]
+    seen: set[str] = set()
+    for plan in generations:
+        for partition in range(plan.partitions):
+            name = agent_statefulset_name(model, plan, partition)
+            if name not in seen:
+                seen.add(name)
+                children.append(render_agent_statefulset(model, plan, partition, owner=owner, image=image,
+                                                         image_pull_policy=image_pull_policy))  # fmt: skip
     return children

@@ -22,6 +22,8 @@ PART_OF = "hps"
 
 #: labels and annotations of our own, under the API group
 PARTITION_LABEL = f"{API_GROUP}/partition"
+#: the share of a plan a partition's pods serve (see ``agents.agent_set_hash``)
+AGENT_SET_LABEL = f"{API_GROUP}/agent-set"
 
 
 PLAN_VERSION_LABEL = f"{API_GROUP}/plan-version"
@@ -58,10 +60,9 @@ PLAN_KEY = "plan.json"  # the target plan: what the planner produced last (its `
 ROUTING_KEY = "routing.json"  # the plan clients route by
 
 
-SERVING_KEY = "serving.json"  # the plan agents load (a union of two plans during a rollout)
 
 
-#: "<name>-agent-p9999" must stay within a StatefulSet name's 52 characters
+#: "<name>-p9999-<hash5>" must stay within a StatefulSet name's 52 characters
 MAX_MODEL_NAME = 40
 
 

@@ -149,9 +149,12 @@ def sources_in_pods(model: ModelSpec) -> ModelSpec:
 
 
 def agent_model_hash(model: ModelSpec) -> str:
-    """Hash of what an agent process reads from the model at start. Replicas and autoscaling are left
-    out: scaling must not restart the pods that serve."""
+    """Hash of what an agent process reads from the model at start. Left out: replicas and autoscaling
+    (scaling must not restart the pods that serve), and what the placement decides (GPUs per pod,
+    partitions, placement): a pod's share of the plan and its GPUs are its agent set's own (see
+    ``agents.agent_set_hash``), so a new plan makes new sets beside the old ones and never rolls an
+    old set in place."""
     spec = dict(model_manifest(model)["spec"])
-    spec.pop("replicas")
-    spec.pop("autoscaling", None)
+    for key in ("replicas", "autoscaling", "gpusPerPod", "partitions", "placement"):
+        spec.pop(key, None)
     return digest(spec)

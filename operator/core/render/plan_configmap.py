@@ -1,23 +1,24 @@
 """The ConfigMaps of placement: ``<model>-plan`` (the plan the operator keeps and the one clients route
-by) and ``<model>-config`` (the model file and the plan agents load), for each phase of a make-before-break rollout (see ``rollout.py``).
+by) and ``<model>-config`` (the model file and each agent set's share of a plan), for each phase of a
+make-before-break rollout (see ``rollout.py``).
 
-While Warming and Switching the agents serve the union of the active and the target plan, and
+While Warming and Switching the active plan's agent sets run beside the target's, and
 ``routing.json`` (what clients route by) flips from active to target at Switching; Draining renders
 the target alone."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+from hps_operator.core.render.agents import partition_plan, partition_plan_key
 from hps_operator.core.render.meta import (
     MODEL_KEY,
     PLAN_KEY,
     PLAN_VERSION_LABEL,
     ROUTING_KEY,
     ROUTING_VERSION_LABEL,
-    SERVING_KEY,
     Manifest,
     agent_config_name,
     object_metadata,
@@ -26,46 +27,18 @@ from hps_operator.core.render.meta import (
 from hps_operator.core.render.model_file import model_manifest, sources_in_pods
 from hps_operator.core.rollout import Phase
 
-from node_agent.plan import Assignment, Plan
+from node_agent.plan import Plan
 from node_agent.spec import ModelSpec
 
 
-def serving_plan(active: Plan | None, target: Plan) -> Plan:
-    """The plan agents load while a rollout moves from ``active`` to ``target``: every shard either
-    assigns, so new owners warm up while old owners still answer what clients route to them.
-
-    Old assignments keep their partition; a GPU index the target's pods lack folds onto an existing
-    one (``gpu % gpus_per_pod``). When the two plans use different bucket counts an old bucket range
-    cannot be expressed in the new one, so the old owner keeps its whole table instead (correct,
-    at the price of caching more until Draining)."""
-    if active is None or active.version == target.version:
-        return target
-    held: set[Assignment] = set(target.assignments)
-    for a in active.assignments:
-        gpu = a.gpu % target.gpus_per_pod
-        if active.bucket_count == target.bucket_count:
-            held.add(Assignment(a.table, a.partition, gpu, a.buckets, a.bytes))
-        else:
-            held.add(Assignment(a.table, a.partition, gpu, (0, target.bucket_count), a.bytes))
-    return Plan(
-        version=target.version,
-        bucket_count=target.bucket_count,
-        partitions=max(active.partitions, target.partitions),
-        gpus_per_pod=target.gpus_per_pod,
-        strategy=target.strategy,
-        assignments=tuple(sorted(held)),
-        metrics=target.metrics,
-        model=target.model,
-    )
-
-
-def plans_for_phase(plan: Plan, active_plan: Plan | None, phase: Phase | str) -> tuple[Plan, Plan]:
-    """``(serving, routing)`` plans for a rollout phase (see ``rollout.py``)."""
+def rollout_plans(plan: Plan, active_plan: Plan | None, phase: Phase | str) -> tuple[list[Plan], Plan]:
+    """``(generations, routing)`` for a rollout phase (see ``rollout.py``): the plans whose agent sets
+    run (the target first; during Warming and Switching the active one too, so a partition whose
+    share changes keeps its old pods until routing has switched) and the plan clients route by."""
     phase = Phase(phase)  # ValueError names an unknown phase
-    if active_plan is None or phase in (Phase.IDLE, Phase.DRAINING):
-        return plan, plan
-    serving = serving_plan(active_plan, plan)
-    return serving, (active_plan if phase is Phase.WARMING else plan)
+    if active_plan is None or active_plan.version == plan.version or phase in (Phase.IDLE, Phase.DRAINING):
+        return [plan], plan
+    return [plan, active_plan], (active_plan if phase is Phase.WARMING else plan)
 
 
 #: the API server refuses a ConfigMap whose data exceeds 1 MiB
@@ -103,17 +76,20 @@ def render_plan_configmap(
     }
 
 
-def render_agent_config(model: ModelSpec, serving: Plan, *, owner: Mapping[str, Any]) -> Manifest:
-    """``<model>-config``, mounted at ``/etc/hps`` by agents and the loader: ``model.yaml`` and the
-    ``serving.json`` agents load (a union of two plans during a rollout)."""
+def render_agent_config(model: ModelSpec, generations: Sequence[Plan], *, owner: Mapping[str, Any]) -> Manifest:
+    """``<model>-config``, mounted at ``/etc/hps`` by agents and the loader: ``model.yaml``, and one
+    file per agent set, ``p<N>-<hash>.json``: partition N's share of a plan (the target's where two
+    generations share it, so a restarted pod reports the newest version)."""
+    data = {MODEL_KEY: yaml.safe_dump(model_manifest(sources_in_pods(model)), sort_keys=True)}
+    for plan in generations:
+        for partition in range(plan.partitions):
+            data.setdefault(partition_plan_key(plan, partition), partition_plan(plan, partition).to_json())
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": object_metadata(
-            model, agent_config_name(model), "config", owner, extra_labels={PLAN_VERSION_LABEL: str(serving.version)}
+            model, agent_config_name(model), "config", owner,
+            extra_labels={PLAN_VERSION_LABEL: str(generations[0].version)},
         ),
-        "data": {
-            MODEL_KEY: yaml.safe_dump(model_manifest(sources_in_pods(model)), sort_keys=True),
-            SERVING_KEY: serving.to_json(),
-        },
+        "data": data,
     }
