@@ -33,6 +33,9 @@ OPERATOR_NAMESPACE = "hps-system"
 #: the operator's pace in these scenarios: a drift check every RESYNC_S, the old plan served SWITCH_S
 RESYNC_S = 3.0
 SWITCH_S = 4.0
+#: as the chart runs it: leader election on the Lease <release>-leader in the release namespace
+LEASE_NAME = f"{RELEASE}-leader"
+LEASE_S = 6.0
 NODE_POOL = NodePool(prefix="gpu-node", count=4, gpus=8, gpu_memory_mib=81920)
 
 
@@ -99,6 +102,8 @@ class OperatorProcess:
 
     kube: Kube
     log_path: Path
+    #: the replica's name (the chart's POD_NAME): the leader's identity and its requests' User-Agent
+    identity: str = "operator-0"
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     kubeconfig: Path | None = None
@@ -121,8 +126,11 @@ class OperatorProcess:
     def start(self) -> None:
         self.kubeconfig = self._token_kubeconfig()
         argv = [sys.executable, "-m", "hps_operator", "operator", "run", "--all-namespaces", "--standalone",
-                "--resync-seconds", str(RESYNC_S), "--drain-seconds", str(SWITCH_S), *self.extra_args]  # fmt: skip
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+                "--resync-seconds", str(RESYNC_S), "--drain-seconds", str(SWITCH_S),
+                "--leader-elect", f"--leader-election-id={LEASE_NAME}", f"--lease-seconds={LEASE_S}",
+                *self.extra_args]  # fmt: skip
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
+               "POD_NAME": self.identity, "POD_NAMESPACE": OPERATOR_NAMESPACE}  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.starts.append(time.time())

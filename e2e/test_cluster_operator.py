@@ -25,6 +25,8 @@ import yaml
 from hps_operator.kopf_handlers.embedding_model import CHILD_KINDS
 
 from e2e.conftest import (
+    LEASE_NAME,
+    LEASE_S,
     NODE_POOL,
     OPERATOR_NAMESPACE,
     RELEASE,
@@ -480,6 +482,43 @@ def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespa
     wait_for("the garbage collector to remove the children", lambda: not children(kube, namespace, "brief"))
 
 
+def lease_holder(kube: Kube) -> str:
+    lease = kube.get("lease", LEASE_NAME, namespace=OPERATOR_NAMESPACE)
+    return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+
+
+def test_a_second_replica_takes_over_within_15_s_of_the_leaders_death(kube: Kube, operator: OperatorProcess,
+                                                                      namespace: str) -> None:  # fmt: skip
+    """Two replicas, as the chart runs them: one leads, the other waits and writes nothing; SIGKILL the
+    leader and the follower leads and reconciles within 15 s."""
+    wait_for("the leader", lambda: lease_holder(kube) == operator.identity)
+    follower = OperatorProcess(kube, operator.log_path.with_name("follower.log"), identity="operator-1")
+    follower.start()
+    try:
+        time.sleep(2 * LEASE_S / 5 + 1)  # a few of the follower's tries
+        assert lease_holder(kube) == operator.identity
+        kube.apply(model("before"), namespace=namespace)
+        ready(kube, namespace, "before")
+        killed_at = time.time()
+        operator.kill()
+        kube.apply(model("after"), namespace=namespace)
+        wait_for("the follower to lead", lambda: lease_holder(kube) == "operator-1", within_s=15, poll_s=0.2)
+        ready(kube, namespace, "after", within_s=15 - (time.time() - killed_at))
+        took = time.time() - killed_at
+        assert took < 15, took
+        # while it followed, the follower asked for the Lease and nothing else
+        followed = [r for r in audit(kube, until=killed_at) if "operator-1" in r.get("userAgent", "")]
+        assert followed and {(r.get("objectRef") or {}).get("resource") for r in followed} == {"leases"}
+        assert {r["verb"] for r in followed} <= {"get", "create", "update"}
+        # one plan per model, made once: no duplicate writes across the handover
+        plans = [e for e in kube.get("events", namespace=namespace) if e["reason"] == "PlanCreated"]
+        assert sorted(e["involvedObject"]["name"] for e in plans) == ["after", "before"]
+    finally:
+        follower.stop()  # a clean stop releases the Lease: the session's operator leads again at once
+    operator.start()
+    wait_for("the session's operator to lead again", lambda: lease_holder(kube) == operator.identity)
+
+
 # ---------------------------------------------------------------------------------------------
 # what the API server saw the operator do, over every scenario above
 
@@ -551,6 +590,7 @@ def test_watches_are_label_selected_and_permissions_are_exactly_those_used(kube:
                    for r in requests)  # fmt: skip
     granted = granted_rules(kube)
     assert used <= granted, used - granted
+    assert {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")} <= used
     assert granted - used == CHECKED_BY_ADMISSION, granted - used
 
 

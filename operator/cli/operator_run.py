@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import os
 import re
-from typing import TYPE_CHECKING
+import signal
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from hps_operator.core.rollout import DEFAULT_SWITCH_GRACE_S
 
+from node_agent.errors import InvalidArgumentError
+
 if TYPE_CHECKING:
+    from hps_operator.kopf_handlers.leader import LeaderElector
     from hps_operator.kopf_handlers.registry import OperatorConfig
 
 #: the environment the chart sets; each is the default of the flag beside it
 IMAGE_ENV = "HPS_AGENT_IMAGE"
 PULL_POLICY_ENV = "HPS_AGENT_IMAGE_PULL_POLICY"
 METRICS_PORT_ENV = "HPS_OPERATOR_METRICS_PORT"
+#: set by the chart from the pod's metadata (the downward API): a leader's identity and Lease namespace
+POD_NAME_ENV = "POD_NAME"
+POD_NAMESPACE_ENV = "POD_NAMESPACE"
 DEFAULT_IMAGE = "ghcr.io/hps-operator/hps:latest"
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -73,6 +86,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--drain-seconds", type=float, default=DEFAULT_SWITCH_GRACE_S, metavar="S",
                      help="how long old shards keep serving after a rebalance switches routing, so clients "
                      f"re-read it (default {DEFAULT_SWITCH_GRACE_S:g})")  # fmt: skip
+    run.add_argument("--leader-elect", action="store_true",
+                     help="run several replicas: only the one holding the Lease reconciles, another takes "
+                     "over within --lease-seconds when it dies")  # fmt: skip
+    run.add_argument("--leader-election-namespace", default=os.environ.get(POD_NAMESPACE_ENV) or "default",
+                     metavar="NS", help=f"namespace of the Lease (default: ${POD_NAMESPACE_ENV}, else default)")
+    run.add_argument("--leader-election-id", default="hps-operator", metavar="NAME",
+                     help="name of the Lease (default hps-operator)")  # fmt: skip
+    run.add_argument("--lease-seconds", type=float, default=10.0, metavar="S",
+                     help="how long a silent leader keeps the Lease (default 10; renewed every S/5)")  # fmt: skip
     run.set_defaults(func=run_operator)
 
 
@@ -84,22 +106,96 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
     options = Options(
         image=args.image, drain_seconds=args.drain_seconds, image_pull_policy=args.image_pull_policy
     )
-    return OperatorConfig(options, resync_seconds=args.resync_seconds, metrics_port=args.metrics_port)
+    return OperatorConfig(options, resync_seconds=args.resync_seconds, metrics_port=args.metrics_port,
+                          user_agent=f"hps-operator ({_identity()})")  # fmt: skip
+
+
+def _identity() -> str:
+    """This replica's name: its pod's (the chart sets ``POD_NAME``), else host and process."""
+    return os.environ.get(POD_NAME_ENV) or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def run_operator(args: argparse.Namespace) -> int:
+    """Runs kopf until interrupted; with ``--leader-elect``, only while this process holds the Lease.
+    A leader that loses the Lease stops and exits 1, so its pod restarts as a follower."""
     import kopf
     from hps_operator.kopf_handlers.registry import build_registry, configure
 
     settings = kopf.OperatorSettings()
     configure(settings)
-    kopf.run(
-        registry=build_registry(operator_config(args)),
-        settings=settings,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        liveness_endpoint=args.liveness_endpoint,
-        # without --standalone kopf peers when its peering CRD exists and runs alone otherwise
-        standalone=True if args.standalone else None,
-    )
-    return 0
+    stop, lost = threading.Event(), threading.Event()
+    elector = None
+    if args.leader_elect:
+        elector = _elector(args)
+        _stop_on_signals(stop)
+        with _follower_probe(args.liveness_endpoint):
+            leading = elector.wait_for_leadership(stop)
+        if not leading:
+            return 0
+        threading.Thread(target=elector.keep_leading, args=(lost, stop), name="leader-lease", daemon=True).start()
+    try:
+        kopf.run(
+            registry=build_registry(operator_config(args)),
+            settings=settings,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness_endpoint,
+            # without --standalone kopf peers when its peering CRD exists and runs alone otherwise
+            standalone=True if args.standalone else None,
+            stop_flag=lost if elector is not None else None,
+        )
+    finally:
+        stop.set()
+        if elector is not None and not lost.is_set():
+            elector.release()
+    return 1 if lost.is_set() else 0
+
+
+def _elector(args: argparse.Namespace) -> LeaderElector:
+    from hps_operator.kopf_handlers.kube_api import KubeApi
+    from hps_operator.kopf_handlers.leader import LeaderElector
+
+    if args.lease_seconds < 2:
+        raise InvalidArgumentError(f"--lease-seconds must be at least 2, got {args.lease_seconds:g}")
+    identity = _identity()
+    return LeaderElector(KubeApi.from_environment(user_agent=f"hps-operator ({identity})"),
+                         namespace=args.leader_election_namespace, identity=identity, name=args.leader_election_id, lease_duration_s=args.lease_seconds,
+                         renew_every_s=args.lease_seconds / 5)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _follower_probe(liveness_url: str | None) -> Iterator[None]:
+    """While a follower waits for the Lease, its liveness endpoint answers 200 (kopf serves it only
+    once leading), so the kubelet does not restart a healthy follower."""
+    if not liveness_url:
+        yield
+        return
+    parts = urllib.parse.urlsplit(liveness_url)
+
+    class Probe(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == (parts.path or "/") else 404)
+            self.end_headers()
+            self.wfile.write(b"following: waiting for the leader Lease\n")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((parts.hostname or "0.0.0.0", parts.port or 80), Probe)
+    thread = threading.Thread(target=server.serve_forever, name="follower-probe", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()  # kopf binds the same port once leading
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """While a follower waits, SIGTERM/SIGINT end the wait (kopf installs its own once it runs)."""
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)

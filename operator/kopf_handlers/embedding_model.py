@@ -31,7 +31,7 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 CHILD_KINDS = tuple(
     key
     for key, info in KINDS.items()
-    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret")
+    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret", "Lease")
 )
 #: how long a replaced StatefulSet may take to go (the garbage collector orphans its pods first)
 REPLACE_TIMEOUT_S = 30.0

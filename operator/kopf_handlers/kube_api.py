@@ -44,6 +44,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("policy/v1", "PodDisruptionBudget"): KindInfo("poddisruptionbudgets", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): KindInfo("horizontalpodautoscalers", True),
     ("hps.dev/v1alpha1", "EmbeddingModel"): KindInfo("embeddingmodels", True),
+    ("coordination.k8s.io/v1", "Lease"): KindInfo("leases", True),
 }
 
 
@@ -74,13 +75,16 @@ def resource_path(api_version: str, kind: str, namespace: str | None = None, nam
 class KubeApi:
     """Plain-dict CRUD against one API server."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, *, field_manager: str = FIELD_MANAGER) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, *, field_manager: str = FIELD_MANAGER,
+                 user_agent: str = FIELD_MANAGER) -> None:  # fmt: skip
         self._client = api_client
         self._config = api_client.configuration
         self.field_manager = field_manager
+        #: names this process in the API server's audit log (an operator replica: its pod's name)
+        self.user_agent = user_agent
 
     @classmethod
-    def from_environment(cls) -> KubeApi:
+    def from_environment(cls, *, user_agent: str = FIELD_MANAGER) -> KubeApi:
         """In a pod: its service account; elsewhere: the kubeconfig (``$KUBECONFIG`` or ``~/.kube``)."""
         config = kubernetes.client.Configuration()
         try:
@@ -89,7 +93,7 @@ class KubeApi:
             # read $KUBECONFIG now: the kubernetes package reads it once, at import
             kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
                                                client_configuration=config)  # fmt: skip
-        return cls(kubernetes.client.ApiClient(config))
+        return cls(kubernetes.client.ApiClient(config), user_agent=user_agent)
 
     def connection_info(self) -> kopf.ConnectionInfo:
         """The same credentials for kopf's own watches and patches (its login handler returns this)."""
@@ -118,7 +122,7 @@ class KubeApi:
         url = self._config.host.rstrip("/") + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": self.user_agent}
         if self._config.refresh_api_key_hook is not None:
             self._config.refresh_api_key_hook(self._config)
         token = self._config.get_api_key_with_prefix("BearerToken") or self._config.get_api_key_with_prefix(
@@ -182,6 +186,15 @@ class KubeApi:
                 return False
             raise
         return True
+
+    def replace(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Updates an object as read (PUT at its ``resourceVersion``): a 409 means someone wrote it
+        in between, so read-modify-write never loses a concurrent change."""
+        meta = manifest["metadata"]
+        path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        result: dict[str, Any] = self._request("PUT", path, query={"fieldManager": self.field_manager},
+                                               body=dict(manifest))  # fmt: skip
+        return result
 
     def patch_status(self, api_version: str, kind: str, namespace: str | None, name: str,
                      status: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip

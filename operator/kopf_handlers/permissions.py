@@ -34,3 +34,9 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("policy", "poddisruptionbudgets", ("list", "watch", "create", "patch", "delete")),
     ("autoscaling", "horizontalpodautoscalers", ("list", "watch", "create", "patch", "delete")),
 )
+
+#: leader election among operator replicas (``hps operator run --leader-elect``): one Lease in the
+#: operator's own namespace, granted by a Role there
+LEADER_ELECTION_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("coordination.k8s.io", "leases", ("get", "create", "update")),
+)

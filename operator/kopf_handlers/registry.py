@@ -37,6 +37,8 @@ class OperatorConfig:
     metrics_address: str = "0.0.0.0"
     #: what the handlers record; read ``metrics.port`` for the port actually bound
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    #: the User-Agent of the handlers' requests (names this replica in the API server's audit log)
+    user_agent: str = "hps-operator"
 
 
 def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kopf.OperatorRegistry:
@@ -47,7 +49,7 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
 
     def kube() -> KubeApi:
         if "api" not in state:
-            state["api"] = api or KubeApi.from_environment()
+            state["api"] = api or KubeApi.from_environment(user_agent=config.user_agent)
         return state["api"]
 
     @kopf.on.login(registry=registry)

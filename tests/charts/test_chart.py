@@ -17,7 +17,7 @@ import pytest
 import yaml
 from hps_operator.cli import build_parser
 from hps_operator.cli.operator_run import IMAGE_ENV, METRICS_PORT_ENV, PULL_POLICY_ENV, operator_config
-from hps_operator.kopf_handlers.permissions import API_PERMISSIONS
+from hps_operator.kopf_handlers.permissions import API_PERMISSIONS, LEADER_ELECTION_PERMISSIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "hps-operator"
@@ -175,7 +175,8 @@ def test_kubectl_rejects_what_the_offline_check_should_catch(kubectl: str, tmp_p
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "replicaCount=x"], "additional properties 'replicaCount' not allowed"),
+        (["--set", "replicaCount=x"], "/replicaCount"),
+        (["--set", "replicas=2"], "additional properties 'replicas' not allowed"),
         (["--set", "imagee.tag=1"], "additional properties 'imagee' not allowed"),
         (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
         (["--set", "metrics.port=x"], "/metrics/port"),
@@ -265,7 +266,7 @@ def test_no_wildcard_in_any_rule(rendered: tuple[str, list[dict[str, Any]]]) -> 
 
 def test_cluster_wide_rbac_grants_exactly_the_declared_permissions(helm: str, tmp_path: Path) -> None:
     docs = render(helm, tmp_path)
-    roles = operator_roles(docs)
+    roles = [r for r in operator_roles(docs) if not r["metadata"]["name"].endswith("-leader")]
     assert [r["kind"] for r in roles] == ["ClusterRole"]
     assert granted(roles) == DECLARED
     (binding,) = [
@@ -279,7 +280,7 @@ def test_cluster_wide_rbac_grants_exactly_the_declared_permissions(helm: str, tm
 
 def test_namespaced_rbac_is_a_role_per_namespace_and_nodes_cluster_wide(helm: str, tmp_path: Path) -> None:
     docs = render(helm, tmp_path, {"watchNamespaces": ["recsys", "ads"]})
-    roles = operator_roles(docs)
+    roles = [r for r in operator_roles(docs) if not r["metadata"]["name"].endswith("-leader")]
     per_namespace = {r["metadata"]["namespace"]: r for r in roles if r["kind"] == "Role"}
     assert sorted(per_namespace) == ["ads", "recsys"]
     namespaced = {p for p in DECLARED if p[1] not in CLUSTER_SCOPED}
@@ -315,14 +316,31 @@ def container(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return c
 
 
-def test_deployment_runs_one_hardened_operator(helm: str, tmp_path: Path) -> None:
+def test_deployment_runs_two_hardened_operators_with_leader_election(helm: str, tmp_path: Path) -> None:
     docs = render(helm, tmp_path)
     (deployment,) = of_kind(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     c = container(docs)
     assert c["command"] == ["hps"]
-    assert c["args"] == ["operator", "run", "--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert c["args"] == ["operator", "run", "--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz",
+                         "--leader-elect", "--leader-election-id=hps-hps-operator-leader", "--lease-seconds=10"]
+    env = {e["name"]: e.get("valueFrom") for e in c["env"]}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    anti = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    # the leader election Role: the Lease alone, in the release namespace
+    (role,) = [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader")]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert granted([role]) == {(g, r, v) for g, r, verbs in LEADER_ELECTION_PERMISSIONS for v in verbs}
+
+    single = render(helm, tmp_path, {"leaderElection": {"enabled": False}})
+    (deployment,) = of_kind(single, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in container(single)["args"]
+    assert not [r for r in of_kind(single, "Role") if r["metadata"]["name"].endswith("-leader")]
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": "probes"}
     assert {"name": "probes", "containerPort": 8080, "protocol": "TCP"} in c["ports"]

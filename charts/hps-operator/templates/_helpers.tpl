@@ -108,3 +108,10 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
   resources: ["nodes"]
   verbs: ["list"]
 {{- end }}
+
+{{- define "hps-operator.leaderRules" -}}
+# the leader election Lease: read, created by the first replica, renewed by the leader
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
+{{- end }}
