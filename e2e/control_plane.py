@@ -472,7 +472,7 @@ class ControlPlane:
                 self.add_node(pool, i, volumes=volumes_per_node)
 
     def add_node(self, pool: NodePool, index: int, *, volumes: int = 8) -> None:
-        """Registers one node (kwok brings it Ready) and its local volumes."""
+        """Registers one node (kwok brings it Ready) and its local volumes; a node pool scaling up."""
         node = node_manifest(pool, index)
         self.request("POST", "/api/v1/nodes", node)
         for volume in local_volume_manifests(node["metadata"]["name"], volumes):

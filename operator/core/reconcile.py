@@ -40,7 +40,7 @@ from hps_operator.core.rollout import (
     RolloutObservation,
     advance,
 )
-from hps_operator.core.scheduling import gpu_capacity
+from hps_operator.core.scheduling import gpu_capacity, scheduling_wait
 from hps_operator.core.status import (
     COMPONENT_LABEL,
     compute_status,
@@ -78,6 +78,10 @@ class Observed:
     redis_password: str
     #: current time, RFC 3339 (conditions' lastTransitionTime, rollout timing)
     now: str
+    #: the model's agent pods (to tell pods the scheduler cannot place)
+    agent_pods: Sequence[Mapping[str, Any]] = ()
+    #: the cluster's running pods, read only while agent pods wait for GPUs (to count free GPUs)
+    node_pods: Sequence[Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -262,12 +266,16 @@ def _status(observed: Observed, old_status: Mapping[str, Any], *, model: ModelSp
             active_plan: Plan | None = None, desired: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     meta = observed.model["metadata"]
     generation = meta.get("generation")
+    children = observe_children(observed.children, desired=desired)
+    if model is not None:
+        wait = scheduling_wait(model, observed.agent_pods, observed.nodes, observed.node_pods)
+        children = dataclasses.replace(children, scheduling=wait)
     return compute_status(
         name=meta["name"],
         generation=int(generation) if generation is not None else None,
         model=model,
         plan=plan,
-        observed=observe_children(observed.children, desired=desired),
+        observed=children,
         rollout=rollout,
         now=observed.now,
         error=error,

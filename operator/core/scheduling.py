@@ -123,3 +123,75 @@ def gpu_capacity(model: ModelSpec, nodes: Sequence[Mapping[str, Any]]) -> GpuCap
         pod_nodes=len(whole_pod),
         gpus=sum(allocatable_gpus(model, n) for n in with_gpus),
     )
+
+
+@dataclass(frozen=True)
+class SchedulingWait:
+    """Agent pods the scheduler could not place, and why (what ``status`` reports)."""
+
+    #: pods waiting
+    pods: int
+    #: True when they wait for GPUs (``Insufficient <gpu resource>``); else for another reason
+    for_gpus: bool
+    #: the scheduler's message for one of them
+    message: str
+    #: GPUs the waiting pods ask for, in all
+    gpus_asked: int = 0
+    #: GPUs allocatable and not requested by running pods on the nodes the model can use (None when
+    #: the nodes' pods were not read)
+    gpus_free: int | None = None
+    #: nodes the model can use that have GPUs
+    gpu_nodes: int = 0
+    resource: str = "nvidia.com/gpu"
+
+    def describe(self) -> str:
+        if not self.for_gpus:
+            return f"{self.pods} agent pod(s) cannot be scheduled: {self.message}"
+        free = "" if self.gpus_free is None else f", {self.gpus_free} free"
+        return (f"{self.pods} agent pod(s) wait for {self.resource}: {self.gpus_asked} asked for{free} on the "
+                f"{self.gpu_nodes} node(s) the agents can use; the model serves on the pods that are ready, "
+                "and the waiting ones join routing once loaded")  # fmt: skip
+
+
+def _unschedulable_message(pod: Mapping[str, Any]) -> str | None:
+    for c in (pod.get("status") or {}).get("conditions") or ():
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return str(c.get("message") or "Unschedulable")
+    return None
+
+
+def pod_gpus(pod: Mapping[str, Any], resource: str) -> int:
+    """GPUs a pod requests (an extended resource's request equals its limit)."""
+    total = 0
+    for container in (pod.get("spec") or {}).get("containers") or ():
+        resources = container.get("resources") or {}
+        value = str((resources.get("limits") or {}).get(resource) or (resources.get("requests") or {}).get(resource) or 0)
+        total += int(value) if value.isdigit() else 0
+    return total
+
+
+def scheduling_wait(model: ModelSpec, agent_pods: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]],
+                    node_pods: Sequence[Mapping[str, Any]] | None) -> SchedulingWait | None:  # fmt: skip
+    """The model's agent pods the scheduler left pending, if any. ``node_pods`` are the running pods
+    of the cluster (None when not read), to count the GPUs still free on the nodes the model can use."""
+    resource = model.agent.gpu_resource_name
+    waiting = [(p, m) for p in agent_pods if (m := _unschedulable_message(p)) is not None
+               and not (p.get("metadata") or {}).get("deletionTimestamp")]  # fmt: skip
+    if not waiting:
+        return None
+    for_gpus = [(p, m) for p, m in waiting if f"Insufficient {resource}" in m]
+    if not for_gpus:
+        return SchedulingWait(pods=len(waiting), for_gpus=False, message=waiting[0][1], resource=resource)
+    usable = [n for n in nodes if node_fits(model, n) and allocatable_gpus(model, n) > 0]
+    free: int | None = None
+    if node_pods is not None:
+        names = {(n.get("metadata") or {}).get("name") for n in usable}
+        used = sum(pod_gpus(p, resource) for p in node_pods
+                   if (p.get("spec") or {}).get("nodeName") in names
+                   and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))  # fmt: skip
+        free = max(0, sum(allocatable_gpus(model, n) for n in usable) - used)
+    return SchedulingWait(
+        pods=len(for_gpus), for_gpus=True, message=for_gpus[0][1],
+        gpus_asked=sum(pod_gpus(p, resource) for p, _ in for_gpus), gpus_free=free, gpu_nodes=len(usable),
+        resource=resource,
+    )  # fmt: skip

@@ -37,6 +37,7 @@ from typing import Any
 
 from hps_operator.core.render import PARTITION_LABEL, endpoint
 from hps_operator.core.rollout import Phase, Rollout, format_time
+from hps_operator.core.scheduling import SchedulingWait
 
 from node_agent.errors import HpsError, InsufficientGPUMemoryError, InvalidSpecError
 from node_agent.plan import Plan
@@ -133,6 +134,8 @@ class ChildrenObservation:
     redis_bootstrap_message: str = ""
     #: the name of the bootstrap Job seen (it carries a hash of its spec)
     redis_bootstrap_job: str = ""
+    #: agent pods the scheduler could not place (None: none)
+    scheduling: SchedulingWait | None = None
 
 
 def statefulset_updated(sts: Mapping[str, Any]) -> bool:
@@ -486,7 +489,13 @@ def compute_status(
     replicas_degraded = any(reason == "ReplicasUnavailable" for reason, _ in issues)
 
     # Progressing
-    if rollout.phase is not Phase.IDLE:
+    waiting = observed.scheduling
+    if waiting is not None:
+        reason = "WaitingForGPUs" if waiting.for_gpus else "Unschedulable"
+        rebalancing = (f"plan version {rollout.active_version} -> {rollout.target_version} ({rollout.phase}); "
+                       if rollout.phase is not Phase.IDLE else "")  # fmt: skip
+        put("Progressing", True, reason, f"{rebalancing}{waiting.describe()}")
+    elif rollout.phase is not Phase.IDLE:
         put(
             "Progressing",
             True,
@@ -520,7 +529,8 @@ def compute_status(
             observed.load_message or "the tables are not loaded yet",
         )
     elif ready < desired:
-        put("Ready", False, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+        wait = f"; {observed.scheduling.describe()}" if observed.scheduling is not None else ""
+        put("Ready", False, "ReplicasNotReady", f"{ready}/{desired} replicas ready{wait}")
     else:
         put(
             "Ready",

@@ -18,7 +18,7 @@ from typing import Any, cast
 import kopf
 from hps_operator.core import reconcile as core
 from hps_operator.core.render.meta import MANAGED_BY
-from hps_operator.core.status import APPLY_FAILED, with_apply_failures
+from hps_operator.core.status import APPLY_FAILED, COMPONENT_LABEL, with_apply_failures
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
 from hps_operator.metrics import OperatorMetrics
 
@@ -31,7 +31,7 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 CHILD_KINDS = tuple(
     key
     for key, info in KINDS.items()
-    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret", "Lease")
+    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret", "Lease", "Pod")
 )
 #: how long a replaced StatefulSet may take to go (the garbage collector orphans its pods first)
 REPLACE_TIMEOUT_S = 30.0
@@ -64,13 +64,25 @@ def observe(api: KubeApi, model: Mapping[str, Any]) -> core.Observed:
         for child in api.list(api_version, kind, namespace, label_selector=selector)
         if any(ref.get("uid") == uid for ref in child["metadata"].get("ownerReferences") or [])
     ]
+    agent_pods = api.list("v1", "Pod", namespace, label_selector=f"{selector},{COMPONENT_LABEL}=agent")
+    node_pods = None
+    if any(_unschedulable(pod) for pod in agent_pods):
+        # only while agents wait for GPUs: what runs on the nodes tells how many GPUs are free
+        node_pods = api.list("v1", "Pod", field_selector="status.phase!=Succeeded,status.phase!=Failed")
     return core.Observed(
         model=model,
         nodes=api.list("v1", "Node"),
         children=children,
         redis_password=secrets.token_urlsafe(24),
         now=now_rfc3339(),
+        agent_pods=agent_pods,
+        node_pods=node_pods,
     )
+
+
+def _unschedulable(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable"
+               for c in (pod.get("status") or {}).get("conditions") or ())  # fmt: skip
 
 
 def reconcile_model(api: KubeApi, model: Mapping[str, Any], *, options: core.Options,

@@ -37,6 +37,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("v1", "Secret"): KindInfo("secrets", True),
     ("v1", "Service"): KindInfo("services", True),
     ("v1", "Node"): KindInfo("nodes", False),
+    ("v1", "Pod"): KindInfo("pods", True),
     ("v1", "Event"): KindInfo("events", True),
     ("apps/v1", "StatefulSet"): KindInfo("statefulsets", True),
     ("apps/v1", "Deployment"): KindInfo("deployments", True),
@@ -154,8 +155,9 @@ class KubeApi:
         return result
 
     def list(self, api_version: str, kind: str, namespace: str | None = None, *,
-             label_selector: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        query = {"labelSelector": label_selector} if label_selector else None
+             label_selector: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        query = {key: value for key, value in (("labelSelector", label_selector), ("fieldSelector", field_selector))
+                 if value} or None  # fmt: skip
         result = self._request("GET", resource_path(api_version, kind, namespace), query=query)
         items: list[dict[str, Any]] = list(result.get("items") or [])
         for item in items:  # list items carry no apiVersion/kind on the wire

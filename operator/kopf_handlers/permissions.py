@@ -26,7 +26,11 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # the Redis password: created once, never read (pods take it by reference), removed with the
     # model by the garbage collector
     ("", "secrets", ("create",)),
-    ("", "nodes", ("list",)),  # GPU topology, read at each reconcile
+    # GPU topology, read at each reconcile; watched so a node joining or leaving is seen at once
+    ("", "nodes", ("list", "watch")),
+    # the model's agent pods (the scheduler's word on pods it cannot place) and, only while some wait
+    # for GPUs, the running pods of the cluster (what the GPUs of the usable nodes are taken by)
+    ("", "pods", ("list",)),
     # a StatefulSet is also read by name while it is replaced (an immutable field changed)
     ("apps", "statefulsets", ("get", "list", "watch", "create", "patch", "delete")),
     # a Job's name carries a hash of its spec, so a changed Job is a new one, never an update

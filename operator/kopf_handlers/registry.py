@@ -94,16 +94,47 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
                       if ref.get("kind") == KIND and ref.get("apiVersion") == MODEL_API_VERSION), None)  # fmt: skip
         if owner is None or not body.metadata.namespace or event["type"] not in ("DELETED", "MODIFIED"):
             return
-        key = (body.metadata.namespace, owner["name"])
+        reconcile_child_owner(body.metadata.namespace, owner["name"], logger)
+
+    @kopf.index(API_GROUP, API_VERSION, PLURAL, registry=registry, id="models_by_key")
+    def models_by_key(body: kopf.Body, **_: Any) -> dict[tuple[str, str], bool]:
+        """Every model this operator serves (what a node change may concern)."""
+        return {(str(body.metadata.namespace), str(body.metadata.name)): True}
+
+    nodes_seen: dict[str, str] = {}
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    def node_changed(body: kopf.Body, event: kopf.RawEvent, logger: kopf.Logger, **kwargs: Any) -> None:
+        """A node joined, left, or changed what scheduling reads (labels, taints, allocatable GPUs,
+        cordon): reconcile the models, each of which re-plans only if its own GPU budget moved.
+        Heartbeats and condition updates change none of that and are ignored, as is the initial
+        listing (every model is reconciled at start anyway)."""
+        name = body.metadata.name or ""
+        if event["type"] == "DELETED":
+            changed = nodes_seen.pop(name, None) is not None
+        else:
+            fingerprint = node_fingerprint(body)
+            changed = nodes_seen.get(name) not in (None, fingerprint) or (
+                name not in nodes_seen and event["type"] == "ADDED")  # fmt: skip
+            nodes_seen[name] = fingerprint
+        if not changed:
+            return
+        models: kopf.Index[tuple[str, str], bool] = kwargs["models_by_key"]  # kopf passes indices by name
+        logger.info("node %s %s: reconciling %d model(s)", name, str(event["type"]).lower(), len(models))
+        for namespace, model_name in list(models):
+            reconcile_child_owner(namespace, model_name, logger)
+
+    def reconcile_child_owner(namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        key = (namespace, name)
         if not pending.claim(key):
             return  # a reconcile of this model is already waiting: it will read this change
-        model = {"metadata": {"namespace": key[0], "name": key[1]}}
+        model = {"metadata": {"namespace": namespace, "name": name}}
         try:
             # once the reconcile holds the lock, a new event needs a new reconcile
             reconcile_model(kube(), model, options=config.options, logger=logger, metrics=config.metrics,
                             on_locked=lambda: pending.release(key))  # fmt: skip
         except KubeApiError as exc:
-            logger.warning("reconciling %s after a child's event failed: %s", owner["name"], exc)
+            logger.warning("reconciling %s/%s after an event failed: %s", namespace, name, exc)
         finally:
             pending.release(key)
 
@@ -113,6 +144,13 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
         kopf.on.event(group, version, KINDS[(api_version, kind)].plural, labels=labels,
                       registry=registry, id=f"child-{kind.lower()}")(child_changed)  # fmt: skip
     return registry
+
+
+def node_fingerprint(node: kopf.Body) -> str:
+    """What of a node scheduling and GPU budgets read: labels, taints, cordon, allocatable."""
+    spec, status = node.get("spec") or {}, node.get("status") or {}
+    return json.dumps([dict(node.metadata.labels), spec.get("taints") or [], bool(spec.get("unschedulable")),
+                       status.get("allocatable") or {}], sort_keys=True)  # fmt: skip
 
 
 class PendingReconciles:

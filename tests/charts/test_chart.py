@@ -244,7 +244,9 @@ def granted(roles: Sequence[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 DECLARED = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
-CLUSTER_SCOPED = {"nodes"}
+#: granted cluster-wide even when namespaces are listed: nodes are cluster-scoped, and the pods on a
+#: model's nodes can be in any namespace
+CLUSTER_SCOPED = {"nodes", "pods"}
 
 
 def operator_roles(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

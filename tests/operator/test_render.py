@@ -142,7 +142,8 @@ def test_agent_statefulset_whole() -> None:
             "template": {
                 "metadata": {
                     "labels": {**LABELS, "app.kubernetes.io/component": "agent", **set_labels},
-                    "annotations": {"hps.dev/partition-plan": h,
+                    "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                                    "karpenter.sh/do-not-disrupt": "true", "hps.dev/partition-plan": h,
                                     "hps.dev/model-hash": "b68deb9add905e52",
                                     "prometheus.io/scrape": "true", "prometheus.io/port": "9464",
                                     "prometheus.io/path": "/metrics"},
@@ -695,6 +696,17 @@ def test_loader_job_name_changes_with_what_its_pod_runs_and_loads() -> None:
     assert len(set(names)) == len(names)
     # the agents' node selector is none of a PVC-fed loader's business
     assert name(modelStore=claim) == name(modelStore=claim, agent={**AGENT, "nodeSelector": {"gpu": "h100"}})
+
+
+def test_node_autoscalers_leave_agents_alone_unless_the_model_says_otherwise() -> None:
+    def annotations(**agent: Any) -> dict[str, str]:
+        children = by_name(render_children(model(agent={**AGENT, **agent}), plan(), owner=OWNER, image=IMAGE,
+                                           redis_password="pw"))  # fmt: skip
+        return dict(agent_set(children, 0)["spec"]["template"]["metadata"]["annotations"])
+
+    assert annotations()["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert annotations()["karpenter.sh/do-not-disrupt"] == "true"
+    assert annotations(podAnnotations={"karpenter.sh/do-not-disrupt": "false"})["karpenter.sh/do-not-disrupt"] == "false"
 
 
 @pytest.mark.parametrize(

@@ -102,10 +102,17 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 {{- end }}
 
 {{- define "hps-operator.clusterRules" -}}
-# GPU topology (allocatable GPUs per node) for the planner. kopf's CRD and namespace scanning is
-# off, so no access to customresourcedefinitions or namespaces is needed.
+# GPU topology (allocatable GPUs, the GPU-memory label, taints) of the nodes a model can use: read at
+# each reconcile, watched so that nodes joining or leaving are acted on at once. kopf's CRD and
+# namespace scanning is off, so no access to customresourcedefinitions or namespaces is needed.
 - apiGroups: [""]
   resources: ["nodes"]
+  verbs: ["list", "watch"]
+# pods: a model's own agent pods (the scheduler's word on pods it cannot place), and, only while some
+# wait for GPUs, the running pods of the cluster, to count the GPUs still free on the nodes the model
+# can use. Read only, never watched.
+- apiGroups: [""]
+  resources: ["pods"]
   verbs: ["list"]
 {{- end }}
 

@@ -57,6 +57,16 @@ from node_agent.plan import Plan
 from node_agent.spec import ModelSpec, format_quantity
 
 
+#: node autoscalers (cluster-autoscaler, Karpenter) must not evict an agent to consolidate nodes: its
+#: GPU cache takes minutes to warm, and a rollout's old and new agent sets run on purpose side by
+#: side. A model's ``spec.agent.podAnnotations`` may override them (a batch model may prefer cheap
+#: nodes); voluntary evictions otherwise go through each partition's PodDisruptionBudget.
+NODE_AUTOSCALER_ANNOTATIONS = {
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+    "karpenter.sh/do-not-disrupt": "true",
+}
+
+
 def agent_loads_tables(model: ModelSpec) -> bool:
     """Agents fill what is theirs alone: the in-process hash map and their own RocksDB volume. Redis,
     shared by all, is filled once by the loader Job."""
@@ -199,6 +209,7 @@ def render_agent_statefulset(
                     "prometheus.io/port": str(model.agent.metrics_port),
                     "prometheus.io/path": "/metrics",
                 },
+                defaults=NODE_AUTOSCALER_ANNOTATIONS,
             ),
             "spec": pod_spec,
         },

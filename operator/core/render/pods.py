@@ -50,11 +50,13 @@ def mount_model_store(model: ModelSpec, pod_spec: dict[str, Any]) -> None:
 
 
 def pod_metadata(model: ModelSpec, own_labels: Mapping[str, str],
-                  own_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+                  own_annotations: Mapping[str, str] | None = None, *,
+                  defaults: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """A pod template's metadata: the user's ``podLabels``/``podAnnotations`` under ours
-    (``check_renderable`` has already refused keys that would collide)."""
+    (``check_renderable`` has already refused keys that would collide), over ``defaults`` (annotations
+    the user may override)."""
     meta: dict[str, Any] = {"labels": {**model.agent.pod_labels, **own_labels}}
-    annotations = {**model.agent.pod_annotations, **(own_annotations or {})}
+    annotations = {**(defaults or {}), **model.agent.pod_annotations, **(own_annotations or {})}
     if annotations:
         meta["annotations"] = annotations
     return meta
