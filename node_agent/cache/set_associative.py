@@ -21,11 +21,13 @@ Admission (``admission="tinylfu"``, the default). HPS admits every missed key, s
 cold key pushes out a hotter row and LRU thrashes. Here a new key that finds its set full is placed
 only when it was asked for in more recent batches than the victim it would evict (TinyLFU, Einziger
 et al.), as estimated by a count-min sketch: ``SKETCH_DEPTH`` rows of ``uint8`` counters, a power of
-two wide (at least the slot count), capped at ``SKETCH_COUNTER_CAP``. A batch raises each of its keys'
-counters by one (a counter shared by several keys of one batch also rises by one: the sketch counts
-batches a key was asked in, and the one-write-per-batch rule needs no atomics on a GPU). After
-``SKETCH_SAMPLE_FACTOR x slots`` recorded keys every counter is halved, so popularity that moves is
-followed. ``admission="always"`` is HPS's behaviour.
+two wide (at least the slot count), capped at ``SKETCH_COUNTER_CAP``. As in Caffeine, a key's four
+counters share one 64-byte block (a block holds 16 counters of each row), so counting or estimating a
+key touches one cache line. A batch raises each of its keys' counters by one (a counter shared by
+several keys of one batch also rises by one: the sketch counts batches a key was asked in, and the
+one-write-per-batch rule needs no atomics on a GPU). After ``SKETCH_SAMPLE_FACTOR x slots`` recorded
+keys every counter is halved, so popularity that moves is followed. ``admission="always"`` is HPS's
+behaviour.
 """
 
 from __future__ import annotations
@@ -178,8 +180,9 @@ class SetAssociativeCache:
             self._sketch: Any = (
                 xp.zeros((SKETCH_DEPTH, self.sketch_width), dtype=xp.uint8) if admission == "tinylfu" else None
             )
-            self._sketch_rows = xp.arange(SKETCH_DEPTH, dtype=xp.uint64)[:, None]
-            self._sketch_offsets = xp.arange(SKETCH_DEPTH, dtype=xp.int64)[:, None] * self.sketch_width
+            # a key's counter of row r: byte 16 r + (4 bits of its hash) of its block
+            self._sketch_shifts = xp.arange(32, 32 + 4 * SKETCH_DEPTH, 4, dtype=xp.uint64)[:, None]
+            self._sketch_offsets = xp.arange(SKETCH_DEPTH, dtype=xp.int64)[:, None] * 16
         # (sets, ways) views of the same memory: a set's slots are one contiguous row, so locating a
         # batch is one row gather per array (``take(axis=0)``), far cheaper than gathering through a
         # (batch, ways) index array
@@ -602,13 +605,14 @@ class SetAssociativeCache:
             self._evictions[tid] += int(count)
 
     def _sketch_cells(self, z: Any) -> Any:
-        """``(SKETCH_DEPTH, n)`` flat indices of each key's counters (double hashing of one mix)."""
+        """``(SKETCH_DEPTH, n)`` flat indices of each key's counters: the low 32 bits of one more mix pick
+        the block, four 4-bit fields of the high 32 the counter in each row's 16 bytes of it."""
         xp = self.xp
         h = _mix64(z ^ xp.uint64(_SKETCH_SALT), xp)
-        h1 = h & xp.uint64(0xFFFFFFFF)
-        h2 = (h >> xp.uint64(32)) | xp.uint64(1)
-        columns = (h1[None, :] + self._sketch_rows * h2[None, :]) & xp.uint64(self.sketch_width - 1)
-        return columns.astype(xp.int64) + self._sketch_offsets
+        blocks = SKETCH_DEPTH * self.sketch_width // 64
+        block = (h & xp.uint64(blocks - 1)).astype(xp.int64) * 64
+        within = ((h[None, :] >> self._sketch_shifts) & xp.uint64(15)).astype(xp.int64)
+        return block[None, :] + self._sketch_offsets + within
 
     def _record(self, z: Any) -> None:
         """Counts one batch's distinct keys: each counter they touch rises by one (capped)."""

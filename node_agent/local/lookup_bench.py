@@ -1,13 +1,19 @@
-"""Measures embedding lookups on the same seeded Zipf keys: the HPS agent over gRPC in two configurations,
+"""Measures embedding lookups on the same seeded Zipf keys: the HPS agent in three configurations,
 plain Redis read with pipelined HMGET (what a feature-store user has), and a NumPy gather from the dense
 table in RAM (the in-process limit). ``hps bench lookup`` and ``bench/lookup.py`` both run it.
 
-The two agent configurations differ only in their L2 (volatile) tier; both have an L1 holding
-``cache_ratio`` of the rows and are asked over gRPC by the :class:`~node_agent.client.Client`:
+The agent configurations all have an L1 holding ``cache_ratio`` of the rows (``policy``, with the
+cache's default TinyLFU admission) and differ in their L2 tier and in how the caller reaches them:
 
-* ``hps``: L2 is Redis (a local stack: ``redis-server`` + one agent), as the issue defines the target;
+* ``hps``: L2 is Redis (a local stack: ``redis-server`` + one agent), asked over TCP gRPC through the
+  :class:`~node_agent.client.Client`, as the issue defines the target;
+* ``hps_same_node``: the same agent, asked through its same-node socket
+  (:class:`~node_agent.same_node.SameNodeClient`: Unix socket, rows through shared memory);
 * ``hps_inproc``: L2 is the agent's in-process hash map, loaded at agent start — HPS's own default
-  volatile database, where Redis is optional.
+  volatile database, where Redis is optional — asked over TCP gRPC.
+
+Every system's answers are checked against the table before its warm-up and again after its measured
+span (when its cache is warm): ``exact`` is both.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import tempfile
 import threading
 import time
@@ -30,11 +37,14 @@ TARGETS = {"hps_over_redis": 5.0, "hps_over_numpy": 0.25, "hps_p99_ms": 3.0}
 
 #: every system the benchmark knows, in the order it runs and reports them, with what each one is
 SYSTEMS: dict[str, str] = {
-    "hps": "agent over gRPC, L1 + L2 Redis",
-    "hps_inproc": "agent over gRPC, L1 + L2 in-process hash map",
+    "hps": "agent over TCP gRPC, L1 + L2 Redis",
+    "hps_same_node": "the same agent over its same-node socket (Unix socket, rows via shared memory)",
+    "hps_inproc": "agent over TCP gRPC, L1 + L2 in-process hash map",
     "redis": "plain Redis, pipelined HMGET",
     "numpy": "NumPy gather from the dense table",
 }
+#: the agent systems, and the key their ratios are reported under
+AGENT_RATIOS = {"hps": "ratios", "hps_same_node": "ratios_same_node", "hps_inproc": "ratios_inproc"}
 
 Fetch = Callable[[np.ndarray], np.ndarray]
 
@@ -46,14 +56,18 @@ class LookupBenchConfig:
     batch: int = 4096
     alpha: float = 1.05
     cache_ratio: float = 0.10
+    #: the L1's eviction policy (spec.cache.policy): LFU keeps Zipf's head better than LRU
+    policy: str = "lfu"
     duration: float = 10.0
     warmup: float = 2.0
     seed: int = 0
     device: str = "auto"
-    #: callers issuing batches at once, for hps, hps_inproc and redis alike (numpy always runs alone:
-    #: it is the single-thread in-process limit)
+    #: callers issuing batches at once, for the agents and redis alike (numpy always runs alone: it
+    #: is the single-thread in-process limit)
     concurrency: int = 1
-    #: which of :data:`SYSTEMS` to run (``hps`` and its ratios need ``redis`` and ``numpy`` beside it)
+    #: runs of every system, one after the other in turn; the result reports each system's medians
+    repeat: int = 1
+    #: which of :data:`SYSTEMS` to run (an agent's ratios need ``redis`` and ``numpy`` beside it)
     systems: tuple[str, ...] = tuple(SYSTEMS)
     #: hashes the Redis baseline spreads the rows over (one HMGET per hash touched per batch)
     redis_hashes: int = 64
@@ -81,6 +95,18 @@ class SystemResult:
             out[k] = round(out[k], 4 if k != "keys_per_s" else 1)
         return out
 
+    @classmethod
+    def median(cls, runs: list[SystemResult]) -> SystemResult:
+        """Each figure's median over ``runs``; exact only if every run was."""
+        return cls(
+            keys_per_s=statistics.median(r.keys_per_s for r in runs),
+            p50_ms=statistics.median(r.p50_ms for r in runs),
+            p99_ms=statistics.median(r.p99_ms for r in runs),
+            batches=int(statistics.median(r.batches for r in runs)),
+            seconds=statistics.median(r.seconds for r in runs),
+            exact=all(r.exact for r in runs),
+        )
+
 
 def zipf_batches(config: LookupBenchConfig) -> np.ndarray:
     """``(pool_batches, batch)`` int64 keys: ranks drawn from a Zipf(alpha) bounded to ``rows``, mapped
@@ -99,7 +125,8 @@ def measure(fetch: Fetch, batches: np.ndarray, *, duration: float, warmup: float
             expected: np.ndarray, concurrency: int = 1) -> SystemResult:  # fmt: skip
     """Warms up, then calls ``fetch`` on the batches in turn for ``duration`` seconds from
     ``concurrency`` threads at once; per-batch latency percentiles and keys/s over the whole measured
-    span. ``exact`` compares the first batch's answer with ``expected``."""
+    span. ``exact`` compares the first batch's answer with ``expected`` before the warm-up and after the
+    measured span (a warm cache answers then)."""
     exact = bool(np.array_equal(fetch(batches[0]), expected))
     warm_until = time.perf_counter() + warmup
     i = 0
@@ -139,6 +166,7 @@ def measure(fetch: Fetch, batches: np.ndarray, *, duration: float, warmup: float
     if failures:
         raise failures[0]
     elapsed = max(ends) - start
+    exact = exact and bool(np.array_equal(fetch(batches[0]), expected))
     lat = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
     keys = lat.shape[0] * batches.shape[1]
     return SystemResult(
@@ -195,101 +223,139 @@ class RedisHashBaseline:
 
 def run_lookup_bench(config: LookupBenchConfig, *, workdir: str | Path | None = None,
                      say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
-    """Runs the three systems one after the other on one machine and returns the JSON-able result."""
+    """Runs the systems on one machine, in turn, ``repeat`` times, and returns the JSON-able result."""
     with tempfile.TemporaryDirectory(prefix="hps-bench-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
         return _run(config, root, say)
 
 
 def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    import contextlib
+
     import redis
 
+    from node_agent.errors import InvalidArgumentError
     from node_agent.local.stack import LocalStack
 
     unknown = sorted(set(config.systems) - set(SYSTEMS))
     if unknown:
-        from node_agent.errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    if config.repeat < 1:
+        raise InvalidArgumentError(f"repeat must be at least 1, got {config.repeat}")
     rng = np.random.default_rng(config.seed + 1)
     table = rng.standard_normal((config.rows, config.dim), dtype=np.float32)
     batches = zipf_batches(config)
     expected = table[batches[0]]
     model_file = _write_model(root, table, config)
     timing = {"duration": config.duration, "warmup": config.warmup, "expected": expected}
-    results: dict[str, SystemResult] = {}
+    runs: dict[str, list[SystemResult]] = {name: [] for name in SYSTEMS if name in config.systems}
     agent_stats: dict[str, Any] = {}
     with_caller = f", {config.concurrency} callers" if config.concurrency > 1 else ""
+    # each system's measuring call, set up once below and run `repeat` times in turn
+    measures: dict[str, Callable[[], SystemResult]] = {}
+    stats_of: dict[str, Callable[[], Any]] = {}
 
-    if "hps" in config.systems or "redis" in config.systems:
-        stack = LocalStack(root / "state")
-        say(f"starting a local stack (redis + 1 agent, L1 {config.cache_ratio:.0%} of {config.rows} rows) ...")
-        t0 = time.perf_counter()
-        state = stack.up(model_file, agents=1, device=config.device).state
-        say(f"  up in {time.perf_counter() - t0:.1f} s at {state.endpoints[0]}")
-        try:
-            if "hps" in config.systems:
-                say(f"hps ({SYSTEMS['hps']}): {config.duration:g} s of batches of {config.batch}{with_caller} ...")
-                results["hps"], agent_stats["hps"] = _measure_agent(state.endpoints[0], batches, config, timing)
+    with contextlib.ExitStack() as running:
+        if {"hps", "hps_same_node", "redis"} & set(config.systems):
+            stack = LocalStack(root / "state")
+            say(f"starting a local stack (redis + 1 agent, L1 {config.cache_ratio:.0%} of {config.rows} rows, "
+                f"{config.policy}) ...")  # fmt: skip
+            t0 = time.perf_counter()
+            state = stack.up(model_file, agents=1, device=config.device,
+                             same_node="hps_same_node" in config.systems).state  # fmt: skip
+            running.callback(stack.down, purge=True)
+            say(f"  up in {time.perf_counter() - t0:.1f} s at {state.endpoints[0]}")
+            if "hps" in config.systems or "hps_same_node" in config.systems:
+                from node_agent.client import Client
+
+                client = running.enter_context(Client(state.endpoints[0], timeout=30.0))
+                stats_of["hps"] = stats_of["hps_same_node"] = _stats_of(client)
+                if "hps" in config.systems:
+                    measures["hps"] = _measurer(_lookup_of(client), batches, config, timing)
+                if "hps_same_node" in config.systems:
+                    from node_agent.same_node import SameNodeClient
+
+                    near = running.enter_context(SameNodeClient(stack.state_dir / "logs" / "agent-0.sock",
+                                                                timeout=30.0))  # fmt: skip
+                    measures["hps_same_node"] = _measurer(_lookup_of(near), batches, config, timing)
             if "redis" in config.systems:
                 host, port = state.redis_addresses[0].rsplit(":", 1)
                 pool = redis.ConnectionPool(host=host, port=int(port), password=stack.redis_password(),
                                             socket_timeout=30)  # fmt: skip
+                running.callback(pool.disconnect)
                 baseline = RedisHashBaseline(redis.Redis(connection_pool=pool), dim=config.dim,
                                              hashes=config.redis_hashes)  # fmt: skip
                 say(f"redis: loading {config.rows} rows into {config.redis_hashes} hashes ...")
                 baseline.load(table)
-                say(f"redis ({SYSTEMS['redis']}): {config.duration:g} s{with_caller} ...")
-                results["redis"] = measure(baseline.fetch, batches, concurrency=config.concurrency, **timing)
-                pool.disconnect()
-        finally:
-            stack.down(purge=True)
+                measures["redis"] = _measurer(baseline.fetch, batches, config, timing)
 
-    if "hps_inproc" in config.systems:
-        stack = LocalStack(root / "state-inproc")
-        say("starting an agent whose L2 is its in-process hash map (it loads the table itself) ...")
-        t0 = time.perf_counter()
-        state = stack.up(model_file, agents=1, device=config.device, no_redis=True).state
-        say(f"  up in {time.perf_counter() - t0:.1f} s at {state.endpoints[0]}")
-        try:
-            say(f"hps_inproc ({SYSTEMS['hps_inproc']}): {config.duration:g} s{with_caller} ...")
-            results["hps_inproc"], agent_stats["hps_inproc"] = _measure_agent(state.endpoints[0], batches,
-                                                                              config, timing)  # fmt: skip
-        finally:
-            stack.down(purge=True)
+        if "hps_inproc" in config.systems:
+            stack_inproc = LocalStack(root / "state-inproc")
+            say("starting an agent whose L2 is its in-process hash map (it loads the table itself) ...")
+            t0 = time.perf_counter()
+            state_inproc = stack_inproc.up(model_file, agents=1, device=config.device, no_redis=True).state
+            running.callback(stack_inproc.down, purge=True)
+            say(f"  up in {time.perf_counter() - t0:.1f} s at {state_inproc.endpoints[0]}")
+            from node_agent.client import Client
 
-    if "numpy" in config.systems:
-        say(f"numpy ({SYSTEMS['numpy']}): {config.duration:g} s ...")
-        results["numpy"] = measure(lambda k: table[k], batches, **timing)
+            inproc = running.enter_context(Client(state_inproc.endpoints[0], timeout=30.0))
+            measures["hps_inproc"] = _measurer(_lookup_of(inproc), batches, config, timing)
+            stats_of["hps_inproc"] = _stats_of(inproc)
 
+        if "numpy" in config.systems:
+            measures["numpy"] = lambda: measure(lambda k: table[k], batches, **timing)
+
+        for run in range(config.repeat):
+            for name in runs:
+                label = f"run {run + 1}/{config.repeat}: " if config.repeat > 1 else ""
+                callers = with_caller if name != "numpy" else ""
+                say(f"{label}{name} ({SYSTEMS[name]}): {config.duration:g} s{callers} ...")
+                runs[name].append(measures[name]())
+        for name, fetch_stats in stats_of.items():
+            if name in runs:
+                agent_stats[name] = fetch_stats()
+
+    results = {name: SystemResult.median(r) for name, r in runs.items()}
     out: dict[str, Any] = {name: results[name].to_dict() for name in SYSTEMS if name in results}
-    out["systems"] = {name: SYSTEMS[name] for name in out}
+    if config.repeat > 1:
+        out["runs"] = {name: [r.to_dict() for r in rs] for name, rs in runs.items()}
+    out["systems"] = {name: SYSTEMS[name] for name in SYSTEMS if name in results}
     out["config"] = asdict(config)
-    out["ratios"], out["targets"] = _ratios("hps", results)
-    if "hps_inproc" in results:
-        out["ratios_inproc"], out["targets_inproc"] = _ratios("hps_inproc", results)
-    out["hps_agent_stats"] = agent_stats.get("hps")
-    out["hps_inproc_agent_stats"] = agent_stats.get("hps_inproc")
+    for agent, key in AGENT_RATIOS.items():
+        if agent in results:
+            out[key], out[key.replace("ratios", "targets")] = _ratios(agent, results)
+        out[f"{agent}_agent_stats"] = agent_stats.get(agent)
+    out["l1_hit_rate"] = {agent: _l1_hit_rate(stats) for agent, stats in agent_stats.items()}
     out["environment"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "machine": platform.machine()}  # fmt: skip
     return out
 
 
-def _measure_agent(endpoint: str, batches: np.ndarray, config: LookupBenchConfig,
-                   timing: dict[str, Any]) -> tuple[SystemResult, Any]:  # fmt: skip
-    """One agent over gRPC through the client inference services use; its Stats after."""
-    from node_agent.client import Client
+def _lookup_of(client: Any) -> Fetch:
+    """The benchmark table's lookup through ``client`` (a gRPC or a same-node client)."""
+    return lambda keys: client.lookup("bench", "emb", keys)
 
-    with Client(endpoint, timeout=30.0) as client:
-        result = measure(lambda k: client.lookup("bench", "emb", k), batches,
-                         concurrency=config.concurrency, **timing)  # fmt: skip
-        return result, _jsonable(client.stats("bench"))
+
+def _stats_of(client: Any) -> Callable[[], Any]:
+    return lambda: _jsonable(client.stats("bench"))
+
+
+def _measurer(fetch: Fetch, batches: np.ndarray, config: LookupBenchConfig,
+              timing: dict[str, Any]) -> Callable[[], SystemResult]:  # fmt: skip
+    return lambda: measure(fetch, batches, concurrency=config.concurrency, **timing)
+
+
+def _l1_hit_rate(stats: Any) -> float | None:
+    """The agent's L1 hit rate over the distinct keys it was asked, from its Stats."""
+    try:
+        return float(stats["lookup"]["tables"]["emb"]["hit_rate"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _ratios(name: str, results: dict[str, SystemResult]) -> tuple[dict[str, float], dict[str, Any]]:
     """The agent ``name``'s keys/s over redis's and numpy's, under the issue's names ``hps/redis`` and
-    ``hps/numpy`` (the result's ``ratios`` for ``hps``, ``ratios_inproc`` for ``hps_inproc``), and which
-    targets it meets; a ratio whose systems did not run is left out."""
+    ``hps/numpy``, and which targets it meets; a ratio whose systems did not run is left out."""
     ratios: dict[str, float] = {}
     met: dict[str, bool] = {}
     agent = results.get(name)
@@ -316,7 +382,7 @@ def _write_model(root: Path, table: np.ndarray, config: LookupBenchConfig) -> Pa
         "apiVersion: hps.dev/v1alpha1\nkind: EmbeddingModel\nmetadata: {name: bench}\nspec:\n"
         f"  tables:\n  - {{name: emb, rows: {table.shape[0]}, dim: {table.shape[1]}, dtype: float32, "
         "source: file://data/emb}\n"
-        f"  cache: {{memoryPerGPU: {cache_bytes}, policy: lru}}\n"
+        f"  cache: {{memoryPerGPU: {cache_bytes}, policy: {config.policy}}}\n"
         "  volatileStore: {type: redis}\n  persistentStore: {type: none}\n  updates: {enabled: false}\n"
         f"  agent: {{maxBatchKeys: {max(config.batch, 1 << 16)}}}\n"
     )
@@ -337,21 +403,24 @@ def format_table(result: dict[str, Any]) -> str:
     """The result as a small text table plus each agent's ratios against the targets."""
     cfg = result["config"]
     callers = f"  {cfg['concurrency']} callers" if cfg.get("concurrency", 1) > 1 else ""
+    repeat = f"  medians of {cfg['repeat']} runs" if cfg.get("repeat", 1) > 1 else ""
     lines = [
         f"rows {cfg['rows']}  dim {cfg['dim']}  batch {cfg['batch']}  alpha {cfg['alpha']}  "
-        f"cache {cfg['cache_ratio']:.0%}  {cfg['duration']:g} s each{callers}  ({result['environment']['cpus']} cpus)",
-        f"{'system':<12}{'keys/s':>14}{'p50 ms':>10}{'p99 ms':>10}{'batches':>10}  exact  what",
+        f"cache {cfg['cache_ratio']:.0%} {cfg.get('policy', 'lru')}  {cfg['duration']:g} s each{callers}{repeat}  "
+        f"({result['environment']['cpus']} cpus)",
+        f"{'system':<14}{'keys/s':>14}{'p50 ms':>10}{'p99 ms':>10}{'batches':>10}  exact  what",
     ]
     for name, what in SYSTEMS.items():
         if name not in result:
             continue
         r = result[name]
-        lines.append(f"{name:<12}{r['keys_per_s']:>14,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+        lines.append(f"{name:<14}{r['keys_per_s']:>14,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                      f"{r['batches']:>10}  {'yes' if r['exact'] else 'NO ':<5}  {what}")  # fmt: skip
-    for name, ratios_key, targets_key in (("hps", "ratios", "targets"), ("hps_inproc", "ratios_inproc", "targets_inproc")):
-        if name not in result:
+    hit_rates = result.get("l1_hit_rate") or {}
+    for name, ratios_key in AGENT_RATIOS.items():
+        if name not in result or ratios_key not in result:
             continue
-        ratios, met = result[ratios_key], result[targets_key]["met"]
+        ratios, met = result[ratios_key], result[ratios_key.replace("ratios", "targets")]["met"]
         parts = []
         if "hps/redis" in ratios:
             parts.append(f"/redis {ratios['hps/redis']:.2f}x (target >= {TARGETS['hps_over_redis']:.0f}x: "
@@ -361,5 +430,7 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{'met' if met['hps_over_numpy'] else 'not met'})")  # fmt: skip
         parts.append(f"p99 {result[name]['p99_ms']:.2f} ms (target <= {TARGETS['hps_p99_ms']:.0f} ms: "
                      f"{'met' if met['hps_p99_ms'] else 'not met'})")
+        if hit_rates.get(name) is not None:
+            parts.append(f"L1 hit rate {hit_rates[name]:.3f}")
         lines.append(f"{name}: " + "   ".join(parts))
     return "\n".join(lines)

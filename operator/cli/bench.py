@@ -17,8 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "lookup",
         help="keys/s and per-batch latency: the agent over gRPC vs pipelined Redis HMGET vs a NumPy gather",
         description="Measures, for --duration seconds each on the same seeded Zipf keys: hps (an agent over "
-        "gRPC whose L1 holds --cache-ratio of the rows, L2 a local redis-server), hps_inproc (the same agent "
-        "with its in-process hash map as L2, HPS's default), plain Redis with pipelined HMGET, and a NumPy gather.",
+        "TCP gRPC whose L1 holds --cache-ratio of the rows, L2 a local redis-server), hps_same_node (the same "
+        "agent through its same-node socket, rows via shared memory), hps_inproc (an agent with its in-process "
+        "hash map as L2, HPS's default), plain Redis with pipelined HMGET, and a NumPy gather.",
     )
     add_lookup_arguments(lookup)
     lookup.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -34,14 +35,18 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the keys")
     parser.add_argument("--cache-ratio", type=float, default=0.10, help="L1 capacity as a share of the rows")
+    parser.add_argument("--policy", choices=("lru", "lfu"), default="lfu",
+                        help="the L1's eviction policy (spec.cache.policy); admission is TinyLFU either way")  # fmt: skip
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per system")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per system first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the agent's L1 device")
     parser.add_argument("--concurrency", type=int, default=1,
-                        help="callers issuing batches at once, for hps, hps_inproc and redis alike")  # fmt: skip
-    parser.add_argument("--systems", default="hps,hps_inproc,redis,numpy",
-                        help="comma-separated subset of hps,hps_inproc,redis,numpy to run")  # fmt: skip
+                        help="callers issuing batches at once, for the agents and redis alike")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of every system, in turn; the result reports each system's medians")  # fmt: skip
+    parser.add_argument("--systems", default="hps,hps_same_node,hps_inproc,redis,numpy",
+                        help="comma-separated subset of hps,hps_same_node,hps_inproc,redis,numpy to run")  # fmt: skip
 
 
 def run_lookup(args: argparse.Namespace) -> int:
@@ -52,6 +57,8 @@ def run_lookup(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--rows, --dim, --batch and --duration must be positive, --cache-ratio in (0, 1]")
     if args.concurrency < 1:
         raise InvalidArgumentError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.repeat < 1:
+        raise InvalidArgumentError(f"--repeat must be at least 1, got {args.repeat}")
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = sorted(set(systems) - set(SYSTEMS))
     if not systems or unknown:
@@ -59,7 +66,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     config = LookupBenchConfig(rows=args.rows, dim=args.dim, batch=args.batch, alpha=args.alpha,
                                cache_ratio=args.cache_ratio, duration=args.duration, warmup=args.warmup,
                                seed=args.seed, device=args.device, concurrency=args.concurrency,
-                               systems=systems)  # fmt: skip
+                               systems=systems, policy=args.policy, repeat=args.repeat)  # fmt: skip
     as_json = args.output == "json"
     # progress goes to stderr when stdout carries the JSON, so `-o json | jq` keeps working
     result = run_lookup_bench(config, say=lambda line: print(line, file=sys.stderr if as_json else sys.stdout))

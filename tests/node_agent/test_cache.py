@@ -288,8 +288,8 @@ class ReferenceCache:
 
     def _cells(self, key: int) -> list[int]:
         h = _mix(self._hash(key) ^ _SKETCH_SALT)
-        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
-        return [r * self.width + ((h1 + r * h2) & _MASK64 & (self.width - 1)) for r in range(SKETCH_DEPTH)]
+        block = (h & 0xFFFFFFFF) % (SKETCH_DEPTH * self.width // 64)
+        return [block * 64 + r * 16 + ((h >> (32 + 4 * r)) & 15) for r in range(SKETCH_DEPTH)]
 
     def estimate(self, key: int) -> int:
         return min(self.sketch.get(c, 0) for c in self._cells(key))

@@ -89,13 +89,14 @@ static int kernel_init(Kernel *self, PyObject *args, PyObject *kwds) {
     if (take_view(values, &self->values, row_bytes, self->slots, "values") < 0) return -1;
     self->has_sketch = sketch != Py_None;
     if (self->has_sketch) {
-        if (sketch_width < 1 || (sketch_width & (sketch_width - 1)) != 0) {
-            PyErr_SetString(PyExc_ValueError, "sketch_width must be a power of two");
+        /* sketch_width counters a row, SKETCH_DEPTH rows, laid out as 64-byte blocks */
+        if (sketch_width < 16 || (sketch_width & (sketch_width - 1)) != 0) {
+            PyErr_SetString(PyExc_ValueError, "sketch_width must be a power of two, at least 16");
             return -1;
         }
         if (take_view(sketch, &self->sketch, 1, SKETCH_DEPTH * sketch_width, "sketch") < 0) return -1;
         self->sketch_width = (uint64_t)sketch_width;
-        self->sketch_mask = (uint64_t)sketch_width - 1;
+        self->sketch_mask = (uint64_t)(SKETCH_DEPTH * sketch_width / 64) - 1;
     }
     self->lfu = lfu;
     self->stamp_bits = stamp_bits;
@@ -117,10 +118,11 @@ static inline uint64_t hash_of(const Kernel *k, int64_t key, int64_t table_id) {
     return mix64((uint64_t)key ^ salt_of(k, table_id));
 }
 
+/* A key's counters all sit in one 64-byte block (one cache line), 16 counters per row */
 static inline void sketch_cells(const Kernel *k, uint64_t z, uint64_t cells[SKETCH_DEPTH]) {
     uint64_t h = mix64(z ^ k->sketch_salt);
-    uint64_t h1 = h & 0xFFFFFFFFULL, h2 = (h >> 32) | 1ULL;
-    for (uint64_t r = 0; r < SKETCH_DEPTH; r++) cells[r] = r * k->sketch_width + ((h1 + r * h2) & k->sketch_mask);
+    uint64_t block = (h & 0xFFFFFFFFULL) & k->sketch_mask;
+    for (uint64_t r = 0; r < SKETCH_DEPTH; r++) cells[r] = block * 64 + r * 16 + ((h >> (32 + 4 * r)) & 15);
 }
 
 static inline uint8_t estimate(const Kernel *k, uint64_t z) {
