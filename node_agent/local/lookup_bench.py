@@ -26,7 +26,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -434,3 +435,155 @@ def format_table(result: dict[str, Any]) -> str:
             parts.append(f"L1 hit rate {hit_rates[name]:.3f}")
         lines.append(f"{name}: " + "   ".join(parts))
     return "\n".join(lines)
+
+
+# -- the sweep: hit rate and keys/s against cache ratio and Zipf alpha, per policy -----------------
+
+#: (eviction policy, admission) pairs the sweep compares; the first is HPS's own
+SWEEP_POLICIES: tuple[tuple[str, str], ...] = (("lru", "always"), ("lru", "tinylfu"), ("lfu", "always"),
+                                               ("lfu", "tinylfu"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Points of the sweep: every cache ratio at the base alpha, and every alpha at the base ratio
+    (two slices through the base point, not the whole grid, so it finishes in about a minute here)."""
+
+    ratios: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    alphas: tuple[float, ...] = (0.8, 0.9, 1.0, 1.05, 1.1, 1.2)
+    policies: tuple[tuple[str, str], ...] = SWEEP_POLICIES
+    #: batches run before measuring each point (enough to fill a 50% cache and reach its steady
+    #: state), then batches measured
+    warm_batches: int = 300
+    batches: int = 100
+
+
+def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: str | Path | None = None,
+                     say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Measures the agent's lookup path in this process (L1 + a real ``redis-server`` as L2, no
+    transport: the figure is about the cache) at each sweep point and policy, beside plain Redis
+    (pipelined HMGET) on the same keys. A point's hit rate is over the distinct keys of its measured
+    batches, as the agent counts it; keys/s counts every key asked, at the median batch latency."""
+    from node_agent.cache import SetAssociativeCache, TableCache
+    from node_agent.local.redis_servers import start_redis
+    from node_agent.lookup import LookupPath
+    from node_agent.spec import TableSpec
+    from node_agent.tiers.base import TableLayout
+    from node_agent.tiers.redis_tier import RedisTier
+
+    rng = np.random.default_rng(config.seed + 1)
+    table = rng.standard_normal((config.rows, config.dim), dtype=np.float32)
+    spec = TableSpec("emb", config.rows, config.dim)
+    base_ratio, base_alpha = config.cache_ratio, config.alpha
+    points = [(ratio, base_alpha) for ratio in sweep.ratios]
+    points += [(base_ratio, alpha) for alpha in sweep.alphas if (base_ratio, alpha) not in points]
+    rows_out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="hps-sweep-") as tmp:
+        server = start_redis(Path(workdir or tmp) / "redis", password="sweep")
+        try:
+            import redis
+
+            tier = RedisTier([TableLayout.of(spec)], addresses=[server.address], password="sweep", model="sweep",
+                             socket_timeout=30.0)  # fmt: skip
+            say(f"loading {config.rows} rows into redis (the agent's layout and the baseline's) ...")
+            tier.insert("emb", np.arange(config.rows, dtype=np.int64), table)
+            client = redis.Redis(host=server.host, port=server.port, password="sweep", socket_timeout=30)
+            baseline = RedisHashBaseline(client, dim=config.dim, hashes=config.redis_hashes)
+            baseline.load(table)
+            for alpha in sorted({a for _, a in points}):
+                trace = zipf_batches(replace(config, alpha=alpha,
+                                             pool_keys=(sweep.warm_batches + sweep.batches) * config.batch))  # fmt: skip
+                warm, measured = trace[: sweep.warm_batches], trace[sweep.warm_batches :][: sweep.batches]
+                redis_keys_per_s = _keys_per_s(baseline.fetch, measured)
+                for ratio in sorted(r for r, a in points if a == alpha):
+                    for policy, admission in sweep.policies:
+                        cache = SetAssociativeCache(
+                            dim=config.dim, capacity_bytes=math.ceil(ratio * config.rows) * config.dim * 4,
+                            policy=policy, admission=admission,
+                        )  # fmt: skip
+                        path = LookupPath([spec], l1={"emb": TableCache(cache)}, volatile=tier, persistent=None,
+                                          close_tiers=False)  # fmt: skip
+                        try:
+                            for keys in warm:
+                                path.lookup("emb", keys)
+                            cache.reset_counters()
+                            keys_per_s = _keys_per_s(partial(path.lookup, "emb"), measured)
+                            exact = bool(np.array_equal(path.lookup("emb", measured[0]), table[measured[0]]))
+                        finally:
+                            path.close()
+                        rows_out.append({
+                            "ratio": ratio, "alpha": alpha, "policy": policy, "admission": admission,
+                            "hit_rate": round(cache.hit_rate, 4), "keys_per_s": round(keys_per_s, 1),
+                            "redis_keys_per_s": round(redis_keys_per_s, 1), "exact": exact,
+                        })  # fmt: skip
+                        say(f"  alpha {alpha:<5} cache {ratio:>4.0%}  {policy}+{admission:<8} hit rate "
+                            f"{cache.hit_rate:.3f}  {keys_per_s / 1e6:.2f} M keys/s (redis {redis_keys_per_s / 1e6:.2f})")
+            tier.close()
+            client.close()
+        finally:
+            server.stop(hard=True)
+    return {
+        "points": rows_out,
+        "config": {**asdict(config), "sweep": asdict(sweep)},
+        "measures": "the agent's lookup path in-process (L1 + L2 redis-server, no transport) vs plain Redis HMGET",
+        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+    }
+
+
+def _keys_per_s(fetch: Fetch, batches: np.ndarray) -> float:
+    """Keys per second at the median batch latency: on a machine other work shares, the median
+    says what the path does, where a total over a short span says what else ran meanwhile."""
+    latencies = []
+    for keys in batches:
+        start = time.perf_counter()
+        fetch(keys)
+        latencies.append(time.perf_counter() - start)
+    return float(batches.shape[1] / statistics.median(latencies))
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
+    """Draws the sweep as one PNG: keys/s and hit rate against cache ratio (at the base alpha) and
+    against alpha (at the base ratio), a line per policy, plain Redis dashed. Needs matplotlib (the
+    project's ``bench`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from node_agent.errors import UnavailableError
+
+        raise UnavailableError("the sweep figure needs matplotlib: pip install -e '.[bench]'") from None
+    cfg = result["config"]
+    points = result["points"]
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    axes_of = (("ratio", "alpha", cfg["alpha"], "cache ratio (share of rows in L1)"),
+               ("alpha", "ratio", cfg["cache_ratio"], "Zipf alpha"))  # fmt: skip
+    for column, (axis_name, fixed_name, fixed_value, label) in enumerate(axes_of):
+        slice_ = [p for p in points if p[fixed_name] == fixed_value]
+        for policy, admission in sorted({(p["policy"], p["admission"]) for p in slice_}):
+            mine = sorted((p for p in slice_ if (p["policy"], p["admission"]) == (policy, admission)),
+                          key=lambda p: p[axis_name])  # fmt: skip
+            xs = [p[axis_name] for p in mine]
+            axes[0][column].plot(xs, [p["keys_per_s"] / 1e6 for p in mine], marker="o", label=f"{policy}+{admission}")
+            axes[1][column].plot(xs, [p["hit_rate"] for p in mine], marker="o", label=f"{policy}+{admission}")
+        baseline = sorted({(p[axis_name], p["redis_keys_per_s"]) for p in slice_})
+        axes[0][column].plot([x for x, _ in baseline], [k / 1e6 for _, k in baseline], "k--", label="plain Redis")
+        fixed = f"{fixed_name} {fixed_value:.0%}" if fixed_name == "ratio" else f"alpha {fixed_value}"
+        axes[0][column].set_title(f"keys/s vs {axis_name} ({fixed})")
+        axes[1][column].set_title(f"L1 hit rate (distinct keys) vs {axis_name} ({fixed})")
+        for row in (0, 1):
+            axes[row][column].set_xlabel(label)
+            axes[row][column].grid(alpha=0.3)
+            axes[row][column].legend(fontsize=8)
+            if axis_name == "ratio":
+                axes[row][column].set_xscale("log")
+        axes[0][column].set_ylabel("M keys/s")
+        axes[1][column].set_ylabel("hit rate")
+    figure.suptitle(f"L1 policies: lookup path in-process, L2 redis-server; {cfg['rows']} rows x dim {cfg['dim']}, "
+                    f"batch {cfg['batch']} ({result['environment']['cpus']} cpus, shared machine)")  # fmt: skip
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out

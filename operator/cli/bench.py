@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_RESULT_FILE = Path("bench/results/lookup.json")
+DEFAULT_SWEEP_FILE = Path("bench/results/lookup-sweep.json")
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,6 +27,30 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lookup.add_argument("--write", nargs="?", const=str(DEFAULT_RESULT_FILE), metavar="PATH",
                         help=f"also write the JSON result (default path {DEFAULT_RESULT_FILE})")  # fmt: skip
     lookup.set_defaults(func=run_lookup)
+
+    sweep = kinds.add_parser(
+        "lookup-sweep",
+        help="L1 hit rate and keys/s against cache ratio and Zipf alpha, per policy, beside plain Redis",
+        description="Runs the agent's lookup path in this process (L1 + a real redis-server as L2) at every "
+        "--ratios value (at --alpha) and every --alphas value (at --cache-ratio), for each of --policies, beside "
+        "plain Redis on the same keys; writes the JSON and a PNG (needs the bench extra: matplotlib).",
+    )
+    sweep.add_argument("--rows", type=int, default=500_000)
+    sweep.add_argument("--dim", type=int, default=64)
+    sweep.add_argument("--batch", type=int, default=4096)
+    sweep.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the cache-ratio slice")
+    sweep.add_argument("--cache-ratio", type=float, default=0.10, help="cache ratio of the alpha slice")
+    sweep.add_argument("--ratios", default="0.01,0.02,0.05,0.1,0.2,0.5", help="cache ratios, comma-separated")
+    sweep.add_argument("--alphas", default="0.8,0.9,1.0,1.05,1.1,1.2", help="Zipf exponents, comma-separated")
+    sweep.add_argument("--policies", default="lru+always,lru+tinylfu,lfu+always,lfu+tinylfu",
+                       help="POLICY+ADMISSION pairs, comma-separated (policy lru|lfu, admission always|tinylfu)")  # fmt: skip
+    sweep.add_argument("--warm-batches", type=int, default=300, help="batches run before each point is measured")
+    sweep.add_argument("--batches", type=int, default=100, help="batches measured at each point")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--write", default=str(DEFAULT_SWEEP_FILE), metavar="PATH", help="the JSON result")
+    sweep.add_argument("--png", default=str(DEFAULT_SWEEP_FILE.with_suffix(".png")), metavar="PATH",
+                       help="the figure ('' for none)")  # fmt: skip
+    sweep.set_defaults(func=run_sweep)
 
 
 def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,4 +104,47 @@ def run_lookup(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    from node_agent.errors import InvalidArgumentError
+
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InvalidArgumentError(f"{option} names no value")
+    return values
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from node_agent.cache import ADMISSIONS, POLICIES
+    from node_agent.errors import InvalidArgumentError
+    from node_agent.local.lookup_bench import LookupBenchConfig, SweepConfig, plot_sweep, run_lookup_sweep
+
+    ratios, alphas = _floats(args.ratios, "--ratios"), _floats(args.alphas, "--alphas")
+    if not all(0 < r <= 1 for r in (*ratios, args.cache_ratio)):
+        raise InvalidArgumentError("cache ratios must be in (0, 1]")
+    policies = []
+    for item in args.policies.split(","):
+        policy, _, admission = item.strip().partition("+")
+        if policy not in POLICIES or admission not in ADMISSIONS:
+            raise InvalidArgumentError(f"--policies: {item.strip()!r} is not POLICY+ADMISSION with policy in "
+                                       f"{'|'.join(POLICIES)} and admission in {'|'.join(ADMISSIONS)}")  # fmt: skip
+        policies.append((policy, admission))
+    if args.rows < 1 or args.dim < 1 or args.batch < 1 or args.warm_batches < 0 or args.batches < 1:
+        raise InvalidArgumentError("--rows, --dim, --batch and --batches must be positive, --warm-batches not negative")
+    config = LookupBenchConfig(rows=args.rows, dim=args.dim, batch=args.batch, alpha=args.alpha,
+                               cache_ratio=args.cache_ratio, seed=args.seed)  # fmt: skip
+    sweep = SweepConfig(ratios=ratios, alphas=alphas, policies=tuple(policies), warm_batches=args.warm_batches,
+                        batches=args.batches)  # fmt: skip
+    result = run_lookup_sweep(config, sweep, say=lambda line: print(line, file=sys.stderr))
+    path = Path(args.write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    if args.png:
+        print(f"wrote {plot_sweep(result, args.png)}", file=sys.stderr)
     return 0
