@@ -71,7 +71,7 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of every system, in turn; the result reports each system's medians")  # fmt: skip
     parser.add_argument("--systems", default="hps,hps_same_node,hps_inproc,redis,numpy",
-                        help="comma-separated subset of hps,hps_same_node,hps_inproc,redis,numpy to run")  # fmt: skip
+                        help="comma-separated systems to run, of hps,hps_same_node,hps_inproc,redis,redis_mget,numpy")  # fmt: skip
 
 
 def run_lookup(args: argparse.Namespace) -> int:
