@@ -8,7 +8,9 @@ kept, file descriptors passed), and the rows cross once, into the client's buffe
 
 Protocol (all integers little-endian). A connection starts with HELLO, which carries the client's
 shared buffer as a file descriptor (a ``memfd``, passed with ``SCM_RIGHTS``: no path names a buffer,
-so a client can only ever hand the agent memory it owns, and the agent writes nowhere else). Then
+so a client can only ever hand the agent memory it owns, and the agent writes nowhere else). The
+buffer must be sealed against shrinking (``F_SEAL_SHRINK``): a client that truncated it under the
+agent's mapping would otherwise crash the agent with SIGBUS at its next write. Then
 each LOOKUP names a table, where its keys sit in the buffer and where the rows go; the agent checks
 every offset against the buffer before touching it, copies the keys out, looks them up through the
 same :class:`~node_agent.server.EmbeddingServicer` checks, limits and counters as gRPC Lookup, writes
@@ -22,6 +24,7 @@ callers, started with ``hps agent --same-node-socket PATH``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -59,6 +62,8 @@ RESPONSE = struct.Struct("<4sHHQQII")
 MAX_REQUEST_BYTES = 4096
 #: sun_path holds 108 bytes on Linux, the terminating NUL included
 MAX_SOCKET_PATH_BYTES = 107
+#: connected clients at most (each holds a thread); more are turned away
+MAX_CLIENTS = 256
 
 # gRPC's status numbers, so the two transports report failures alike; OUT_OF_RANGE is this protocol's
 # own: the rows did not fit the room the client reserved, and the answer's `rows` says how many bytes
@@ -156,6 +161,12 @@ class SameNodeServer:
             except OSError:
                 return  # closed by stop()
             with self._lock:
+                if self._stopping.is_set() or len(self._connections) >= MAX_CLIENTS:
+                    if not self._stopping.is_set():
+                        log.warning("same-node socket %s: %d clients connected already; turning one away",
+                                    self.path, MAX_CLIENTS)  # fmt: skip
+                    connection.close()
+                    continue
                 self._connections.add(connection)
                 thread = threading.Thread(target=self._serve, args=(connection,), name="same-node", daemon=True)
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
@@ -213,6 +224,12 @@ class SameNodeServer:
         if op == OP_HELLO:
             if len(fds) != 1:
                 raise InvalidArgumentError("same-node HELLO must carry exactly one buffer file descriptor")
+            try:
+                sealed = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+            except OSError:
+                sealed = 0  # not a memfd: it cannot be sealed
+            if not sealed:
+                raise InvalidArgumentError("same-node HELLO: the buffer must be a memfd sealed with F_SEAL_SHRINK")
             size = os.fstat(fds[0]).st_size
             if capacity < 1 or capacity > size:
                 raise InvalidArgumentError(f"same-node HELLO: a buffer of {size} bytes cannot hold {capacity}")
@@ -291,9 +308,11 @@ class _Lane:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
         self.buffer: mmap.mmap | None = None
-        fd = os.memfd_create("hps-same-node", os.MFD_CLOEXEC)
+        fd = os.memfd_create("hps-same-node", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, buffer_bytes)
+            # the agent maps it too: it must not shrink (nor be resealed) under that mapping
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             self.buffer = mmap.mmap(fd, buffer_bytes, flags=mmap.MAP_SHARED)
             self.sock.connect(path)
             self._call(OP_HELLO, capacity=buffer_bytes, fds=[fd])

@@ -4,6 +4,7 @@ cost only themselves, an agent that goes away, and an agent started with ``same_
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -141,10 +142,16 @@ def test_malformed_requests_get_invalid_argument_and_other_clients_are_served(ag
         assert "magic" in raw_request(sock, b"XXXX" + lookup[4:])[1]
         assert "lengths" in raw_request(sock, lookup[:-2])[1]
         assert "exactly one buffer" in raw_request(sock, REQUEST.pack(MAGIC, OP_HELLO, 0, 0, 2, 0, 0, 0, 4096))[1]
-        fd = os.memfd_create("test", 0)
+        fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, 4096)
-            assert raw_request(sock, REQUEST.pack(MAGIC, OP_HELLO, 0, 0, 3, 0, 0, 0, 4096), [fd]) == (0, "")
+            hello = REQUEST.pack(MAGIC, OP_HELLO, 0, 0, 3, 0, 0, 0, 4096)
+            # a buffer the client could still shrink under the agent's mapping is refused
+            assert "sealed with F_SEAL_SHRINK" in raw_request(sock, hello, [fd])[1]
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            assert raw_request(sock, hello, [fd]) == (0, "")
+            with pytest.raises(PermissionError):  # and the seal holds: the mapping cannot lose its pages
+                os.ftruncate(fd, 0)
             past = REQUEST.pack(MAGIC, OP_LOOKUP, 4, 4, 4, 4000, 100, 64, 100) + b"demouser"
             status, message = raw_request(sock, past)
             assert status == 3 and "run past the 4096-byte buffer" in message
