@@ -10,7 +10,8 @@ cache's default TinyLFU admission) and differ in their L2 tier and in how the ca
 * ``hps_same_node``: the same agent, asked through its same-node socket
   (:class:`~node_agent.same_node.SameNodeClient`: Unix socket, rows through shared memory);
 * ``hps_inproc``: L2 is the agent's in-process hash map, loaded at agent start — HPS's own default
-  volatile database, where Redis is optional — asked over TCP gRPC.
+  volatile database, where Redis is optional — asked over TCP gRPC;
+* ``hps_inproc_same_node``: that agent through its same-node socket.
 
 Every system's answers are checked against the table before its warm-up and again after its measured
 span (when its cache is warm): ``exact`` is both.
@@ -25,7 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -41,14 +42,16 @@ SYSTEMS: dict[str, str] = {
     "hps": "agent over TCP gRPC, L1 + L2 Redis",
     "hps_same_node": "the same agent over its same-node socket (Unix socket, rows via shared memory)",
     "hps_inproc": "agent over TCP gRPC, L1 + L2 in-process hash map",
+    "hps_inproc_same_node": "the in-process agent over its same-node socket",
     "redis": "plain Redis, pipelined HMGET",
     "redis_mget": "plain Redis, a string key per row, one MGET per batch (the other layout; not run by default)",
     "numpy": "NumPy gather from the dense table",
 }
 #: what runs unless asked otherwise
-DEFAULT_SYSTEMS = ("hps", "hps_same_node", "hps_inproc", "redis", "numpy")
+DEFAULT_SYSTEMS = ("hps", "hps_same_node", "hps_inproc", "hps_inproc_same_node", "redis", "numpy")
 #: the agent systems, and the key their ratios are reported under
-AGENT_RATIOS = {"hps": "ratios", "hps_same_node": "ratios_same_node", "hps_inproc": "ratios_inproc"}
+AGENT_RATIOS = {"hps": "ratios", "hps_same_node": "ratios_same_node", "hps_inproc": "ratios_inproc",
+                "hps_inproc_same_node": "ratios_inproc_same_node"}
 
 Fetch = Callable[[np.ndarray], np.ndarray]
 
@@ -329,18 +332,26 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
                 strings.load(table)
                 measures["redis_mget"] = _measurer(strings.fetch, batches, config, timing)
 
-        if "hps_inproc" in config.systems:
+        if {"hps_inproc", "hps_inproc_same_node"} & set(config.systems):
             stack_inproc = LocalStack(root / "state-inproc")
             say("starting an agent whose L2 is its in-process hash map (it loads the table itself) ...")
             t0 = time.perf_counter()
-            state_inproc = stack_inproc.up(model_file, agents=1, device=config.device, no_redis=True).state
+            state_inproc = stack_inproc.up(model_file, agents=1, device=config.device, no_redis=True,
+                                           same_node="hps_inproc_same_node" in config.systems).state  # fmt: skip
             running.callback(stack_inproc.down, purge=True)
             say(f"  up in {time.perf_counter() - t0:.1f} s at {state_inproc.endpoints[0]}")
             from node_agent.client import Client
 
             inproc = running.enter_context(Client(state_inproc.endpoints[0], timeout=30.0))
-            measures["hps_inproc"] = _measurer(_lookup_of(inproc), batches, config, timing)
-            stats_of["hps_inproc"] = _stats_of(inproc)
+            stats_of["hps_inproc"] = stats_of["hps_inproc_same_node"] = _stats_of(inproc)
+            if "hps_inproc" in config.systems:
+                measures["hps_inproc"] = _measurer(_lookup_of(inproc), batches, config, timing)
+            if "hps_inproc_same_node" in config.systems:
+                from node_agent.same_node import SameNodeClient
+
+                near_inproc = running.enter_context(SameNodeClient(stack_inproc.state_dir / "logs" / "agent-0.sock",
+                                                                   timeout=30.0))  # fmt: skip
+                measures["hps_inproc_same_node"] = _measurer(_lookup_of(near_inproc), batches, config, timing)
 
         if "numpy" in config.systems:
             measures["numpy"] = lambda: measure(lambda k: table[k], batches, **timing)
@@ -458,13 +469,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"rows {cfg['rows']}  dim {cfg['dim']}  batch {cfg['batch']}  alpha {cfg['alpha']}  "
         f"cache {cfg['cache_ratio']:.0%} {cfg.get('policy', 'lru')}  {cfg['duration']:g} s each{callers}{repeat}  "
         f"({result['environment']['cpus']} cpus)",
-        f"{'system':<14}{'keys/s':>14}{'p50 ms':>10}{'p99 ms':>10}{'batches':>10}  exact  what",
+        f"{'system':<22}{'keys/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'batches':>10}  exact  what",
     ]
     for name, what in SYSTEMS.items():
         if name not in result:
             continue
         r = result[name]
-        lines.append(f"{name:<14}{r['keys_per_s']:>14,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+        lines.append(f"{name:<22}{r['keys_per_s']:>12,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                      f"{r['batches']:>10}  {'yes' if r['exact'] else 'NO ':<5}  {what}")  # fmt: skip
     hit_rates = result.get("l1_hit_rate") or {}
     for name, ratios_key in AGENT_RATIOS.items():
@@ -513,8 +524,9 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
                      say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Measures the agent's lookup path in this process (L1 + a real ``redis-server`` as L2, no
     transport: the figure is about the cache) at each sweep point and policy, beside plain Redis
-    (pipelined HMGET) on the same keys. A point's hit rate is over the distinct keys of its measured
-    batches, as the agent counts it; keys/s counts every key asked, at the median batch latency."""
+    (pipelined HMGET) on the same keys, batch by batch in turn. A point's hit rate is over the distinct
+    keys of its measured batches, as the agent counts it; keys/s counts every key asked, at the median
+    batch latency."""
     from node_agent.cache import SetAssociativeCache, TableCache
     from node_agent.local.redis_servers import start_redis
     from node_agent.lookup import LookupPath
@@ -545,30 +557,39 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
                 trace = zipf_batches(replace(config, alpha=alpha,
                                              pool_keys=(sweep.warm_batches + sweep.batches) * config.batch))  # fmt: skip
                 warm, measured = trace[: sweep.warm_batches], trace[sweep.warm_batches :][: sweep.batches]
-                redis_keys_per_s = _keys_per_s(baseline.fetch, measured)
                 for ratio in sorted(r for r, a in points if a == alpha):
+                    caches, paths = [], []
                     for policy, admission in sweep.policies:
                         cache = SetAssociativeCache(
                             dim=config.dim, capacity_bytes=math.ceil(ratio * config.rows) * config.dim * 4,
                             policy=policy, admission=admission,
                         )  # fmt: skip
-                        path = LookupPath([spec], l1={"emb": TableCache(cache)}, volatile=tier, persistent=None,
-                                          close_tiers=False)  # fmt: skip
-                        try:
+                        caches.append(cache)
+                        paths.append(LookupPath([spec], l1={"emb": TableCache(cache)}, volatile=tier,
+                                                persistent=None, close_tiers=False))  # fmt: skip
+                    try:
+                        for path, cache in zip(paths, caches, strict=True):
                             for keys in warm:
                                 path.lookup("emb", keys)
                             cache.reset_counters()
-                            keys_per_s = _keys_per_s(partial(path.lookup, "emb"), measured)
-                            exact = bool(np.array_equal(path.lookup("emb", measured[0]), table[measured[0]]))
-                        finally:
+                        # batch by batch, every policy and plain Redis in turn: load that comes and goes
+                        # on a shared machine falls on all of them alike
+                        fetches = [partial(path.lookup, "emb") for path in paths] + [baseline.fetch]
+                        keys_per_s = _interleaved_keys_per_s(fetches, measured)
+                        exact = [bool(np.array_equal(path.lookup("emb", measured[0]), table[measured[0]]))
+                                 for path in paths]  # fmt: skip
+                    finally:
+                        for path in paths:
                             path.close()
+                    for index, ((policy, admission), cache) in enumerate(zip(sweep.policies, caches, strict=True)):
                         rows_out.append({
                             "ratio": ratio, "alpha": alpha, "policy": policy, "admission": admission,
-                            "hit_rate": round(cache.hit_rate, 4), "keys_per_s": round(keys_per_s, 1),
-                            "redis_keys_per_s": round(redis_keys_per_s, 1), "exact": exact,
+                            "hit_rate": round(cache.hit_rate, 4), "keys_per_s": round(keys_per_s[index], 1),
+                            "redis_keys_per_s": round(keys_per_s[-1], 1), "exact": exact[index],
                         })  # fmt: skip
                         say(f"  alpha {alpha:<5} cache {ratio:>4.0%}  {policy}+{admission:<8} hit rate "
-                            f"{cache.hit_rate:.3f}  {keys_per_s / 1e6:.2f} M keys/s (redis {redis_keys_per_s / 1e6:.2f})")
+                            f"{cache.hit_rate:.3f}  {keys_per_s[index] / 1e6:.2f} M keys/s "
+                            f"(redis {keys_per_s[-1] / 1e6:.2f})")  # fmt: skip
             tier.close()
             client.close()
         finally:
@@ -581,15 +602,17 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
     }
 
 
-def _keys_per_s(fetch: Fetch, batches: np.ndarray) -> float:
-    """Keys per second at the median batch latency: on a machine other work shares, the median
-    says what the path does, where a total over a short span says what else ran meanwhile."""
-    latencies = []
+def _interleaved_keys_per_s(fetches: Sequence[Fetch], batches: np.ndarray) -> list[float]:
+    """Each fetch's keys per second at its median batch latency, the fetches taking each batch in
+    turn: on a machine other work shares, the median says what a path does, where a total over a
+    short span says what else ran meanwhile."""
+    latencies: list[list[float]] = [[] for _ in fetches]
     for keys in batches:
-        start = time.perf_counter()
-        fetch(keys)
-        latencies.append(time.perf_counter() - start)
-    return float(batches.shape[1] / statistics.median(latencies))
+        for fetch, mine in zip(fetches, latencies, strict=True):
+            start = time.perf_counter()
+            fetch(keys)
+            mine.append(time.perf_counter() - start)
+    return [float(batches.shape[1] / statistics.median(mine)) for mine in latencies]
 
 
 def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
