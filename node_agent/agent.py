@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from node_agent.errors import InvalidArgumentError, UnavailableError
 from node_agent.metrics import MetricsServer
 from node_agent.plan import Plan
+from node_agent.same_node import SameNodeServer
 from node_agent.server import RunningServer, StatsSource, serve
 from node_agent.spec import ModelSpec, load_model_file
 from node_agent.tiers.base import TableLayout, Tier
@@ -64,6 +65,8 @@ class AgentOptions:
     metrics_port: int | None = None
     max_workers: int = 4
     max_batch_keys: int | None = None
+    #: also serve lookups to clients on this node on this Unix socket (:mod:`node_agent.same_node`)
+    same_node_socket: Path | None = None
 
 
 class Agent:
@@ -81,6 +84,7 @@ class Agent:
         self.consumer: UpdateConsumer | None = None
         self.server: RunningServer | None = None
         self.metrics: MetricsServer | None = None
+        self.same_node: SameNodeServer | None = None
         self._tiers: list[Tier] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -113,6 +117,8 @@ class Agent:
             updates_stream=stream,
             extras=extras,
         )
+        if opts.same_node_socket is not None:
+            self.same_node = SameNodeServer(self.server.servicer, opts.same_node_socket).start()
         if stream:
             self._start_consumer(stream, position, extras)
         if opts.metrics_port is not None:
@@ -132,6 +138,8 @@ class Agent:
         """Stops serving (NOT_SERVING first, RPCs in flight finish), the consumer, then the tiers."""
         if self.metrics is not None:
             self.metrics.stop()
+        if self.same_node is not None:
+            self.same_node.stop()
         if self.server is not None:
             self.server.stop(grace)
         if self.consumer is not None:
@@ -229,6 +237,7 @@ class Agent:
             "device": self.server.servicer.device,
             "pid": os.getpid(),
             "metricsPort": self.metrics.port if self.metrics is not None else None,
+            "sameNodeSocket": str(self.same_node.path) if self.same_node is not None else None,
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -237,6 +237,24 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         with self._counters_lock:
             self._counters.update(increments)
 
+    def lookup_table(self, model: str, table: str, keys: np.ndarray, *, via: str) -> tuple[Any, np.ndarray]:
+        """One table's rows for a transport other than gRPC (``via``: the same-node endpoint): Lookup's
+        checks, limits and counters, its typed errors raised (and counted by the status they map to)
+        for that transport to translate. Returns the table's spec and the rows."""
+        try:
+            self._check_model(model)
+            if keys.size > self._max_batch_keys:
+                raise ResourceExhaustedError(f"batch of {keys.size} keys exceeds max_batch_keys={self._max_batch_keys}")
+            tables = self._lookup.tables()
+            self._check_table(table, tables, where="table")
+            spec = tables[table]
+            rows = self._lookup.lookup(table, keys) if keys.size else np.empty((0, spec.dim), dtype=spec.dtype)
+        except HpsError as exc:
+            self._count(**{f"errors.{status_of(exc).name.lower()}": 1})
+            raise
+        self._count(lookups=1, keys=int(keys.size), **{f"lookups.{via}": 1})
+        return spec, rows
+
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)

@@ -22,8 +22,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.hps-installed
-# Reinstall when what the install depends on changes: metadata, protos, or the package layout.
-want="$( (sha256sum pyproject.toml setup.py $(find node_agent/proto -name '*.proto' | sort); \
+# Reinstall when what the install depends on changes: metadata, protos, native sources, or the package layout.
+want="$( (sha256sum pyproject.toml setup.py $(find node_agent/proto -name '*.proto' | sort) $(find node_agent -name '*.c' | sort); \
           find operator node_agent -name '__init__.py' -not -path '*/__pycache__/*' | sort) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing the project and its test tools into .venv"

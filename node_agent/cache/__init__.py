@@ -10,6 +10,7 @@ from node_agent.cache.l1 import (
     split_budget,
 )
 from node_agent.cache.set_associative import (
+    ADMISSIONS,
     POLICIES,
     SLOT_METADATA_BYTES,
     SetAssociativeCache,
@@ -18,6 +19,7 @@ from node_agent.cache.set_associative import (
 )
 
 __all__ = [
+    "ADMISSIONS",
     "LAYOUTS",
     "POLICIES",
     "SLOT_METADATA_BYTES",

@@ -210,6 +210,7 @@ def rebalance_locked(
         model_file, agents=per_partition, redis_cluster=int(current.options.get("redisCluster") or 0),
         port=int(current.options.get("port") or 0), use_redis=bool(current.options.get("useRedis")),
         device=str(current.options.get("device") or "auto"), plan=plan,
+        same_node=bool(current.options.get("sameNode")),
     )  # fmt: skip
     stack.write_state(current)
     time.sleep(grace_s)

@@ -386,6 +386,7 @@ class LocalStack:
         ready_timeout: float = 120.0,
         grace_s: float | None = None,
         on_phase: Callable[[PhaseChange], None] | None = None,
+        same_node: bool = False,
     ) -> UpResult:
         """Starts Redis, loads the tables, starts ``agents`` agents per partition of ``plan`` (one
         partition without a plan) and waits until each answers gRPC health SERVING. On any failure
@@ -409,7 +410,8 @@ class LocalStack:
         if use_redis and not redis_cluster and model.volatile_store.redis.cluster:
             redis_cluster = max(3, model.volatile_store.redis.shards)  # the model asks for a Redis Cluster
         fingerprint, base_fingerprint = fingerprints(path, agents=agents, redis_cluster=redis_cluster, port=port,
-                                                     use_redis=use_redis, device=device, plan=plan)  # fmt: skip
+                                                     use_redis=use_redis, device=device, plan=plan,
+                                                     same_node=same_node)  # fmt: skip
         with self.locked():
             restarted = False
             current = self.read_state()
@@ -431,7 +433,7 @@ class LocalStack:
                 restarted = True
             options = {"agents": agents, "port": port, "device": device, "useRedis": use_redis,
                        "redisCluster": redis_cluster,
-                       "useRocksdb": model.persistent_store.type == "rocksdb"}  # fmt: skip
+                       "useRocksdb": model.persistent_store.type == "rocksdb", "sameNode": same_node}  # fmt: skip
             state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster),
                                plan=plan_summary(plan) if plan is not None else None, options=options,
                                base_fingerprint=base_fingerprint)  # fmt: skip
@@ -526,6 +528,8 @@ class LocalStack:
                 cmd += ["--rocksdb", str(self.rocksdb_dir)]
                 if rocksdb_read_only:
                     cmd.append("--rocksdb-read-only")
+            if options.get("sameNode"):  # same-node clients find it at logs/agent-<i>.sock
+                cmd += ["--same-node-socket", str(logs / f"agent-{index}.sock")]
             if not use_redis and not use_rocksdb:
                 cmd.append("--load")  # only the agent itself can fill its in-process hash map
             env = dict(os.environ)
@@ -696,13 +700,15 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def fingerprints(model_file: Path, *, agents: int, redis_cluster: int, port: int, use_redis: bool, device: str,
-                 plan: Plan | None) -> tuple[str, str]:  # fmt: skip
+                 plan: Plan | None, same_node: bool = False) -> tuple[str, str]:  # fmt: skip
     """What ``up`` compares with the running stack: the fingerprint of everything (same: already up),
     and of what only a restart can change (same: a rebalance will do)."""
-    base = _fingerprint(model_file, redis_cluster=redis_cluster, port=port, use_redis=use_redis, device=device)
+    extra = {"same_node": True} if same_node else {}  # absent when off: older stacks keep their fingerprint
+    base = _fingerprint(model_file, redis_cluster=redis_cluster, port=port, use_redis=use_redis, device=device,
+                        **extra)  # fmt: skip
     plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16] if plan is not None else None
     full = _fingerprint(model_file, agents=agents, redis_cluster=redis_cluster, port=port,
-                        use_redis=use_redis, device=device, plan=plan_digest)  # fmt: skip
+                        use_redis=use_redis, device=device, plan=plan_digest, **extra)  # fmt: skip
     return full, base
 
 

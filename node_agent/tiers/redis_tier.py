@@ -46,6 +46,8 @@ _CRLF = b"\r\n"
 #: request + expected reply bytes sent to one shard before its replies are read: bounds the memory
 #: either side holds, while keeping round trips few
 _WINDOW_BYTES = 16 << 20
+#: a read packs the HMGETs of one shard into one command up to about this many reply bytes
+_COMMAND_BYTES = 4 << 20
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
 
@@ -101,6 +103,8 @@ class _Command:
     target: int
     buffers: list[Any]
     cost: int
+    #: commands packed back to back in ``buffers``, each answered by one reply
+    replies: int = 1
 
 
 class RedisTier:
@@ -137,6 +141,11 @@ class RedisTier:
             name: [b"hps:{%s:%s:%d}" % (model.encode(), name.encode(), p) for p in range(partitions)]
             for name in self._layouts
         }
+        # what follows an HMGET's argument count, per partition: the same for every read of it
+        self._hmget_heads = {
+            name: [b"$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (len(hk), hk) for hk in hash_keys]
+            for name, hash_keys in self._hash_keys.items()
+        }
         hosts = [_split_address(a) for a in addresses]
         # no retries: a dead shard must surface as UnavailableError within the socket timeout
         connection_options: dict[str, Any] = {
@@ -167,18 +176,39 @@ class RedisTier:
         found = np.zeros(n, dtype=bool)
         if n == 0:
             return values, found
-        # one packing for the whole batch: the keys in partition order, each command a slice of it
+        # one packing for the whole batch: the keys in partition order, each HMGET a slice of it
         order, spans = self._spans(table, keys)
         records = _field_records(keys[order], None)
+        packed = records.view(np.uint8).data.cast("B")
+        size = records.dtype.itemsize
+        heads = self._hmget_heads[table]
         reply_cost = layout.row_bytes + 16
-        replies = self._run(
-            lambda: (
-                _Command(self._target(hk, p), _resp_command(b"HMGET", hk, records[lo:hi], with_values=False),
-                         (hi - lo) * reply_cost)
-                for p, hk, lo, hi in spans
-            )
-        )  # fmt: skip
-        # the replies, one after the other, answer the keys in `order`
+        sent_order: list[int] = []  # which span each reply answers, in the order replies come
+
+        def commands() -> Iterator[_Command]:
+            # the HMGETs of one shard go back to back in one command: a lookup's 64 partitions cost
+            # one buffer and one send per shard, not 64 command objects
+            sent_order.clear()
+            by_target: dict[int, list[int]] = {}
+            for index, (p, hk, _, _) in enumerate(spans):
+                by_target.setdefault(self._target(hk, p), []).append(index)
+            for target, members in by_target.items():
+                buffers: list[Any] = []
+                cost = 0
+                for position, index in enumerate(members):
+                    p, _, lo, hi = spans[index]
+                    buffers += (b"*%d\r\n" % (2 + hi - lo), heads[p], packed[lo * size : hi * size])
+                    cost += (hi - lo) * reply_cost
+                    sent_order.append(index)
+                    if cost >= _COMMAND_BYTES or position == len(members) - 1:
+                        yield _Command(target, buffers, cost, replies=len(buffers) // 3)
+                        buffers, cost = [], 0
+
+        answers = self._run(commands)
+        replies: list[Any] = [None] * len(spans)
+        for index, reply in zip(sent_order, answers, strict=True):
+            replies[index] = reply
+        # the replies in span order answer the keys in `order`
         flat = list(chain.from_iterable(replies))
         present = np.fromiter(map(is_not, flat, repeat(None)), dtype=bool, count=n)
         blobs = flat if present.all() else [v for v in flat if v is not None]
@@ -292,11 +322,12 @@ class RedisTier:
         ``chunk_keys`` keys, all of one partition."""
         partition = bucket_of(keys, self._partitions)
         order = np.argsort(partition, kind="stable")
-        bounds = np.searchsorted(partition[order], np.arange(self._partitions + 1)).tolist()
+        counts = np.bincount(partition, minlength=self._partitions)
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
         hash_keys = self._hash_keys[table]
         spans = [
             (p, hash_keys[p], start, min(start + self._chunk_keys, bounds[p + 1]))
-            for p in range(self._partitions)
+            for p in np.flatnonzero(counts).tolist()  # a lookup's few hundred keys miss some partitions
             for start in range(bounds[p], bounds[p + 1], self._chunk_keys)
         ]
         return order, spans
@@ -386,8 +417,9 @@ class RedisTier:
         slots: list[tuple[int, int]] = []
         for command in window:
             by_target.setdefault(command.target, []).extend(command.buffers)
-            slots.append((command.target, len(replies)))
-            replies.append(None)
+            for _ in range(command.replies):
+                slots.append((command.target, len(replies)))
+                replies.append(None)
         for target, buffers in by_target.items():
             if target not in connections:
                 connections[target] = self._pools[target].get_connection()

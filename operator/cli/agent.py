@@ -33,6 +33,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on /metrics at this port (0 picks a free one; default: none)")
+    p.add_argument("--same-node-socket", type=Path, metavar="PATH",
+                   help="also serve lookups to clients on this node on this Unix socket, vectors through "
+                   "shared memory (node_agent.same_node.SameNodeClient)")
     p.set_defaults(func=run)
 
 
@@ -63,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
         max_workers=args.workers,
         max_batch_keys=args.max_batch_keys,
         metrics_port=args.metrics_port,
+        same_node_socket=args.same_node_socket,
     )
     return run_agent(options)

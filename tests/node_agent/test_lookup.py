@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from node_agent.cache import TableCache
-from node_agent.cache.set_associative import SLOT_METADATA_BYTES, SetAssociativeCache
+from node_agent.cache.set_associative import SetAssociativeCache, bytes_for_rows
 from node_agent.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from node_agent.local.redis_servers import RedisProcess
 from node_agent.lookup import LookupPath, build_lookup_path
@@ -400,10 +400,35 @@ def test_build_lookup_path_sizes_l1_from_the_model_and_plan() -> None:
         users_stats = stats["tables"]["users"]
         assert users_stats["capacity_rows"] > 0 and users_stats["size"] <= users_stats["capacity_rows"]
         assert [s["buckets"] for s in users_stats["shards"]] == [[0, 4], [4, 6]]
-        # each of the partition's two GPUs got its own 16Ki (vectors and slot bookkeeping together)
-        slot_bytes = 8 * 4 + SLOT_METADATA_BYTES
-        assert 16 * 1024 < users_stats["capacity_rows"] * slot_bytes <= 2 * 16 * 1024
+        # each of the partition's two GPUs got its own 16Ki (vectors, slot bookkeeping and sketch together)
+        assert 16 * 1024 < bytes_for_rows(users_stats["capacity_rows"], dim=8, dtype=np.float32) <= 2 * 16 * 1024
         owned = bucket_of(keys[50:], 8) < 6
         assert users_stats["hits"] > 0 and owned.sum() < 1000
+    finally:
+        path.close()
+
+
+@pytest.mark.parametrize(("admission", "hot_rows_survive"), [("tinylfu", True), ("always", False)])
+def test_a_burst_of_one_off_keys_leaves_the_hot_rows_in_l1_only_with_admission(
+    admission: str, hot_rows_survive: bool
+) -> None:
+    """HPS admits every miss, so a scan of keys asked once pushes out rows asked for again and again;
+    with TinyLFU admission the hot rows stay and are still answered without asking L2."""
+    table = TableSpec("users", rows=10_000, dim=8, default_value=-1.0)
+    cache = SetAssociativeCache(dim=8, capacity_rows=2048, associativity=8, admission=admission)
+    volatile = SwitchableTier(loaded_hashmap((table,)), name="l2")
+    path = LookupPath([table], l1={"users": TableCache(cache)}, volatile=volatile, persistent=None,
+                      hit_rate_threshold=1.0)  # fmt: skip
+    try:
+        hot = np.arange(0, 400, 2, dtype=np.int64)
+        for _ in range(5):
+            np.testing.assert_array_equal(path.lookup("users", hot), truth(table, hot))
+        assert set(hot.tolist()) <= set(cache.cached_keys().tolist())
+        for start in range(1000, 4000, 1000):  # three batches of keys never asked again
+            cold = np.arange(start, start + 1000, dtype=np.int64)
+            np.testing.assert_array_equal(path.lookup("users", cold), truth(table, cold))
+        calls = volatile.calls
+        np.testing.assert_array_equal(path.lookup("users", hot), truth(table, hot))
+        assert (volatile.calls == calls) is hot_rows_survive
     finally:
         path.close()

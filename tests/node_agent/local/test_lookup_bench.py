@@ -1,5 +1,6 @@
 """The lookup benchmark's own machinery (``node_agent.local.lookup_bench``): the measuring loop with
-several callers and the report. The systems themselves are exercised end to end in ``e2e/``."""
+several callers, the plain-Redis baselines against a real redis-server, ratios over several runs, and
+the report. The systems themselves are exercised end to end in ``e2e/``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,18 @@ import threading
 import numpy as np
 import pytest
 
-from node_agent.local.lookup_bench import SYSTEMS, LookupBenchConfig, format_table, measure, zipf_batches
+from node_agent.local.lookup_bench import (
+    SYSTEMS,
+    LookupBenchConfig,
+    RedisHashBaseline,
+    RedisStringBaseline,
+    SystemResult,
+    _ratios,
+    format_table,
+    measure,
+    zipf_batches,
+)
+from node_agent.local.redis_servers import RedisProcess
 
 
 def test_several_callers_each_take_their_own_batches_and_every_call_is_counted() -> None:
@@ -52,3 +64,30 @@ def test_the_report_names_both_agent_configurations_and_what_each_is() -> None:
     for name, what in SYSTEMS.items():
         assert any(line.startswith(name + " ") and line.endswith(what) for line in text.splitlines())
     assert "hps_inproc: /redis 1.00x" in text and "L2 Redis" in text and "in-process hash map" in text
+
+
+def test_both_plain_redis_layouts_answer_exactly(redis_server: RedisProcess) -> None:
+    client = redis_server.client()
+    table = np.arange(300 * 4, dtype=np.float32).reshape(300, 4)
+    keys = np.array([5, 299, 5, 0, 17], dtype=np.int64)
+    try:
+        for baseline in (RedisHashBaseline(client, dim=4, hashes=7, prefix="test:lookup-bench:h"),
+                         RedisStringBaseline(client, dim=4, prefix=b"test:lookup-bench:s:")):  # fmt: skip
+            baseline.load(table, chunk=64)
+            np.testing.assert_array_equal(baseline.fetch(keys), table[keys])
+    finally:
+        for name in client.scan_iter(match="test:lookup-bench:*"):
+            client.delete(name)
+
+
+def test_ratios_over_several_runs_are_the_median_of_each_runs_own() -> None:
+    def run(keys_per_s: float) -> SystemResult:
+        return SystemResult(keys_per_s, 1.0, 2.0, 10, 1.0, True)
+
+    runs = {"hps": [run(100), run(300), run(200)], "redis": [run(50), run(300), run(40)], "numpy": [run(1000)] * 3}
+    results = {name: SystemResult.median(r) for name, r in runs.items()}
+    ratios, targets = _ratios("hps", results, runs)
+    # each run's own ratio: 2.0, 1.0, 5.0 -> median 2.0 (the medians' ratio would say 200/50 = 4.0)
+    assert ratios["hps/redis"] == 2.0 and ratios["hps/redis each run"] == [2.0, 1.0, 5.0]
+    assert ratios["hps/numpy"] == 0.2 and targets["met"] == {"hps_over_redis": False, "hps_over_numpy": False,
+                                                            "hps_p99_ms": True}  # fmt: skip
