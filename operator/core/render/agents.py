@@ -56,7 +56,6 @@ from hps_operator.core.render.redis import redis_args, uses_redis
 from node_agent.plan import Plan
 from node_agent.spec import ModelSpec, format_quantity
 
-
 #: node autoscalers (cluster-autoscaler, Karpenter) must not evict an agent to consolidate nodes: its
 #: GPU cache takes minutes to warm, and a rollout's old and new agent sets run on purpose side by
 #: side. A model's ``spec.agent.podAnnotations`` may override them (a batch model may prefer cheap
