@@ -294,6 +294,11 @@ class ControlPlane:
         self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
                       "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", ext.name)  # fmt: skip
 
+    def issue_server_cert(self, name: str, sans: str) -> tuple[Path, Path]:
+        """A serving certificate signed by the cluster's CA (for a test's own HTTPS server)."""
+        self._cert(name, "ca", f"/CN={name}", server_sans=sans)
+        return self.pki / f"{name}.crt", self.pki / f"{name}.key"
+
     def _make_pki(self) -> None:
         self._ca("ca", "/CN=hps-test-ca")
         self._ca("front-proxy-ca", "/CN=hps-test-front-proxy-ca")

@@ -37,6 +37,7 @@ from e2e.conftest import (
     wait_for,
 )
 from e2e.control_plane import NodePool
+from e2e.metrics_api import CustomMetrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -413,6 +414,35 @@ def test_a_node_the_model_cannot_use_leaves_its_budget_alone(kube: Kube, namespa
                  .get("reason") == "InsufficientGPUMemory")  # fmt: skip
     finally:
         kube.kubectl("delete", "node", "small-gpu-0", "--wait=false", check=False)
+
+
+def test_the_hpa_scales_replicas_from_per_replica_load_whatever_the_partitions(kube: Kube, namespace: str) -> None:
+    """The real HPA controller, through the aggregation layer's custom metrics API, scales a model of 2
+    partitions 1 -> 3 -> 1: desired replicas = ceil(total load / targetQPSPerReplica), not that times
+    the partition count (``status.selector`` selects one pod per replica)."""
+    kube.apply(model("autoscaled", partitions=2, replicas=1,
+                     autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetQPSPerReplica": 1000}),
+               namespace=namespace)  # fmt: skip
+    ready(kube, namespace, "autoscaled")
+    with CustomMetrics(kube.plane).serving() as metrics:
+        metrics.set_load(namespace, "autoscaled", 2500)  # 2.5 replicas' worth
+
+        def replicas(n: int) -> Any:
+            m = get_model(kube, namespace, "autoscaled")
+            hpa = kube.get("hpa", "autoscaled", namespace=namespace) or {}
+            return m if (m["spec"]["replicas"] == n and m["status"].get("readyReplicas") == n
+                         and (hpa.get("status") or {}).get("desiredReplicas") == n) else None  # fmt: skip
+
+        wait_for("3 replicas", lambda: replicas(3), within_s=90)
+        for p in (0, 1):
+            assert [s["spec"]["replicas"] for s in agent_sets(kube, namespace, "autoscaled", p)] == [3]
+        time.sleep(12)  # a few HPA periods: it stays at 3 (it would go to 4, the max, if it counted partitions)
+        assert replicas(3)
+        metrics.set_load(namespace, "autoscaled", 400)
+        wait_for("back to 1 replica", lambda: replicas(1), within_s=120)
+        assert metrics.requests > 0
+        # scaling made no plan
+        assert get_model(kube, namespace, "autoscaled")["status"]["placement"]["version"] == 1
 
 
 def test_agents_waiting_for_gpus_are_reported_and_join_when_a_node_comes(kube: Kube, namespace: str) -> None:
