@@ -58,7 +58,7 @@ import numpy as np
 from hps_operator.core.topology import Topology
 
 from node_agent.errors import InsufficientGPUMemoryError
-from node_agent.plan import Assignment, Plan, PlanMetrics, merge_bucket_ranges
+from node_agent.plan import Assignment, Plan, PlanMetrics, TableShape, merge_bucket_ranges
 from node_agent.spec import ModelSpec
 
 #: a shard being placed: (table index, first bucket, end bucket)
@@ -254,8 +254,9 @@ def _plan_on(model: ModelSpec, topology: Topology, previous: Plan | None) -> Pla
         return previous
     metrics = _metrics(tables, layout, prior, strategy, model.placement.max_imbalance, budget)
     version = previous.version + 1 if previous is not None else 1
+    shapes = tuple(sorted(TableShape(t.name, t.rows, t.row_bytes) for t in model.tables))
     return Plan(version, bucket_count, topology.partitions, topology.gpus_per_pod, strategy, assignments,
-                metrics, model.name)  # fmt: skip
+                metrics, model.name, shapes)  # fmt: skip
 
 
 def _check_budget(tables: _Tables, layout: list[list[Piece]], model: ModelSpec, topology: Topology) -> None:
