@@ -245,7 +245,7 @@ class Plan:
             partitions=int(raw.get("partitions", 1)),
             gpus_per_pod=gpus_per_pod,
             strategy=str(raw.get("strategy", "auto")),
-            assignments=tuple(sorted(assignments)),
+            assignments=tuple(sorted(assignments, key=_order)),
             metrics=PlanMetrics.from_dict(raw.get("metrics", {})),
             model=str(raw.get("model", "")),
             shapes=shapes,
@@ -254,6 +254,11 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
+
+
+def _order(a: Assignment) -> tuple[str, int, int, tuple[int, int], int]:
+    """Assignment's own order as one key (sorting by it is far faster than by the dataclass's ``<``)."""
+    return (a.table, a.partition, a.gpu, a.buckets, a.bytes)
 
 
 def _shape_fields(shape: TableShape) -> dict[str, Any]:
