@@ -93,6 +93,26 @@ def test_a_previous_plan_is_rebalanced_with_few_moves(model_file: Path, tmp_path
     assert 0 < metrics["movementLowerBound"] <= metrics["movedBytes"] <= 1.1 * metrics["movementLowerBound"]
 
 
+def test_json_output_is_indented_with_one_line_per_table(model_file: Path) -> None:
+    """A plan of thousands of GPUs stays readable and diffable: one line per table, not one per number."""
+    done = hps("plan", "-f", model_file, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    table_lines = [line for line in lines if line.startswith('    "') and line.rstrip(",").endswith("}")]
+    assert [line.split('"')[1] for line in table_lines] == ["category", "item-id", "user-id"]
+    assert len(lines) == 21  # nine fields, five metrics, three tables and four lines of braces
+    assert json.loads(done.stdout) == Plan.from_json(done.stdout).to_dict()
+
+
+def test_a_plan_that_misses_max_imbalance_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "skewed.yaml"
+    path.write_text(MODEL.replace("{name: category, rows: 1000, dim: 16, hotness: 0.2}",
+                                  "{name: category, rows: 2, dim: 16, hotness: 0.9}"))  # fmt: skip
+    metrics = plan_json("-f", path)["metrics"]
+    assert metrics["imbalance"] > 1.05
+    assert "one row (one key) of table category alone carries" in metrics["reason"]
+
+
 def test_a_previous_plan_stored_as_v1_is_read(model_file: Path, tmp_path: Path) -> None:
     """Plans written by earlier releases (``hps.dev/plan/v1``) are what ``--previous`` meets in clusters."""
     first = Plan.from_dict(plan_json("-f", model_file))
