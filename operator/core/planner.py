@@ -124,10 +124,8 @@ class _Tables:  # not slotted: the cached Python copies of its arrays live in th
     names: tuple[str, ...]
     rows: np.ndarray
     row_bytes: np.ndarray
-    #: mean load of one bucket (hotness x row bytes / B), for estimates; exact loads follow the rows
-    bucket_load: np.ndarray
-    #: mean bytes of one bucket (rows x row bytes / B; a bucket's exact bytes differ by a row)
-    bucket_bytes: np.ndarray
+    #: each table's load (hotness x row bytes): its share of the lookups, in bytes read
+    load: np.ndarray
     #: load per byte, the order in which over-full slots shed
     density: np.ndarray
     bucket_count: int
@@ -142,8 +140,7 @@ class _Tables:  # not slotted: the cached Python copies of its arrays live in th
             names=tuple(t.name for t in model.tables),
             rows=rows,
             row_bytes=row_bytes,
-            bucket_load=hotness * row_bytes / bucket_count,
-            bucket_bytes=rows.astype(np.float64) * row_bytes / bucket_count,
+            load=hotness * row_bytes,
             density=hotness / rows,
             bucket_count=bucket_count,
         )
@@ -176,7 +173,7 @@ class _Tables:  # not slotted: the cached Python copies of its arrays live in th
         return -(-int(self.rows[t]) // self.bucket_count) * int(self.row_bytes[t])
 
     def table_load(self) -> np.ndarray:
-        return self.bucket_load * self.bucket_count
+        return self.load
 
     def table_bytes(self) -> np.ndarray:
         return self.rows * self.row_bytes
@@ -359,6 +356,8 @@ def _merged(pieces: Iterable[Piece]) -> list[Piece]:
 
 def _ranges_in(lo: int, hi: int, old_count: int, new_count: int) -> list[tuple[int, int]]:
     """Old buckets ``[lo, hi)`` of ``old_count`` as ranges of ``new_count`` (a multiple of it)."""
+    if old_count == new_count:
+        return [(lo, hi)]
     if lo == 0 and hi == old_count:
         return [(0, new_count)]
     return [(lo + j, hi + j) for j in range(0, new_count, old_count)]
@@ -387,7 +386,8 @@ def _see_previous(previous: Plan, tables: _Tables, topology: Topology) -> _Previ
                 if s >= 0:
                     holdings.setdefault((t, s), []).append((lo, hi))
     for key, joined in holdings.items():
-        holdings[key] = merge_bucket_ranges(joined)
+        if len(joined) > 1:
+            holdings[key] = merge_bucket_ranges(joined)
 
     for t, ranges in held.items():
         ranges.sort()
@@ -403,8 +403,9 @@ def _see_previous(previous: Plan, tables: _Tables, topology: Topology) -> _Previ
             cursor = hi
         if cursor < new_count:
             orphans.append((t, cursor, new_count))
-    load = [sum(tables.load_of(p) for p in pieces) for pieces in owned]
     used = [sum(tables.range_bytes(*p) for p in pieces) for pieces in owned]
+    density = tables.density_of
+    load = [sum(density[p[0]] * tables.range_bytes(*p) for p in pieces) for pieces in owned]
     return _Previous(holdings, owned, orphans, multi_owner, load, used)
 
 
@@ -546,11 +547,6 @@ class _Layout:
         self.load[src] -= self.tables.load_of(piece)
         self.used[src] -= self.tables.range_bytes(*piece)
         self.add(dst, piece)
-
-    def reset(self, s: int, pieces: list[Piece]) -> None:
-        self.pieces[s] = pieces
-        self.load[s] = sum(self.tables.load_of(p) for p in pieces)
-        self.used[s] = sum(self.tables.range_bytes(*p) for p in pieces)
 
     def moves_anyway(self, s: int, piece: Piece) -> bool:
         """Whether ``piece`` on ``s`` is new there: moving it on adds no moved bytes."""
@@ -732,7 +728,9 @@ def _auto_layout(tables: _Tables, slots: int, budget: int, prior: _Previous | No
             if layout.load[s] > layout.limit or layout.used[s] > budget:
                 kept, shed = _shed(tables, layout.pieces[s], load_over=layout.load[s] - layout.limit,
                                    bytes_over=layout.used[s] - budget, split=True)  # fmt: skip
-                layout.reset(s, kept)
+                layout.pieces[s] = kept
+                layout.load[s] -= sum(tables.load_of(p) for p in shed)
+                layout.used[s] -= sum(tables.range_bytes(*p) for p in shed)
                 orphans.extend(shed)
         leftover = orphans
     _place_pool(layout, leftover)
