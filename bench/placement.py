@@ -17,8 +17,9 @@ tables: rows log-normal (median 160k, sigma 2, at most 60M), dim 64 or 128, hotn
 (seeded). ``--gpu-memory`` is the headroom (1.1, 1.25, 1.5, 2) x the model's bytes over the GPUs of
 the fresh plan (64, 1,024 or 10,000 GPUs: 8, 128 or 1,250 pods of 8); the re-plans keep that memory
 per GPU on N+1, 2N and N-1 pods, so N-1 has less headroom (at 64 GPUs and 1.1 the model no longer
-fits: the command says so, and that is the row's result). Also: one plan of 2,500 tables on 64 GPUs,
-for the size of its document.
+fits: the command says so, and that is the row's result; ``here`` is each plan's own headroom). The
+peer, beside each fresh plan: greedy whole tables, largest load first (TorchRec's baseline). Also: one
+plan of 2,500 tables on 64 GPUs, for the size of its document.
 
     .venv/bin/python bench/placement.py [--repeats 3] [--skip-large] [--skip-mixes] [--skip-scale]
 
@@ -47,7 +48,7 @@ from hps_operator.core.planner import plan_placement
 from hps_operator.core.topology import Topology
 
 from node_agent.plan import Plan
-from node_agent.spec import ModelSpec, parse_model_spec
+from node_agent.spec import ModelSpec, load_model_file, parse_model_spec
 
 #: Criteo-1TB's 26 categorical cardinalities (public); at dim 128 float32 the tables hold 96 GB
 CRITEO_ROWS = (
@@ -297,7 +298,7 @@ def plan_case(model: Path, previous: Path | None, partitions: int, repeats: int)
 
 
 SCALE_HEADER = (f"{'tables':>6}{'GPUs':>7} {'change':<6}{'headroom':>9}{'here':>7}{'s':>7}{'peak MB':>9}"
-                f"{'imbal':>8}{'memImbal':>9}{'moved/LB':>9}{'shards':>8}{'plan KB':>9}  reason")  # fmt: skip
+                f"{'imbal':>8}{'memImbal':>9}{'moved/LB':>9}{'shards':>8}{'plan KB':>9}  peer, reason")  # fmt: skip
 
 
 def run_scale(repeats: int, *, tables_counts: tuple[int, ...], gpu_counts: tuple[int, ...],
@@ -325,6 +326,9 @@ def run_scale(repeats: int, *, tables_counts: tuple[int, ...], gpu_counts: tuple
                             if plan_text is None:
                                 break  # no fresh plan: nothing to re-plan from
                             previous.write_text(plan_text)
+                            # the peer: greedy whole tables, largest load first (TorchRec's baseline)
+                            spec = load_model_file(model)
+                            row["greedy"] = layout_metrics(spec, greedy(spec, gpus))
                         row.update({"tables": count, "fromGpus": gpus, "change": change, "headroom": headroom,
                                     "headroomHere": round(memory * parts * GPUS_PER_POD / total, 4)})  # fmt: skip
                         rows.append(row)
@@ -340,8 +344,12 @@ def print_scale_row(r: dict[str, Any]) -> None:
         return
     ratio = "-" if r["change"] == "fresh" else (f"{r['movedBytes'] / r['lowerBound']:.3f}" if r["lowerBound"] else
                                                 ("0 of 0" if r["movedBytes"] == 0 else "inf"))  # fmt: skip
+    peer = ""
+    if "greedy" in r:
+        g = r["greedy"]
+        peer = f"greedy: imbalance {g['imbalance']:.3f}, {'fits' if g['fits'] else 'does NOT fit'}  "
     print(f"{common}{r['imbalance']:>8.4f}{r['memoryImbalance']:>9.4f}{ratio:>9}{r['shards']:>8}"
-          f"{r['planBytes'] / 1024:>9.0f}  {r['reason'][:60]}")
+          f"{r['planBytes'] / 1024:>9.0f}  {peer}{r['reason'][:60]}")
 
 
 def plot_scale(rows: list[dict[str, Any]], out: Path) -> bool:
