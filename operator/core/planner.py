@@ -594,8 +594,8 @@ class _Layout:
                 t, lo, hi = pool.end(side)
                 after_load = self.load[s] + tables.load_of((t, lo, hi))
                 after_bytes = self.used[s] + tables.range_bytes(t, lo, hi)
-                if after_load > self.limit or after_bytes > self.budget:
-                    continue
+                if after_load > box_load or after_bytes > box_bytes:
+                    continue  # whole, it would overshoot what the slot may take: a slice is cut below
                 other = tables.density_of[pool.end(not side)[0]] if len(wants) > 1 else tables.density_of[t]
                 if _nearest_buckets(tables, t, lo, hi, want) >= hi - lo or lands(
                     *_topped_up(after_load, after_bytes, goal_load, goal_bytes, other, box_load)
@@ -782,7 +782,7 @@ def _place_rows(layout: _Layout, pieces: list[Piece]) -> list[Piece]:
     tables = layout.tables
     slots = len(layout.load)
     mean = (sum(layout.load) + sum(tables.load_of(p) for p in pieces)) / slots
-    grain = max(layout.cap - mean, 0.01 * mean) / BALANCE_GRAIN
+    grain = max(layout.cap - mean, 0.01 * mean) / 4  # the line absorbs rows up to its slack
     row_load = [density * size for density, size in zip(tables.density_of, tables.row_bytes_of, strict=True)]
     coarse = sorted((p for p in pieces if row_load[p[0]] > grain), key=lambda p: (-row_load[p[0]], p))
     rest = [p for p in pieces if row_load[p[0]] <= grain]
