@@ -76,11 +76,25 @@ def run(args: argparse.Namespace) -> int:
     previous = read_plan(args.previous) if args.previous is not None else None
     plan = plan_placement(model, topology, previous)
     if args.output == "json":
-        json.dump(plan.to_dict(), sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        sys.stdout.write(render_json(plan))
     else:
         sys.stdout.write(render_summary(plan))
     return 0
+
+
+def render_json(plan: Plan) -> str:
+    """The plan document (what ``--previous`` reads back), indented except inside a table's ranges: a
+    plan of 10,000 GPUs keeps one line per table instead of one per number."""
+    doc = plan.to_dict()
+    tables = doc.pop("tables")
+    marker = "\u0000tables\u0000"
+    doc["tables"] = marker
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    body = ",\n".join(
+        f"    {json.dumps(name)}: {json.dumps(entry, sort_keys=True, separators=(',', ':'))}"
+        for name, entry in sorted(tables.items())
+    )
+    return text.replace(json.dumps(marker), "{\n" + body + "\n  }" if body else "{}") + "\n"
 
 
 def render_summary(plan: Plan) -> str:

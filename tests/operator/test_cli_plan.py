@@ -59,19 +59,24 @@ def test_json_output_is_the_plan_format(model_file: Path) -> None:
         "totalBytes",
         "movedBytes",
         "movementLowerBound",
-    }
+    }  # and "reason" only where the plan misses maxImbalance
     assert plan["metrics"]["totalBytes"] == 4_000_000 * 512 + 500_000 * 256 + 1000 * 64
     assert plan["metrics"]["imbalance"] <= 1.05
-    for a in plan["assignments"]:
-        assert set(a) == {"table", "partition", "gpu", "buckets", "bytes"}
-        assert 0 <= a["buckets"][0] < a["buckets"][1] <= plan["bucketCount"]
-    assert Plan.from_dict(plan).to_dict() == plan
+    assert set(plan["tables"]) == {"user-id", "item-id", "category"}
+    for entry in plan["tables"].values():
+        assert set(entry) <= {"rows", "rowBytes", "slots", "cuts"}  # every bucket of a table owned once
+        assert len(entry.get("cuts", [])) == len(entry["slots"]) - 1
+        assert all(0 <= slot < 4 for slot in entry["slots"])
+    assert plan["tables"]["user-id"]["rows"] == 4_000_000 and plan["tables"]["user-id"]["rowBytes"] == 512
+    parsed = Plan.from_dict(plan)
+    assert parsed.to_dict() == plan
+    assert sum(a.bytes for a in parsed.assignments) == plan["metrics"]["totalBytes"]
 
 
 def test_flags_override_the_topology(model_file: Path) -> None:
     plan = plan_json("-f", model_file, "--gpus-per-pod", "2", "--partitions", "3", "--gpu-memory", "2Gi")
     assert (plan["partitions"], plan["gpusPerPod"]) == (3, 2)
-    assert {(a["partition"], a["gpu"]) for a in plan["assignments"]} <= {
+    assert {(a.partition, a.gpu) for a in Plan.from_dict(plan).assignments} <= {
         (p, g) for p in range(3) for g in range(2)
     }
 
@@ -86,6 +91,40 @@ def test_a_previous_plan_is_rebalanced_with_few_moves(model_file: Path, tmp_path
     assert grown["version"] == 2
     metrics = grown["metrics"]
     assert 0 < metrics["movementLowerBound"] <= metrics["movedBytes"] <= 1.1 * metrics["movementLowerBound"]
+
+
+def test_json_output_is_indented_with_one_line_per_table(model_file: Path) -> None:
+    """A plan of thousands of GPUs stays readable and diffable: one line per table, not one per number."""
+    done = hps("plan", "-f", model_file, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    table_lines = [line for line in lines if line.startswith('    "') and line.rstrip(",").endswith("}")]
+    assert [line.split('"')[1] for line in table_lines] == ["category", "item-id", "user-id"]
+    assert len(lines) == 21  # nine fields, five metrics, three tables and four lines of braces
+    assert json.loads(done.stdout) == Plan.from_json(done.stdout).to_dict()
+
+
+def test_a_plan_that_misses_max_imbalance_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "skewed.yaml"
+    path.write_text(MODEL.replace("{name: category, rows: 1000, dim: 16, hotness: 0.2}",
+                                  "{name: category, rows: 2, dim: 16, hotness: 0.9}"))  # fmt: skip
+    metrics = plan_json("-f", path)["metrics"]
+    assert metrics["imbalance"] > 1.05
+    assert "one row (one key) of table category alone carries" in metrics["reason"]
+
+
+def test_a_previous_plan_stored_as_v1_is_read(model_file: Path, tmp_path: Path) -> None:
+    """Plans written by earlier releases (``hps.dev/plan/v1``) are what ``--previous`` meets in clusters."""
+    first = Plan.from_dict(plan_json("-f", model_file))
+    v1 = {key: value for key, value in first.to_dict().items() if key != "tables"}
+    v1["format"] = "hps.dev/plan/v1"
+    v1["assignments"] = [a.to_dict() for a in first.assignments]
+    previous = tmp_path / "v1.json"
+    previous.write_text(json.dumps(v1))
+    again = Plan.from_dict(plan_json("-f", model_file, "--previous", previous))
+    assert (again.version, again.assignments) == (first.version, first.assignments)  # unchanged: the same plan
+    grown = plan_json("-f", model_file, "--gpus-per-pod", "5", "--previous", previous)
+    assert grown["format"] == PLAN_FORMAT and grown["version"] == 2
 
 
 def test_too_little_memory_is_one_line_with_needed_and_available(model_file: Path) -> None:

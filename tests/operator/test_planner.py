@@ -1,5 +1,6 @@
 """The placement planner: every bucket placed exactly once, budgets held, deterministic, balanced on a
-Criteo-like mix, and re-plans that move close to the least any balanced plan could move."""
+Criteo-like mix and on memory-tight models, re-plans that move close to the least any balanced plan could
+move, and a reason wherever a plan misses maxImbalance. Speed is measured in bench/placement.py."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hps_operator.core import planner
 from hps_operator.core.planner import choose_bucket_count, plan_placement
 from hps_operator.core.topology import Topology
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node_agent.errors import InsufficientGPUMemoryError
-from node_agent.plan import Plan, bucket_of, whole_table_plan
+from node_agent.plan import Assignment, Plan, bucket_of, whole_table_plan
 from node_agent.spec import ModelSpec, parse_model_spec
 
 #: Criteo-1TB's 26 categorical cardinalities (public), the mix production DLRMs are sized by
@@ -348,3 +350,151 @@ def test_auto_meets_the_target_when_memory_is_tight_after_losing_a_gpu() -> None
     assert_valid(after, model, 316_049_317)
     assert after.metrics.imbalance <= 1.05
     assert after.metrics.movement_lower_bound <= after.metrics.moved_bytes <= 1.1 * after.metrics.movement_lower_bound
+
+
+# ---------------------------------------------------------------------------------------------
+# memory-tight models: what the cluster looks like when planning matters most
+
+
+def tight_model(count: int, *, gpus: int, headroom: float, gpus_per_pod: int = 8, seed: int = 10,
+                memory_gpus: int | None = None) -> ModelSpec:  # fmt: skip
+    """The shape of a production model: rows log-normal (median 160k, capped at 60M), dim 64 or 128, hotness
+    uniform at random; GPU memory ``headroom`` x the model's bytes over ``memory_gpus`` (default ``gpus``)."""
+    rng = np.random.default_rng(seed)
+    rows = np.clip(rng.lognormal(np.log(160_000), 2.0, count), 1, 60_000_000).astype(np.int64)
+    dims = rng.choice([64, 128], count)
+    hotness = rng.uniform(0.0, 1.0, count)
+    tables = [{"name": f"t{i}", "rows": int(r), "dim": int(d), "hotness": float(h)}
+              for i, (r, d, h) in enumerate(zip(rows, dims, hotness, strict=True))]  # fmt: skip
+    total = sum(t["rows"] * t["dim"] * 4 for t in tables)
+    memory = int(headroom * total / (memory_gpus or gpus))
+    return parse_model_spec("tight", {"tables": tables, "gpusPerPod": gpus_per_pod, "partitions": gpus // gpus_per_pod,
+                                      "cache": {"memoryPerGPU": memory}})  # fmt: skip
+
+
+def test_a_memory_tight_model_of_hundreds_of_tables_places_validly() -> None:
+    """300 tables on 64 GPUs with 10% more GPU memory than the model: every bucket owned once, no GPU over its
+    budget, the load within maxImbalance, and about two shards per GPU plus one per table."""
+    model = tight_model(300, gpus=64, headroom=1.1)
+    budget = model.cache.memory_per_gpu
+    plan = plan_for(model)
+    assert_valid(plan, model, budget)
+    assert plan.metrics.imbalance <= 1.05 and plan.metrics.reason == ""
+    assert len(plan.assignments) <= 3 * 64 + 300
+
+
+@pytest.mark.parametrize("change", ["n+1", "2n", "n-1"])
+def test_re_plans_of_a_memory_tight_model_stay_valid_and_near_the_bound(change: str) -> None:
+    """The same model, the memory per GPU sized so that 56 GPUs (one pod fewer) still have 10% to spare."""
+    model = tight_model(300, gpus=64, headroom=1.1, memory_gpus=56)
+    before = plan_for(model)
+    partitions = {"n+1": 9, "2n": 16, "n-1": 7}[change]
+    after = plan_for(model, before, partitions=partitions)
+    assert_valid(after, model, model.cache.memory_per_gpu)
+    m = after.metrics
+    assert m.imbalance <= 1.05 and m.reason == ""
+    assert m.movement_lower_bound <= m.moved_bytes <= 1.1 * m.movement_lower_bound
+    if change == "n-1":  # the removed pod's bytes must move, and nothing else needs to
+        removed = sum(a.bytes for a in before.assignments_for(partition=7))
+        assert m.moved_bytes == m.movement_lower_bound == removed
+
+
+def test_losing_a_pod_without_the_memory_for_it_names_needed_and_available() -> None:
+    model = tight_model(300, gpus=64, headroom=1.1)
+    before = plan_for(model)
+    with pytest.raises(InsufficientGPUMemoryError) as caught:
+        plan_for(model, before, partitions=7)
+    assert caught.value.needed == model.total_bytes
+    assert caught.value.available == 56 * model.cache.memory_per_gpu
+
+
+def cold_full_previous(model: ModelSpec) -> Plan:
+    """4 GPUs full of large, rarely read tables and 4 GPUs with all the hot ones: the layout an older planner
+    (or a change of hotness) leaves behind."""
+    assignments = [Assignment(f"cold{i}", 0, i, (0, 64), model.table(f"cold{i}").total_bytes) for i in range(4)]
+    assignments += [Assignment(f"hot{j}", 0, 4 + j % 4, (0, 64), model.table(f"hot{j}").total_bytes) for j in range(24)]
+    return Plan(1, 64, 1, 8, "auto", tuple(sorted(assignments)), model=model.name)
+
+
+def cold_and_hot_model(memory: int) -> ModelSpec:
+    tables: list[dict[str, Any]] = [{"name": f"cold{i}", "rows": 1_000_000, "dim": 128, "hotness": 0.02} for i in range(4)]
+    tables += [{"name": f"hot{i}", "rows": 50_000, "dim": 128, "hotness": 0.5} for i in range(24)]
+    return parse_model_spec("m", {"tables": tables, "gpusPerPod": 8, "cache": {"memoryPerGPU": memory}})
+
+
+def test_the_bound_counts_the_cold_bytes_memory_forces_out() -> None:
+    """GPUs full of cold tables must take hot buckets to balance, and can only by sending cold bytes away: the
+    lower bound counts both, so the re-plan's movedBytes stays within 10% of it."""
+    model = cold_and_hot_model(memory=int(1.02 * 512_000_000))  # a cold GPU has 10 MB free
+    previous = cold_full_previous(model)
+    plan = plan_for(model, previous)
+    assert_valid(plan, model, model.cache.memory_per_gpu)
+    m = plan.metrics
+    assert m.imbalance <= 1.05 and m.reason == ""
+    cold_moved = sum(a.bytes for a in plan.assignments if a.table.startswith("cold") and a.gpu != int(a.table[4:]))
+    assert cold_moved > 0.3 * m.moved_bytes  # memory forced these out: the over-loaded GPUs' shedding alone would not
+    assert m.movement_lower_bound <= m.moved_bytes <= 1.1 * m.movement_lower_bound
+
+
+def test_the_swap_repair_is_bounded_by_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no work allowed, the repair stops at once and the plan says so; it is still a valid plan."""
+    monkeypatch.setattr(planner, "REPAIR_WORK", 0)
+    model = cold_and_hot_model(memory=int(1.02 * 512_000_000))
+    plan = plan_for(model, cold_full_previous(model))
+    assert_valid(plan, model, model.cache.memory_per_gpu)
+    assert plan.metrics.imbalance > 1.05
+    assert "the swap repair reached its work bound" in plan.metrics.reason
+
+
+def test_a_row_heavier_than_the_cap_is_reported_and_left_in_place() -> None:
+    """A table of 3 rows that takes 90% of the lookups: no layout of whole rows meets maxImbalance. The plan
+    says why, and re-planning it moves nothing."""
+    tables = [{"name": "country", "rows": 3, "dim": 16, "hotness": 0.9}] + [
+        {"name": f"t{i}", "rows": 200_000, "dim": 64, "hotness": 0.01} for i in range(10)
+    ]
+    model = parse_model_spec("m", {"tables": tables, "gpusPerPod": 8, "cache": {"memoryPerGPU": "1Gi"}})
+    plan = plan_for(model)
+    assert_valid(plan, model, 2**30)
+    assert plan.metrics.imbalance > 1.05
+    assert "one row (one key) of table country alone carries" in plan.metrics.reason
+    assert plan_for(model, plan) is plan
+
+
+def test_whole_tables_over_the_cap_say_so() -> None:
+    model = make_model(CRITEO_ROWS, strategy="table", gpus=8)
+    plan = plan_for(model)
+    assert plan.metrics.imbalance > 1.05
+    assert "strategy table keeps tables whole and table t19 alone carries" in plan.metrics.reason
+
+
+@SETTINGS
+@given(rows=st.lists(st.integers(1_000, 3_000_000), min_size=2, max_size=12).map(tuple),
+       hot=st.lists(st.floats(0.01, 1.0), min_size=12, max_size=12), gpus=st.integers(2, 8),
+       partitions=st.integers(2, 4), headroom=st.sampled_from([1.05, 1.1, 1.5]))  # fmt: skip
+def test_memory_tight_plans_are_valid_and_balanced_or_say_why(
+    rows: tuple[int, ...], hot: list[float], gpus: int, partitions: int, headroom: float
+) -> None:
+    model = make_model(rows, gpus=gpus, partitions=partitions, memory=int(headroom * sum(rows) * 64 * 4 / (gpus * partitions)),
+                       hotness=tuple(hot[: len(rows)]), dim=64)  # fmt: skip
+    budget = model.cache.memory_per_gpu
+    plan = plan_for(model)
+    assert_valid(plan, model, budget)
+    assert plan.metrics.imbalance <= 1.05 or plan.metrics.reason
+    after = plan_for(model, plan, partitions=partitions + 1)
+    assert_valid(after, model, budget)
+    assert after.metrics.imbalance <= 1.05 or after.metrics.reason
+    if not after.metrics.reason:
+        assert after.metrics.movement_lower_bound <= after.metrics.moved_bytes
+
+
+def test_a_plan_of_ten_thousand_gpus_is_a_small_document() -> None:
+    """1,000 tables on 1,250 pods of 8 GPUs, memory-tight: the plan a ConfigMap holds stays well under 1 MiB."""
+    model = tight_model(1000, gpus=10_000, headroom=1.1)
+    plan = plan_for(model)
+    document = plan.to_json()
+    assert len(document) < 512 * 1024
+    used: dict[tuple[int, int], int] = {}
+    for a in plan.assignments:
+        used[(a.partition, a.gpu)] = used.get((a.partition, a.gpu), 0) + a.bytes
+    assert len(used) == 10_000 and max(used.values()) <= model.cache.memory_per_gpu
+    assert Plan.from_json(document) == plan

@@ -227,12 +227,10 @@ def test_plan_and_config_configmaps_whole() -> None:
         },
     }
     plan_json = json.dumps({
-        "format": "hps.dev/plan/v1", "model": "dlrm", "version": 3, "strategy": "table", "bucketCount": 4,
+        "format": "hps.dev/plan/v2", "model": "dlrm", "version": 3, "strategy": "table", "bucketCount": 4,
         "partitions": 2, "gpusPerPod": 2,
-        "assignments": [
-            {"table": "item-id", "partition": 1, "gpu": 1, "buckets": [0, 4], "bytes": 4000},
-            {"table": "user-id", "partition": 0, "gpu": 0, "buckets": [0, 4], "bytes": 4000},
-        ],
+        # a slot is partition x gpusPerPod + gpu; the bytes are listed where no table shape says them
+        "tables": {"item-id": {"slots": [3], "bytes": [4000]}, "user-id": {"slots": [0], "bytes": [4000]}},
         "metrics": {"imbalance": 1.2, "memoryImbalance": 1.1, "totalBytes": 112000, "movedBytes": 0,
                     "movementLowerBound": 0},
     }, sort_keys=True, separators=(",", ":"))
