@@ -190,9 +190,16 @@ def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
 
 @pytest.fixture
 def namespace(kube: Kube) -> Iterator[str]:
+    """A namespace of the scenario's own, enforcing the Pod Security "restricted" profile: every pod
+    the operator's children create must be admitted under it."""
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     kube.kubectl("create", "namespace", name)
+    kube.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
+                 "pod-security.kubernetes.io/enforce-version=latest")  # fmt: skip
     yield name
+    refused = [e for e in kube.get("events", namespace=name) if e.get("reason") == "FailedCreate"
+               and "violates PodSecurity" in e.get("message", "")]  # fmt: skip
+    assert not refused, f"pods refused by Pod Security admission: {refused[0]['message']}"
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 

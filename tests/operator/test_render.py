@@ -45,7 +45,7 @@ from node_agent.errors import InvalidSpecError, TableSourceError
 from node_agent.loader import open_source
 from node_agent.local.redis_servers import RedisProcess, free_port, redis_server_binary
 from node_agent.plan import Assignment, Plan, PlanMetrics
-from node_agent.spec import ModelSpec, load_model_file, parse_model
+from node_agent.spec import ModelSpec, PersistentVolumeClaimSource, load_model_file, parse_model
 from node_agent.tiers import TableLayout, open_tiers
 
 KUBERNETES_VERSION = "1.35"
@@ -162,6 +162,7 @@ def test_agent_statefulset_whole() -> None:
                             "--rocksdb", "/var/lib/hps/rocksdb", "--load",
                         ],
                         "env": [
+                            {"name": "CUPY_CACHE_DIR", "value": "/tmp/cupy"},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                             {"name": "REDIS_PASSWORD",
                              "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}},
@@ -176,11 +177,15 @@ def test_agent_statefulset_whole() -> None:
                         "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "timeoutSeconds": 5,
                                           "failureThreshold": 6},
                         "volumeMounts": [{"name": "config", "mountPath": "/etc/hps", "readOnly": True},
+                                         {"name": "tmp", "mountPath": "/tmp"},
                                          {"name": "data", "mountPath": "/var/lib/hps"}],
-                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "readOnlyRootFilesystem": True, "runAsNonRoot": True},
                     }],
-                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-config"}}],
-                    "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "volumes": [{"name": "config", "configMap": {"name": "dlrm-config"}},
+                                {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
                     "terminationGracePeriodSeconds": 30,
                     "nodeSelector": {"gpu": "a100"},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -631,12 +636,16 @@ def test_loader_job_whole_with_a_host_path_store() -> None:
                         "env": [{"name": "REDIS_PASSWORD",
                                  "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}}],
                         "volumeMounts": [{"name": "config", "mountPath": "/etc/hps", "readOnly": True},
+                                         {"name": "tmp", "mountPath": "/tmp"},
                                          {"name": "models", "mountPath": "/models", "readOnly": True}],
-                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "readOnlyRootFilesystem": True, "runAsNonRoot": True},
                     }],
                     "volumes": [{"name": "config", "configMap": {"name": "dlrm-config"}},
+                                {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
                                 {"name": "models", "hostPath": {"path": "/data/models", "type": "Directory"}}],
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
                     "priorityClassName": "gpu-inference",
                     "imagePullSecrets": [{"name": "regcred"}],
                     "nodeSelector": {"gpu": "a100"},
@@ -862,3 +871,65 @@ def test_generated_redis_config_runs_a_master_and_its_replica(tmp_path: Path) ->
             p.kill()
             p.wait(timeout=10)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod Security "restricted"
+
+#: the volume types the restricted profile admits
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}  # fmt: skip
+
+
+def restricted_violations(pod_spec: dict[str, Any]) -> list[str]:
+    """Why the Pod Security "restricted" profile (v1.35) would refuse a pod with this spec, plus our own
+    bar: a read-only root filesystem."""
+    found: list[str] = []
+    pod_sc = pod_spec.get("securityContext") or {}
+    for volume in pod_spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {sorted(kinds)}")
+    if pod_spec.get("hostNetwork") or pod_spec.get("hostPID") or pod_spec.get("hostIPC"):
+        found.append("host namespaces")
+    for c in pod_spec.get("containers", []) + pod_spec.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation")
+        if sc.get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            found.append(f"{c['name']}: capabilities not dropped")
+        if set((sc.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            found.append(f"{c['name']}: capabilities added")
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+            found.append(f"{c['name']}: runAsNonRoot")
+        if 0 in (sc.get("runAsUser"), pod_sc.get("runAsUser")):
+            found.append(f"{c['name']}: runs as root")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{c['name']}: seccomp {seccomp}")
+        if not sc.get("readOnlyRootFilesystem"):
+            found.append(f"{c['name']}: writable root filesystem")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            found.append(f"{c['name']}: hostPort")
+    return found
+
+
+def pod_specs(manifests: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{m['kind']}/{m['metadata']['name']}", m["spec"]["template"]["spec"])
+            for m in manifests if m["kind"] in ("StatefulSet", "Job")]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_pod_meets_the_restricted_pod_security_profile(variant: str) -> None:
+    """So a namespace labelled pod-security.kubernetes.io/enforce=restricted admits every pod (the e2e
+    proves it on the real API server); a hostPath or NFS model store is the documented exception."""
+    spec = model(**VARIANTS[variant])
+    children = render_children(spec, plan(), owner=OWNER, image=IMAGE, redis_password="pw")
+    for name, pod in pod_specs(children):
+        problems = restricted_violations(pod)
+        store = spec.model_store
+        if store is not None and not isinstance(store.volume, PersistentVolumeClaimSource):
+            problems = [p for p in problems if not p.startswith("volume models:")]
+        assert problems == [], f"{variant}: {name}: {problems}"

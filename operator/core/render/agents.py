@@ -45,10 +45,14 @@ from hps_operator.core.render.meta import (
 )
 from hps_operator.core.render.model_file import agent_model_hash
 from hps_operator.core.render.pods import (
+    AGENT_UID,
     REDIS_PASSWORD_ENV,
     add_pod_knobs,
+    add_scratch_volume,
+    container_security,
     mount_model_store,
     pod_metadata,
+    pod_security,
     secret_env,
 )
 from hps_operator.core.render.redis import redis_args, uses_redis
@@ -159,7 +163,9 @@ def render_agent_statefulset(
         "command": ["hps"],
         "args": agent_args(model, partition, partition_plan_key(serving, partition)),
         "env": sorted(
-            [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+            [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+             # CuPy caches the kernels it compiles; the root filesystem is read-only
+             {"name": "CUPY_CACHE_DIR", "value": "/tmp/cupy"}]
             + ([secret_env(model, REDIS_PASSWORD_ENV)] if uses_redis(model) else []),
             key=lambda e: str(e["name"]),
         ),
@@ -173,15 +179,15 @@ def render_agent_statefulset(
         "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
         "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security(),
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
-        # the data volume is group-writable for a non-root image user
-        "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security(AGENT_UID),
         "terminationGracePeriodSeconds": 30,
     }
+    add_scratch_volume(pod_spec, "1Gi")
     if model.agent.node_selector:
         pod_spec["nodeSelector"] = dict(sorted(model.agent.node_selector.items()))
     if model.agent.tolerations:

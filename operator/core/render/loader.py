@@ -16,10 +16,14 @@ from hps_operator.core.render.meta import (
     pull_policy,
 )
 from hps_operator.core.render.pods import (
+    AGENT_UID,
     REDIS_PASSWORD_ENV,
     add_pod_knobs,
+    add_scratch_volume,
+    container_security,
     mount_model_store,
     pod_metadata,
+    pod_security,
     secret_env,
 )
 from hps_operator.core.render.redis import redis_args
@@ -54,15 +58,13 @@ def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
                 "args": args,
                 "env": [secret_env(model, REDIS_PASSWORD_ENV)],
                 "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"drop": ["ALL"]},
-                },
+                "securityContext": container_security(),
             }
         ],
         "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security(AGENT_UID),
     }
+    add_scratch_volume(pod_spec)
     add_pod_knobs(model, pod_spec)
     mount_model_store(model, pod_spec)
     if model.model_store is not None and isinstance(model.model_store.volume, HostPathSource):

@@ -1,5 +1,13 @@
-"""What every pod we render shares: the Redis password from its Secret, the model store volume, the
-user's pod labels and annotations, and the agent image's pod knobs."""
+"""What every pod we render shares: the Pod Security "restricted" profile, the Redis password from its
+Secret, the model store volume, the user's pod labels and annotations, and the agent image's pod knobs.
+
+Every pod runs as a non-root user with a read-only root filesystem, no privilege escalation, every
+capability dropped and the RuntimeDefault seccomp profile, so a namespace labelled
+``pod-security.kubernetes.io/enforce=restricted`` admits all of them. What a process must write goes
+to volumes made for it: ``/tmp`` (an ``emptyDir``), the agents' RocksDB volume and Redis's data.
+A ``hostPath`` or ``nfs`` model store is not a volume type the restricted profile allows: in such a
+namespace, mount the share through a PersistentVolumeClaim (see ``docs/table-sources.md``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,41 @@ from typing import Any
 from hps_operator.core.render.meta import MODEL_STORE_VOLUME, redis_secret_name
 
 from node_agent.spec import ModelSpec, ModelStoreSpec, NFSSource, PersistentVolumeClaimSource
+
+#: the agent image's user (``Dockerfile.agent``: ``USER 65532``)
+AGENT_UID = 65532
+#: the official Redis image's ``redis`` user
+REDIS_UID = 999
+TMP_VOLUME = "tmp"
+
+
+def pod_security(uid: int) -> dict[str, Any]:
+    """The pod-level half of the restricted profile; ``fsGroup`` makes volumes writable by ``uid``."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> dict[str, Any]:
+    """The container-level half of the restricted profile, with a read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def add_scratch_volume(pod_spec: dict[str, Any], size: str = "256Mi") -> None:
+    """A writable ``/tmp`` in every container of ``pod_spec`` (the root filesystem is read-only)."""
+    pod_spec["volumes"].append({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": size}})
+    for container in pod_spec["containers"]:
+        container.setdefault("volumeMounts", []).append({"name": TMP_VOLUME, "mountPath": "/tmp"})
+
 
 REDIS_PASSWORD_KEY = "password"
 

@@ -25,7 +25,15 @@ from hps_operator.core.render.meta import (
     redis_name,
     selector_labels,
 )
-from hps_operator.core.render.pods import REDIS_PASSWORD_ENV, REDIS_PASSWORD_KEY, secret_env
+from hps_operator.core.render.pods import (
+    REDIS_PASSWORD_ENV,
+    REDIS_PASSWORD_KEY,
+    REDIS_UID,
+    add_scratch_volume,
+    container_security,
+    pod_security,
+    secret_env,
+)
 
 from node_agent.spec import ModelSpec, format_quantity
 
@@ -167,7 +175,7 @@ def render_redis_statefulset(
             "failureThreshold": 6,
         },
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security(),
     }
     spec: dict[str, Any] = {
         "serviceName": redis_name(model),
@@ -179,7 +187,9 @@ def render_redis_statefulset(
             "metadata": {"labels": labels(model, "redis")},
             "spec": {
                 "containers": [container],
-                "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                "volumes": [],
+                # the image's redis user; the server writes only /data and its config in /tmp
+                "securityContext": pod_security(REDIS_UID),
                 "terminationGracePeriodSeconds": 30,
             },
         },
@@ -196,7 +206,8 @@ def render_redis_statefulset(
         spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Delete", "whenScaled": "Retain"}
     else:
         # the volatile tier without persistence: the loader refills it
-        spec["template"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+        spec["template"]["spec"]["volumes"].append({"name": "data", "emptyDir": {}})
+    add_scratch_volume(spec["template"]["spec"], "64Mi")
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -266,16 +277,15 @@ def render_redis_bootstrap_job(
                             "requests": {"cpu": "50m", "memory": "32Mi"},
                             "limits": {"memory": "128Mi"},
                         },
-                        "securityContext": {
-                            "allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
+                        "securityContext": container_security(),
                     }
                 ],
-                "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                "volumes": [],
+                "securityContext": pod_security(REDIS_UID),
             },
         },
     }
+    add_scratch_volume(spec["template"]["spec"], "16Mi")
     # the script names every node, so it changes with the shard count: a Job's template is immutable,
     # so the spec's hash is in the name and a change makes a new Job instead of a rejected update
     name = f"{redis_name(model)}-bootstrap-{digest(spec, 8)}"
