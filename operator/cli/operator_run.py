@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 IMAGE_ENV = "HPS_AGENT_IMAGE"
 PULL_POLICY_ENV = "HPS_AGENT_IMAGE_PULL_POLICY"
 METRICS_PORT_ENV = "HPS_OPERATOR_METRICS_PORT"
+METRICS_ADDRESS_ENV = "HPS_OPERATOR_METRICS_ADDRESS"
 #: set by the chart from the pod's metadata (the downward API): a leader's identity and Lease namespace
 POD_NAME_ENV = "POD_NAME"
 POD_NAMESPACE_ENV = "POD_NAMESPACE"
@@ -79,8 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      metavar="POLICY", help=f"imagePullPolicy of agent and loader containers: "
                      f"{', '.join(PULL_POLICIES)} (default: ${PULL_POLICY_ENV}, else Kubernetes' default)")  # fmt: skip
     run.add_argument("--metrics-port", type=_port, default=os.environ.get(METRICS_PORT_ENV) or None, metavar="PORT",
-                     help=f"serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: ${METRICS_PORT_ENV}; "
+                     help=f"serve Prometheus metrics on http://ADDRESS:PORT/metrics (default: ${METRICS_PORT_ENV}; "
                      "unset: no metrics endpoint)")  # fmt: skip
+    run.add_argument("--metrics-address", default=os.environ.get(METRICS_ADDRESS_ENV) or "127.0.0.1",
+                     metavar="ADDRESS", help=f"the address the metrics endpoint binds (default: ${METRICS_ADDRESS_ENV}, "
+                     "else 127.0.0.1; the chart gives the pod's IP)")  # fmt: skip
     run.add_argument("--resync-seconds", type=float, default=60.0, metavar="S",
                      help="how often each model is checked for drift (default 60)")  # fmt: skip
     run.add_argument("--drain-seconds", type=float, default=DEFAULT_SWITCH_GRACE_S, metavar="S",
@@ -107,7 +111,7 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
         image=args.image, drain_seconds=args.drain_seconds, image_pull_policy=args.image_pull_policy
     )
     return OperatorConfig(options, resync_seconds=args.resync_seconds, metrics_port=args.metrics_port,
-                          user_agent=f"hps-operator ({_identity()})")  # fmt: skip
+                          metrics_address=args.metrics_address, user_agent=f"hps-operator ({_identity()})")  # fmt: skip
 
 
 def _identity() -> str:

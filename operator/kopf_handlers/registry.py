@@ -34,7 +34,8 @@ class OperatorConfig:
     resync_seconds: float = 60.0
     #: serve Prometheus metrics on this port from start-up to clean-up (None: no endpoint; 0: any free port)
     metrics_port: int | None = None
-    metrics_address: str = "0.0.0.0"
+    #: where the metrics endpoint listens (loopback unless told: the chart gives the pod's IP)
+    metrics_address: str = "127.0.0.1"
     #: what the handlers record; read ``metrics.port`` for the port actually bound
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     #: the User-Agent of the handlers' requests (names this replica in the API server's audit log)

@@ -16,10 +16,18 @@ import kubernetes_validate
 import pytest
 import yaml
 from hps_operator.cli import build_parser
-from hps_operator.cli.operator_run import IMAGE_ENV, METRICS_PORT_ENV, PULL_POLICY_ENV, operator_config
+from hps_operator.cli.operator_run import (
+    IMAGE_ENV,
+    METRICS_ADDRESS_ENV,
+    METRICS_PORT_ENV,
+    PULL_POLICY_ENV,
+    operator_config,
+)
 from hps_operator.kopf_handlers.permissions import API_PERMISSIONS, LEADER_ELECTION_PERMISSIONS
 
 ROOT = Path(__file__).resolve().parents[2]
+#: the address the kubelet gives $(POD_IP) in these tests
+POD_IP = "10.1.2.3"
 CHART = ROOT / "charts" / "hps-operator"
 #: the Kubernetes version rendered objects are validated for (kubectl here is v1.35)
 KUBERNETES_VERSION = "1.35"
@@ -326,7 +334,7 @@ def test_deployment_runs_two_hardened_operators_with_leader_election(helm: str, 
     assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     c = container(docs)
     assert c["command"] == ["hps"]
-    assert c["args"] == ["operator", "run", "--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz",
+    assert c["args"] == ["operator", "run", "--all-namespaces", "--standalone", "--liveness=http://$(POD_IP):8080/healthz",
                          "--leader-elect", "--leader-election-id=hps-hps-operator-leader", "--lease-seconds=10"]
     env = {e["name"]: e.get("valueFrom") for e in c["env"]}
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
@@ -392,17 +400,24 @@ def test_the_operator_cli_accepts_the_chart_args_and_honours_its_env(helm: str, 
     """The Deployment's command line, parsed by the real ``hps`` parser with the Deployment's env set:
     every flag exists, and every variable the chart sets reaches the operator's configuration."""
     c = container(render(helm, tmp_path, VALUE_SETS[values]))
-    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+    def kubelet(text: str) -> str:  # what the kubelet does to $(VAR) in args and env values
+        return text.replace("$(POD_IP)", POD_IP)
+
+    env = {e["name"]: kubelet(e["value"]) for e in c["env"] if "value" in e}
     user_env = {e["name"] for e in VALUE_SETS[values].get("operator", {}).get("extraEnv", [])}
-    assert set(env) - user_env <= {IMAGE_ENV, PULL_POLICY_ENV, METRICS_PORT_ENV}, "the chart sets a variable the operator ignores"
-    for name in (IMAGE_ENV, PULL_POLICY_ENV, METRICS_PORT_ENV):
+    known = {IMAGE_ENV, PULL_POLICY_ENV, METRICS_PORT_ENV, METRICS_ADDRESS_ENV}
+    assert set(env) - user_env <= known, "the chart sets a variable the operator ignores"
+    assert {e["name"]: e.get("valueFrom") for e in c["env"]}["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    for name in known:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert c["command"] == ["hps"]
-    args = build_parser().parse_args(c["args"])  # exits (SystemExit) on any flag the CLI does not know
+    args = build_parser().parse_args([kubelet(a) for a in c["args"]])  # SystemExit on a flag the CLI lacks
     assert (args.command, args.verb, args.standalone) == ("operator", "run", True)
-    assert args.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    # the probe and metrics endpoints listen on the pod's own address only
+    assert args.liveness_endpoint == f"http://{POD_IP}:8080/healthz"
     expected_namespaces = VALUE_SETS[values].get("watchNamespaces", [])
     assert args.namespace == expected_namespaces and args.all_namespaces == (not expected_namespaces)
     config = operator_config(args)
@@ -410,6 +425,7 @@ def test_the_operator_cli_accepts_the_chart_args_and_honours_its_env(helm: str, 
     assert config.options.image_pull_policy == env[PULL_POLICY_ENV]
     assert config.metrics_port == (int(env[METRICS_PORT_ENV]) if METRICS_PORT_ENV in env else None)
     if METRICS_PORT_ENV in env:
+        assert config.metrics_address == POD_IP
         assert {"name": "metrics", "containerPort": config.metrics_port, "protocol": "TCP"} in c["ports"]
 
 
