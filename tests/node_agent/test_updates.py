@@ -322,6 +322,45 @@ def test_restarted_agent_resumes_its_group_and_applies_what_it_missed_while_down
         publisher.close()
 
 
+def test_redis_restarted_from_its_append_only_file_is_no_gap_for_a_running_or_a_new_consumer(
+    make_redis: Callable[..., RedisProcess], demo: tuple[LookupPath, dict[str, TableData]], tmp_path: Path
+) -> None:
+    """Redis 7.0 logs a group read to its append-only file without the group's entries-read: after a
+    restart the group counts fewer entries read than it did, which looked like entries lost."""
+    from node_agent.local.redis_servers import start_redis
+    from node_agent.spec import RedisPersistenceSpec
+
+    lookup, _ = demo
+    server = start_redis(tmp_path / "aof", password=PASSWORD, persistence=RedisPersistenceSpec())
+    stream = stream_name("demo")
+    try:
+        publisher = UpdatePublisher([server.address], password=PASSWORD, stream=stream)
+        consumer = consumer_for(server, lookup, stream, gap_check_interval_s=0.1).start()
+        for k in range(5):
+            publisher.publish("user", [1], np.full((1, 8), float(k), np.float32))
+        wait_until(lambda: consumer.stats()["applied_entries"] == 5, VISIBLE_WITHIN_S)
+        time.sleep(0.3)  # a gap check at the end of the stream: the consumer's own count of reads
+        server.stop(hard=True)
+        server = start_redis(tmp_path / "aof", port=server.port, password=PASSWORD, persistence=RedisPersistenceSpec())
+        publisher.close()
+        publisher = UpdatePublisher([server.address], password=PASSWORD, stream=stream)
+        publisher.publish("user", [1], np.full((1, 8), 9.0, np.float32))
+        wait_until(lambda: consumer.stats()["applied_entries"] == 6, 10.0)
+        time.sleep(0.5)
+        assert consumer.stats()["gaps"] == 0 and not consumer.degraded
+        consumer.stop()
+        server.stop(hard=True)  # and once more, now for a consumer that starts after the restart
+        server = start_redis(tmp_path / "aof", port=server.port, password=PASSWORD, persistence=RedisPersistenceSpec())
+        again = consumer_for(server, lookup, stream, gap_check_interval_s=0.1).start()
+        assert again.wait_caught_up(VISIBLE_WITHIN_S)
+        time.sleep(0.5)
+        assert again.stats()["gaps"] == 0 and not again.degraded
+        again.stop()
+        publisher.close()
+    finally:
+        server.stop(hard=True)
+
+
 def test_entries_trimmed_before_the_agent_read_them_are_a_reported_gap_and_l1_is_cleared(
     redis_server: RedisProcess, stream: str, tmp_path: Path
 ) -> None:
