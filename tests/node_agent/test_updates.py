@@ -512,3 +512,44 @@ def test_publish_follows_a_slot_moved_between_two_publishes(redis_cluster: Redis
 
 def wire_keys(fields: dict[bytes, bytes]) -> list[int]:
     return np.frombuffer(fields[b"keys"], "<i8").tolist()
+
+
+def test_a_tier_that_comes_back_is_written_again_while_updates_keep_coming(
+    make_redis: Callable[..., RedisProcess], tmp_path: Path
+) -> None:
+    """An update that found a tier down and not yet due for a re-probe pushed the probe back: with more
+    than one update per probe interval the tier was never tried again and stayed down for good, its
+    missed writes piling up."""
+    from node_agent.local.redis_servers import start_redis
+
+    path, data = write_model(tmp_path)
+    model = load_model_file(path)
+    server = make_redis(password=PASSWORD)
+    l2 = RedisTier(layouts(model), addresses=[server.address], password=PASSWORD, model="demo")
+    l3 = HashMapTier(layouts(model))
+    fill(l3, data)
+    lookup = build_lookup_path(model, volatile=l2, persistent=l3, device="cpu", probe_interval_s=0.2)
+    try:
+        server.stop(hard=True)
+        value = 0.0
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:  # updates every 10 ms while Redis is down
+            value += 1
+            lookup.update("user", np.array([1]), np.full((1, 8), value, np.float32))
+            time.sleep(0.01)
+        assert lookup.degraded
+        back = start_redis(tmp_path / "again", port=server.port, password=PASSWORD)
+        try:
+            deadline = time.monotonic() + 3.0
+            while lookup.degraded:
+                assert time.monotonic() < deadline, f"Redis never written again: {lookup.stats()['pending_writes']}"
+                value += 1
+                lookup.update("user", np.array([1]), np.full((1, 8), value, np.float32))
+                time.sleep(0.01)
+            got, found = RedisTier(layouts(model), addresses=[back.address], password=PASSWORD,
+                                   model="demo").fetch("user", np.array([1]))  # fmt: skip
+            assert found.all() and got[0, 0] == value
+        finally:
+            back.stop(hard=True)
+    finally:
+        lookup.close()
