@@ -261,6 +261,17 @@ def _read_or_create_id(path: Path) -> str:
 # -- the producer -------------------------------------------------------------------------------
 
 
+class NotPublishedError(UnavailableError):
+    """A publish that certainly did not add its entry (Redis could not be reached to send it, or
+    answered with an error); a plain :class:`UnavailableError` from ``publish`` leaves it open."""
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """redis-py's words for a connection that was never made ("Error 111 connecting to ...",
+    "Timeout connecting to server"): the command cannot have reached Redis."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError) and "connecting to" in str(exc)
+
+
 class UpdatePublisher:
     """Publishes update batches to a model's stream (what a training job runs).
 
@@ -350,11 +361,14 @@ class UpdatePublisher:
                 else:
                     entry, replicas = found, self._wait(wait_replicas, wait_timeout_ms)
             except redis.RedisError as second:
-                raise UnavailableError(
+                # both attempts failed to connect: the entry was never sent, so it is certainly not there
+                kind = NotPublishedError if _never_sent(first) and _never_sent(second) else UnavailableError
+                raise kind(
                     f"update not published to stream {self.stream} (failed twice: {first}; then {second})"
                 ) from None
         except redis.RedisError as exc:
-            raise UnavailableError(f"update not published to stream {self.stream}: {exc}") from None
+            # Redis answered with an error (out of memory, wrong type...): it did not add the entry
+            raise NotPublishedError(f"update not published to stream {self.stream}: {exc}") from None
         self._last_entry = entry
         if replicas < wait_replicas:
             raise UnavailableError(
@@ -620,6 +634,8 @@ class UpdateConsumer:
         self._reads_since_check = 0
         self._publisher: UpdatePublisher | None = None
         self._publish_lock = threading.Lock()
+        #: the stream's newest entry when the group was first set up: applied it, the consumer is caught up
+        self._catch_up_to: tuple[int, int] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -643,9 +659,10 @@ class UpdateConsumer:
                     client.close()
 
     def wait_caught_up(self, timeout: float) -> bool:
-        """Blocks until the consumer has applied everything the stream held when it started (its
-        first empty read), or ``timeout``; True if it did. An agent that replays history at start
-        waits here before it reports ready, so it never serves a row the replay is about to change."""
+        """Blocks until the consumer has applied everything the stream held when it started (the
+        newest entry then, or an empty read), or ``timeout``; True if it did. An agent that replays
+        history at start waits here before it reports ready, so it never serves a row the replay is
+        about to change. Updates published meanwhile do not hold it back."""
         return self._caught_up.wait(timeout)
 
     # -- the Update RPC ------------------------------------------------------------------------
@@ -670,6 +687,9 @@ class UpdateConsumer:
             publisher = self._publisher
             try:
                 entry = publisher.publish(table, keys, vectors, uid=uid)
+            except NotPublishedError as exc:
+                raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
+                                       "safe)") from None  # fmt: skip
             except UnavailableError as exc:
                 outcome = self._withdraw(uid, "", cause=str(exc))
                 if outcome != "applied":
@@ -931,6 +951,9 @@ class UpdateConsumer:
                          self.group, self.stream, start)  # fmt: skip
         self._reset_pending = False  # once per consumer: a reconnect must not rewind again
         self._group_seen = True
+        if self._catch_up_to is None:
+            info = _stream_info(self._redis, self.stream)
+            self._catch_up_to = _parse_id(info["last-generated-id"]) if info is not None else (0, 0)
         if self._stale_group_idle_s is not None:
             self._delete_stale_groups(self._stale_group_idle_s)
 
@@ -1228,6 +1251,8 @@ class UpdateConsumer:
         with self._applied:
             self._last_applied_id = _id_max(newest, self._last_applied_id)
             self._applied.notify_all()
+        if self._catch_up_to is not None and _parse_id(self._last_applied_id) >= self._catch_up_to:
+            self._caught_up.set()
 
     def _apply(self, fields: Mapping[bytes, bytes]) -> int:
         try:
