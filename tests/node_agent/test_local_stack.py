@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -483,14 +484,17 @@ def test_down_then_up_keeps_the_tables_and_their_updates(tmp_path: Path) -> None
     try:
         (endpoint,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
         assert update_rpc(endpoint, key, 5.0, tmp_path).returncode == 0
-        loaded_at = json.loads((state / "data.json").read_text())["loadedAt"]
-        down = hps("local", "down", "--state-dir", state)
-        assert "the tables and their updates stay" in down.stdout
+        hps("local", "down", "--state-dir", state)
         up = hps("local", "up", "-f", model.file, "--state-dir", state)
-        assert "keeping tables users, items" in up.stderr  # nothing loaded from the sources
-        assert json.loads((state / "data.json").read_text())["loadedAt"] == loaded_at
         (endpoint,) = endpoints_of(up.stdout)
         wait_for_row(endpoint, key, np.full((1, 8), 5.0, np.float32))
+        assert "keeping tables users, items" in up.stderr  # nothing loaded from the sources
+        data = json.loads((state / "data.json").read_text())
+        assert set(data["tables"]) == {"users", "items"} and data["loadedAt"]
+        assert "the tables and their updates stay" in hps("local", "down", "--state-dir", state).stdout
+        up = hps("local", "up", "-f", model.file, "--state-dir", state)
+        assert json.loads((state / "data.json").read_text())["loadedAt"] == data["loadedAt"]
+        (endpoint,) = endpoints_of(up.stdout)
         with Client(endpoint) as client:  # the rows nobody updated are the sources' still
             np.testing.assert_array_equal(client.lookup("recs", "users", model.users_keys[:3]), model.users[:3])
     finally:
@@ -542,5 +546,47 @@ def test_a_failed_up_leaves_nothing_that_blocks_the_corrected_retry(tmp_path: Pa
         refused = hps("local", "up", "-f", model.file, "--state-dir", state, check=False)
         assert refused.returncode == 2
         assert "table 'users' is stored" in refused.stderr and "hps local down --purge" in refused.stderr
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def agent_report(state: Path) -> dict[str, object]:
+    report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json", check=False).stdout)
+    (agent,) = report["agents"]
+    return dict(agent)
+
+
+def test_an_idle_agent_shows_degraded_and_a_redis_back_without_its_data_is_repaired(tmp_path: Path) -> None:
+    """Degraded used to show only once a lookup hit the dead Redis; a Redis that came back empty was
+    not noticed at all (consumer groups recreated from 0-0, no log line, never Degraded)."""
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    key = int(model.users_keys[11])
+    try:
+        (endpoint,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
+        assert update_rpc(endpoint, key, 3.0, tmp_path).returncode == 0
+        (redis_pid,) = pids(state, "redis")
+        os.kill(redis_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0  # no lookup from here on: status asks Describe and Stats only
+        while not agent_report(state).get("degraded"):
+            assert time.monotonic() < deadline, "the idle agent never reported Degraded"
+            time.sleep(0.2)
+        assert any("unreachable" in r for r in agent_report(state)["reasons"])  # type: ignore[attr-defined]
+        for aof in (state / "redis").rglob("appendonlydir"):
+            shutil.rmtree(aof)  # Redis comes back without its data
+        hps("local", "restart", "redis", "--state-dir", state)
+        deadline = time.monotonic() + 10.0
+        while True:
+            agent = agent_report(state)
+            stats = agent["stats"]
+            if not agent["degraded"] and stats["tiers"]["repairs"] >= 1:  # type: ignore[index]
+                break
+            assert time.monotonic() < deadline, f"not repaired: {agent.get('reasons')}"
+            time.sleep(0.2)
+        logs = "".join(p.read_text() for p in (state / "logs").glob("agent-*.log"))
+        assert "came back without its data" in logs
+        wait_for_row(endpoint, key, np.full((1, 8), 3.0, np.float32))  # the update is kept (RocksDB)
+        assert update_rpc(endpoint, key, 4.0, tmp_path).returncode == 0
+        wait_for_row(endpoint, key, np.full((1, 8), 4.0, np.float32))
     finally:
         hps("local", "down", "--state-dir", state, "--purge", check=False)
