@@ -11,8 +11,9 @@ that it was applied nowhere. After each scenario, with traffic stopped, every ag
 newest acknowledged version of every updated key: an update acknowledged and not served is lost.
 
 Wrong vectors and lost updates must be 0. The table (lookups, failed, wrong, updates acknowledged,
-visible, lost, how long recovery took and how many lookups failed meanwhile) is printed at the end of
-the run and written to ``fault-table.txt`` in the run's temporary directory.
+visible, lost, how long recovery took, how many lookups failed meanwhile, how long updates could not
+be applied) is printed at the end of the run and written to ``fault-table.txt`` in the run's
+temporary directory.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ class Traffic:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = defaultdict(int)
         self.failed_at: list[float] = []
-        self.acked_at: list[float] = []
+        self.acked_at: list[tuple[float, float]] = []  # (sent, acknowledged)
+        self.update_failed_at: list[float] = []
         self.examples: list[str] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -209,6 +211,7 @@ class Traffic:
                 with self.lock:
                     self.version[key] += 1
                     version = self.version[key]
+                sent = time.monotonic()
                 try:
                     client.update(MODEL, "users", [key], np.full((1, DIM), key * 1000 + version, np.float32))
                 except HpsError as exc:
@@ -217,12 +220,13 @@ class Traffic:
                     with self.lock:
                         (self.not_applied if definite else self.unknown)[key].add(version)
                         self.counts["update errors"] += 1
+                        self.update_failed_at.append(sent)
                     self._stop.wait(0.05)
                     continue
                 now = time.monotonic()
                 with self.lock:
                     self.acked[key].append((now, version))
-                    self.acked_at.append(now)
+                    self.acked_at.append((sent, now))
                     self.counts["acked"] += 1
                 self._stop.wait(0.015)
         finally:
@@ -308,7 +312,11 @@ def run_scenario(stack: Stack, traffic: Traffic, name: str, fault: Callable[[], 
     acked_total, lost = traffic.final_check()
     counts = {k: traffic.counts.get(k, 0) - before.get(k, 0) for k in ("lookups", "failed", "wrong", "update errors")}
     acked = acked_total - acked_before
-    resumed = min((t for t in traffic.acked_at if t > t0), default=None)
+    # how long updates could not be applied: from the first update that failed after the fault to the
+    # first one sent after that which was acknowledged
+    first_failure = min((t for t in traffic.update_failed_at if t >= t0), default=None)
+    resumed = None if first_failure is None else min(
+        (done for sent, done in traffic.acked_at if sent > first_failure), default=None)
     row = {
         "scenario": name,
         "agents": stack.agents,
@@ -321,7 +329,8 @@ def run_scenario(stack: Stack, traffic: Traffic, name: str, fault: Callable[[], 
         "update errors": counts["update errors"],
         "recovered in s": f"{recovered:.2f}",
         "failed during recovery": sum(1 for t in traffic.failed_at if t0 <= t <= t0 + recovered),
-        "updates resumed after s": f"{resumed - t0:.2f}" if resumed is not None else "-",
+        "update outage s": f"{resumed - first_failure:.2f}" if resumed is not None and first_failure is not None
+                            else ("0" if first_failure is None else "-"),
     }
     report.append(row)
     return row

@@ -192,8 +192,9 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         agent's own tiers, checked *before* anything is written so an error means nothing changed."""
         if self._updater is not None:
             left = context.time_remaining()
-            # answer before the caller's deadline: it then learns the truth rather than DEADLINE_EXCEEDED
-            timeout = DEFAULT_UPDATE_TIMEOUT_S if left is None else max(0.05, min(DEFAULT_UPDATE_TIMEOUT_S, left - 0.25))
+            # answer before the caller's deadline (the withdraw after a timeout takes up to a Redis
+            # round trip more): the caller then learns the truth rather than DEADLINE_EXCEEDED
+            timeout = DEFAULT_UPDATE_TIMEOUT_S if left is None else max(0.05, min(DEFAULT_UPDATE_TIMEOUT_S, left - 1.0))
             return self._updater(table, keys, vectors, timeout)
         if self._update_refusal:
             raise FailedPreconditionError(self._update_refusal)

@@ -72,6 +72,10 @@ AGENT_GROUP_PREFIX = "agent:"
 #: file under an agent's state directory holding the random part of its stable identity
 IDENTITY_FILE = "hps-agent-id"
 
+#: socket timeout of the Update RPC's own Redis calls (publish, withdraw): a Redis that takes longer
+#: to take one entry is as good as unavailable, and the caller's deadline must bound the whole call
+COMMIT_REDIS_TIMEOUT_S = 0.5
+
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
 
 #: failures after which the entry may or may not be in the stream, or the slot map is stale: the
@@ -352,7 +356,10 @@ class UpdatePublisher:
             raise unauthenticated(self._addresses, exc) from None
         except _PUBLISH_RETRYABLE as first:
             self.retries += 1
-            log.warning("publish to %s failed (%s): reconnecting and retrying once", self.stream, first)
+            # a connection never made is the caller's to hear about (Redis down: one line per publish
+            # would flood the log); a call cut short is worth a warning
+            (log.debug if _never_sent(first) else log.warning)(
+                "publish to %s failed (%s): reconnecting and retrying once", self.stream, first)
             self._reset()
             try:
                 found = self._find(tag)
@@ -680,10 +687,12 @@ class UpdateConsumer:
           entry and telling whether it was applied (an entry it took is applied once it is back).
         """
         uid = f"rpc-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + timeout_s
         with self._publish_lock:
             if self._publisher is None:
+                # short socket timeouts: the caller's deadline bounds the whole call, retry included
                 self._publisher = UpdatePublisher(self._addresses, password=self._password, cluster=self._cluster,
-                                                  stream=self.stream)  # fmt: skip
+                                                  stream=self.stream, timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
             publisher = self._publisher
             try:
                 entry = publisher.publish(table, keys, vectors, uid=uid)
@@ -696,7 +705,7 @@ class UpdateConsumer:
                     raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
                                            "safe)") from None  # fmt: skip
                 entry = ""
-        if entry and self._wait_applied(entry, timeout_s):
+        if entry and self._wait_applied(entry, deadline - time.monotonic()):
             return entry
         outcome = self._withdraw(uid, entry, cause=f"not applied within {timeout_s:.1f} s")
         if outcome == "withdrawn":
@@ -705,15 +714,16 @@ class UpdateConsumer:
                 f"update not applied within {timeout_s:.1f} s ({why}): it was withdrawn and is applied "
                 "nowhere; sending it again is safe"
             )
-        # the writer claimed it: it is being applied everywhere; give this agent a moment to serve it
+        # the writer claimed it: it is being applied everywhere; give this agent what is left to serve it
         if entry:
-            self._wait_applied(entry, min(2.0, timeout_s))
+            self._wait_applied(entry, deadline - time.monotonic())
         return entry
 
     def _withdraw(self, uid: str, entry: str, *, cause: str) -> str:
         """``applied`` when the writer claimed the entry, else ``withdrawn`` (now applied nowhere, ever)."""
         try:
-            client = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster)
+            client = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster,
+                                          timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
             try:
                 outcome = _text(client.eval(_WITHDRAW, 3, self.stream, self._claimed_key, self._cancelled_key,
                                             uid, entry, 256))  # fmt: skip
@@ -913,8 +923,9 @@ class UpdateConsumer:
 
     # -- the group: where it starts, and the stale ones ----------------------------------------
 
-    def _start_point(self) -> tuple[str, int | None]:
-        """The id a new (or reset) group starts after, and its ``entries-read`` when known."""
+    def _start_point(self) -> tuple[str, int | None, bool]:
+        """The id a new (or reset) group starts after, its ``entries-read`` when known, and whether it
+        is the applied watermark."""
         assert self._redis is not None
         if self._shared is not None and not self._reset_pending:
             watermark = self._redis.get(self._applied_key)
@@ -922,25 +933,33 @@ class UpdateConsumer:
                 # the shared stores hold everything up to the watermark: start right after it
                 info = _stream_info(self._redis, self.stream)
                 at_end = info is not None and _text(info["last-generated-id"]) == _text(watermark)
-                return _text(watermark), int(info.get("entries-added") or 0) if info is not None and at_end else None
+                read = int(info.get("entries-added") or 0) if info is not None and at_end else None
+                return _text(watermark), read, True
         if isinstance(self._start, StreamPosition):
-            return self._start.last_id, self._start.entries_added
+            return self._start.last_id, self._start.entries_added, False
         if self._start in ("0", "0-0"):
             # "all retained history": what was trimmed before the group existed is not counted as
             # missed (it is older than anything this start point promises)
             info = _stream_info(self._redis, self.stream)
             if info is None:
-                return "0", 0
-            return "0", int(info.get("entries-added") or 0) - int(info.get("length") or 0)
-        return self._start, None
+                return "0", 0, False
+            return "0", int(info.get("entries-added") or 0) - int(info.get("length") or 0), False
+        return self._start, None, False
 
     def _ensure_group(self) -> None:
         assert self._redis is not None
-        start, entries_read = self._start_point()
+        start, entries_read, at_watermark = self._start_point()
         try:
             self._redis.xgroup_create(self.stream, self.group, id=start, mkstream=True, entries_read=entries_read)
             log.info("created consumer group %s on %s (after %s)", self.group, self.stream, start)
             self._entries_read_base, self._reads_since_check = None, 0  # a new group counts afresh
+            if at_watermark:
+                # this agent's L1 is new (or was just dropped) and the stores hold everything up to
+                # the watermark: it serves those entries already (an Update RPC waiting on one of them
+                # must not wait for the next entry to pass it)
+                with self._applied:
+                    self._last_applied_id = _id_max(start, self._last_applied_id)
+                    self._applied.notify_all()
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
