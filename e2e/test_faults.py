@@ -216,7 +216,10 @@ class Traffic:
                     client.update(MODEL, "users", [key], np.full((1, DIM), key * 1000 + version, np.float32))
                 except HpsError as exc:
                     text = str(exc)
-                    definite = "applied nowhere" in text or "not applied" in text or "failed to connect" in text
+                    # the Update RPC's answers (docs/updates.md): "not applied" is final, "outcome unknown"
+                    # may still be applied; a connection never made never reached an agent
+                    definite = "outcome unknown" not in text and (
+                        "update not applied" in text or "failed to connect" in text)
                     with self.lock:
                         (self.not_applied if definite else self.unknown)[key].add(version)
                         self.counts["update errors"] += 1

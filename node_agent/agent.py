@@ -202,7 +202,7 @@ class Agent:
             list(opts.redis), lookup=self.lookup, stream=stream, group=f"agent:{identity}",
             consumer=identity, password=opts.redis_password, cluster=opts.redis_cluster,
             start_id=start_id, reset_group=opts.load, shared=self.shared,
-            on_store_regression=self.probe.request_repair,
+            on_store_regression=self.probe.request_repair, epoch_key=self._epoch_key_beside(stream),
         ).start()  # fmt: skip
         # Stats, Describe and the metrics read it from now on; Update RPCs go through the stream
         self.server.servicer.add_stats_source("updates", self.consumer)
@@ -211,6 +211,15 @@ class Agent:
             log.warning("update stream %s not caught up after %.0f s; serving anyway, degraded until it is",
                         stream, opts.catch_up_timeout_s)  # fmt: skip
         self.server.set_serving(True)
+
+    def _epoch_key_beside(self, stream: str) -> str | None:
+        """The model's epoch key, when a script may use it with the stream (a Redis Cluster needs both
+        in one hash slot: a custom ``spec.updates.stream`` may lie elsewhere)."""
+        from node_agent.tiers.health import epoch_key
+
+        if self.options.redis_cluster and f"{{{self.model.name}}}" not in stream:
+            return None
+        return epoch_key(self.model.name)
 
     def _commit(self, table: str, keys: Any, vectors: Any, timeout_s: float) -> str:
         assert self.consumer is not None

@@ -509,8 +509,11 @@ local cur = redis.call('GET', KEYS[1])
 if (not cur) or idcmp(cur, ARGV[1]) < 0 then redis.call('SET', KEYS[1], ARGV[1]) end
 return redis.call('GET', KEYS[1])
 """
-#: KEYS: stream, claimed, cancelled; ARGV: uid, id ('' when unknown), how many newest entries to search
+#: KEYS: stream, claimed, cancelled, epoch; ARGV: uid, id ('' when unknown), how many newest entries
+#: to search, the epoch seen before publishing, '1' to check it -> applied | withdrawn | unknown.
+#: A claim recorded in a Redis that lost its data since is gone with it: then nobody can tell
 _WITHDRAW = _ID_CMP + """
+if ARGV[5] == '1' and (redis.call('GET', KEYS[4]) or '') ~= ARGV[4] then return 'unknown' end
 local id = ARGV[2]
 if id == '' then
   for _, e in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', tonumber(ARGV[3]))) do
@@ -520,6 +523,8 @@ if id == '' then
     end
     if id ~= '' then break end
   end
+elseif #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+  return 'unknown'
 end
 local claimed = redis.call('GET', KEYS[2])
 if id ~= '' and claimed and idcmp(claimed, id) >= 0 then return 'applied' end
@@ -581,6 +586,7 @@ class UpdateConsumer:
         reset_group: bool = False,
         shared: SharedStores | None = None,
         on_store_regression: Callable[[str], None] | None = None,
+        epoch_key: str | None = None,
         stale_group_idle_s: float | None = DEFAULT_STALE_GROUP_IDLE_S,
         gap_check_interval_s: float = 5.0,
         block_ms: int = 200,
@@ -600,6 +606,7 @@ class UpdateConsumer:
         self._reset_pending = reset_group
         self._shared = shared
         self._on_store_regression = on_store_regression
+        self._epoch_key = epoch_key
         self._stale_group_idle_s = stale_group_idle_s
         self._gap_check_interval_s = gap_check_interval_s
         self._block_ms = block_ms
@@ -641,6 +648,8 @@ class UpdateConsumer:
         self._reads_since_check = 0
         self._publisher: UpdatePublisher | None = None
         self._publish_lock = threading.Lock()
+        #: the Update RPC's own connection (the data generation before publishing, withdrawing)
+        self._commit_redis: redis.Redis | redis.RedisCluster | None = None
         #: the stream's newest entry when the group was first set up: applied it, the consumer is caught up
         self._catch_up_to: tuple[int, int] | None = None
 
@@ -660,7 +669,7 @@ class UpdateConsumer:
             self._thread.join(timeout)
         if self._shared is not None:
             self._shared.release()
-        for client in (self._redis, self._publisher):
+        for client in (self._redis, self._publisher, self._commit_redis):
             if client is not None:
                 with contextlib.suppress(redis.RedisError):
                     client.close()
@@ -689,6 +698,7 @@ class UpdateConsumer:
         uid = f"rpc-{uuid.uuid4().hex}"
         deadline = time.monotonic() + timeout_s
         with self._publish_lock:
+            generation = self._generation()
             if self._publisher is None:
                 # short socket timeouts: the caller's deadline bounds the whole call, retry included
                 self._publisher = UpdatePublisher(self._addresses, password=self._password, cluster=self._cluster,
@@ -700,14 +710,19 @@ class UpdateConsumer:
                 raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
                                        "safe)") from None  # fmt: skip
             except UnavailableError as exc:
-                outcome = self._withdraw(uid, "", cause=str(exc))
+                outcome = self._withdraw(uid, "", generation, cause=str(exc))
+                if outcome == "unknown":
+                    raise self._unknown(str(exc), "") from None
                 if outcome != "applied":
                     raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
                                            "safe)") from None  # fmt: skip
                 entry = ""
         if entry and self._wait_applied(entry, deadline - time.monotonic()):
             return entry
-        outcome = self._withdraw(uid, entry, cause=f"not applied within {timeout_s:.1f} s")
+        cause = f"no store writer had applied it after {timeout_s:.1f} s"
+        outcome = self._withdraw(uid, entry, generation, cause=cause)
+        if outcome == "unknown":
+            raise self._unknown(cause, entry)
         if outcome == "withdrawn":
             why = self._last_error or "no agent could write the shared stores"
             raise UnavailableError(
@@ -719,25 +734,46 @@ class UpdateConsumer:
             self._wait_applied(entry, deadline - time.monotonic())
         return entry
 
-    def _withdraw(self, uid: str, entry: str, *, cause: str) -> str:
-        """``applied`` when the writer claimed the entry, else ``withdrawn`` (now applied nowhere, ever)."""
+    def _commit_client(self) -> redis.Redis | redis.RedisCluster:
+        if self._commit_redis is None:
+            self._commit_redis = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster,
+                                                      timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
+        return self._commit_redis
+
+    def _generation(self) -> str | None:
+        """The data generation (epoch) of the stream's Redis before publishing; None when not known."""
+        if self._epoch_key is None:
+            return None
         try:
-            client = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster,
-                                          timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
-            try:
-                outcome = _text(client.eval(_WITHDRAW, 3, self.stream, self._claimed_key, self._cancelled_key,
-                                            uid, entry, 256))  # fmt: skip
-            finally:
-                with contextlib.suppress(redis.RedisError):
-                    client.close()
+            raw = self._commit_client().get(self._epoch_key)
+        except redis.RedisError as exc:
+            self._commit_redis = None
+            raise UnavailableError(f"update not applied: Redis unreachable ({exc}); nothing was changed (sending "
+                                   "it again is safe)") from None  # fmt: skip
+        return _text(raw) if raw is not None else ""
+
+    def _withdraw(self, uid: str, entry: str, generation: str | None, *, cause: str) -> str:
+        """``applied`` when the writer claimed the entry, ``withdrawn`` (now applied nowhere, ever), or
+        ``unknown`` when Redis lost data since the entry was published (its claim may have gone with it)."""
+        try:
+            epoch_key = self._epoch_key if generation is not None and self._epoch_key is not None else None
+            outcome = _text(self._commit_client().eval(
+                _WITHDRAW, 4, self.stream, self._claimed_key, self._cancelled_key, epoch_key or self._claimed_key,
+                uid, entry, 256, generation or "", "1" if epoch_key else "0",
+            ))  # fmt: skip
         except (redis.RedisError, UnavailableError) as exc:
-            where = f"as entry {entry}" if entry else "(if it reached the stream at all)"
-            raise UnavailableError(
-                f"update outcome unknown: {cause}, and Redis stopped answering ({exc}) before this agent could "
-                f"tell whether it was applied. An update Redis took {where} is applied on every agent once "
-                "Redis is back; sending it again is safe (updates overwrite)"
-            ) from None
+            self._commit_redis = None
+            raise self._unknown(f"{cause}, and Redis stopped answering ({exc})", entry) from None
         return outcome
+
+    @staticmethod
+    def _unknown(cause: str, entry: str) -> UnavailableError:
+        where = f"as entry {entry}" if entry else "(if it reached the stream at all)"
+        return UnavailableError(
+            f"update outcome unknown: {cause}; whether a store writer applied it cannot be told (Redis stopped "
+            f"answering, or lost data since it took the entry {where}). Sending it again is safe (updates "
+            "overwrite)"
+        )
 
     def _wait_applied(self, entry: str, timeout_s: float) -> bool:
         target = _parse_id(entry)
@@ -955,8 +991,10 @@ class UpdateConsumer:
             self._entries_read_base, self._reads_since_check = None, 0  # a new group counts afresh
             if at_watermark:
                 # this agent's L1 is new (or was just dropped) and the stores hold everything up to
-                # the watermark: it serves those entries already (an Update RPC waiting on one of them
-                # must not wait for the next entry to pass it)
+                # the watermark: once it read what the writer wrote there, it serves those entries
+                # (an Update RPC waiting on one of them must not wait for the next entry to pass it)
+                if self._shared is not None:
+                    self._shared.catch_up()
                 with self._applied:
                     self._last_applied_id = _id_max(start, self._last_applied_id)
                     self._applied.notify_all()

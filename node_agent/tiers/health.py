@@ -277,29 +277,37 @@ class TierProbe:
             self._requested = reason
 
     def probe_once(self) -> None:
-        """One round: every Redis (PING and its epoch), the RocksDB tier, then a repair if one is due."""
+        """One round: a repair another part asked for, every Redis (PING and its epoch), the RocksDB
+        tier, then the repair if one is due."""
+        with self._lock:
+            requested, self._requested = self._requested, ""
+            self._counters["probes"] += 1
+        if requested and time.monotonic() - self._last_repair >= REPAIR_COVERS_S:
+            self._invalidate_l1()
+            with self._lock:
+                self._counters["resets"] += 1
+            if self._is_writer():
+                # only the writer repairs; the others follow the new epoch it writes (waiting here for
+                # one more would wait for good when the writer's repair came first)
+                for target in self._targets:
+                    if target.up and not target.reset:
+                        target.reset = requested
         for target in self._targets:
             self._probe_redis(target)
         if self._persistent is not None:
             try:
                 self._persistent.probe()
+                if self._shared is not None:
+                    # a secondary of the writer's RocksDB reads what it wrote at least this often, also
+                    # rows of entries this agent never applies itself (its group started past them)
+                    self._shared.catch_up()
                 error = ""
             except UnavailableError as exc:
                 error = str(exc)
             if error != self._rocksdb_error:
                 (log.warning if error else log.info)("rocksdb probe: %s", error or "answering again")
             self._rocksdb_error = error
-        with self._lock:
-            requested, self._requested = self._requested, ""
-            self._counters["probes"] += 1
         self._last_probe_ms = int(time.time() * 1000)
-        if requested:
-            for target in self._targets:
-                if target.up and not target.reset:
-                    target.reset = requested
-            with self._lock:
-                self._counters["resets"] += 1
-            self._invalidate_l1()
         if any(t.reset and t.up for t in self._targets):
             self._repair()
 

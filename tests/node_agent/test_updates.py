@@ -553,3 +553,44 @@ def test_a_tier_that_comes_back_is_written_again_while_updates_keep_coming(
             back.stop(hard=True)
     finally:
         lookup.close()
+
+
+def test_an_update_rpc_whose_redis_lost_its_data_meanwhile_says_its_outcome_is_unknown(
+    make_redis: Callable[..., RedisProcess], demo: tuple[LookupPath, dict[str, TableData]]
+) -> None:
+    """A store writer may have claimed and applied the entry before Redis lost it, the claim with it:
+    a withdraw on the Redis that came back would wrongly answer "applied nowhere"."""
+    import threading
+
+    from node_agent.tiers.health import epoch_key, write_epoch
+
+    lookup, _ = demo
+    server = make_redis(password=PASSWORD)
+    write_epoch(server.client(), "demo")
+    stream = stream_name("demo")
+    # not started: nothing applies the entry, so the RPC waits until its deadline, then withdraws
+    consumer = consumer_for(server, lookup, stream, epoch_key=epoch_key("demo"))
+    wiped = threading.Event()
+
+    def lose_the_data() -> None:
+        wait_until(lambda: server.client().xlen(stream) == 1, 5.0)
+        server.stop(hard=True)
+        make_redis(port=server.port, password=PASSWORD)  # back on its address, empty
+        wiped.set()
+
+    wiper = threading.Thread(target=lose_the_data)
+    wiper.start()
+    try:
+        with pytest.raises(UnavailableError, match="update outcome unknown") as err:
+            consumer.commit("user", [1], np.full((1, 8), 5.0, np.float32), timeout_s=2.0)
+        assert wiped.is_set() and "withdrawn" not in str(err.value)
+    finally:
+        wiper.join(10)
+        consumer.stop()
+    # on the same Redis, with no writer, the same RPC is withdrawn: applied nowhere, ever
+    consumer = consumer_for(server, lookup, stream, epoch_key=epoch_key("demo"))
+    try:
+        with pytest.raises(UnavailableError, match="withdrawn and is applied nowhere"):
+            consumer.commit("user", [1], np.full((1, 8), 6.0, np.float32), timeout_s=0.5)
+    finally:
+        consumer.stop()
