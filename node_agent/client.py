@@ -7,8 +7,9 @@ that answered. Any other failure raises the typed error of :mod:`node_agent.erro
 server's own message.
 
 Updates: with ``redis=`` the client publishes to the model's Redis Stream, which reaches every
-agent serving the model (the production path); without it, ``update`` calls the Update RPC of
-one agent, which refreshes that agent's cache and the shared durable tiers only.
+agent serving the model (the production path); without it, ``update`` calls the Update RPC of one
+agent, which publishes it there for every agent and answers once the stores hold it (an error means
+it is applied nowhere).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import numpy as np
 
 from node_agent import wire
 from node_agent.errors import (
+    FailedPreconditionError,
     HpsError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
@@ -41,7 +44,49 @@ _ERROR_OF_STATUS: dict[grpc.StatusCode, type[HpsError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
+
+#: gRPC target schemes passed through as they are (no HOST:PORT to check)
+_TARGET_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "xds:")
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``HOST:PORT`` (``[v6]:PORT``), or a gRPC target such as ``unix:/path``. Without a port gRPC
+    would silently try 443, so a missing or bad port is an :class:`InvalidArgumentError` saying so."""
+    if endpoint.startswith(_TARGET_SCHEMES):
+        return endpoint
+    if endpoint.startswith("["):
+        close = endpoint.find("]")
+        host, rest = (endpoint[: close + 1], endpoint[close + 1 :]) if close > 0 else (endpoint, "")
+        port = rest[1:] if rest.startswith(":") else None
+        example = f"{host if close > 0 else endpoint + ']'}:50051"
+    elif endpoint.count(":") > 1:
+        raise InvalidArgumentError(f"endpoint {endpoint!r}: an IPv6 address goes in brackets, e.g. [::1]:50051")
+    else:
+        host, sep, after = endpoint.partition(":")
+        port = after if sep else None
+        example = f"{host or 'localhost'}:50051"
+    if port is None:
+        raise InvalidArgumentError(f"endpoint {endpoint!r} has no port: give HOST:PORT, e.g. {example}")
+    if not host.strip("[]"):
+        raise InvalidArgumentError(f"endpoint {endpoint!r} has no host: give HOST:PORT, e.g. localhost:{port or 50051}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgumentError(f"endpoint {endpoint!r}: the port must be a number from 1 to 65535, got {port!r}")
+    return endpoint
+    host, sep, port = endpoint.rpartition(":")
+    if endpoint.startswith("[") and not endpoint.rstrip().endswith("]") and "]:" in endpoint:
+        host, port = endpoint.rsplit("]:", 1)[0] + "]", endpoint.rsplit("]:", 1)[1]
+    elif not sep or (host.count(":") and not host.startswith("[")) or endpoint.endswith("]"):
+        raise InvalidArgumentError(
+            f"endpoint {endpoint!r} has no port: give HOST:PORT, e.g. {endpoint.strip('[]') or 'localhost'}:50051"
+        )
+    if not host:
+        raise InvalidArgumentError(f"endpoint {endpoint!r} has no host: give HOST:PORT, e.g. localhost{endpoint}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgumentError(f"endpoint {endpoint!r}: the port must be a number from 1 to 65535, got {port!r}")
+    return endpoint
 
 
 @dataclass(frozen=True)
@@ -66,6 +111,10 @@ class ModelInfo:
     degraded: bool
     updates_stream: str
     endpoint: str = field(default="", compare=False)
+    #: why ``degraded``, one line per cause
+    degraded_reasons: tuple[str, ...] = field(default=(), compare=False)
+    #: the agent's update consumer (last applied entry, lag, gaps, ...), None without a stream
+    updates: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +127,8 @@ class ModelInfo:
             "degraded": self.degraded,
             "updatesStream": self.updates_stream,
             "endpoint": self.endpoint,
+            "degradedReasons": list(self.degraded_reasons),
+            "updates": dict(self.updates) if self.updates is not None else None,
         }
 
 
@@ -99,7 +150,7 @@ class Client:
         redis_cluster: bool = False,
     ) -> None:
         endpoints = [e.strip() for e in endpoint.split(",")] if isinstance(endpoint, str) else list(endpoint)
-        endpoints = [e for e in endpoints if e]
+        endpoints = [check_endpoint(e) for e in endpoints if e]
         if not endpoints:
             raise InvalidArgumentError("no endpoint given")
         if timeout <= 0:
@@ -166,8 +217,8 @@ class Client:
 
         With ``redis=`` given: checks the table and dim against Describe, then publishes to the
         model's stream (raises :class:`UnavailableError` if Redis does not take it); every agent
-        applies it within the update lag. Without: the Update RPC of one agent, applied when it
-        returns."""
+        applies it within the update lag. Without: the Update RPC of one agent, which returns once the
+        stores hold it and raises when it is applied nowhere (see the proto)."""
         k = wire.as_keys(keys)
         v = wire.as_vectors(vectors, rows=int(k.size))
         if self._redis is not None:
@@ -223,6 +274,8 @@ class Client:
             degraded=bool(response.degraded),
             updates_stream=response.updates_stream,
             endpoint=endpoint,
+            degraded_reasons=tuple(response.degraded_reasons),
+            updates=_message_dict(response.updates) if response.HasField("updates") else None,
         )
         with self._lock:
             self._described[model] = info
@@ -262,8 +315,10 @@ class Client:
                     index = (index + 1) % len(self.endpoints)
                     continue
                 if code in _RETRYABLE:
+                    asked = list(dict.fromkeys(tried))
+                    attempts = f", {len(tried)} attempts" if len(tried) > len(asked) else ""
                     raise UnavailableError(
-                        f"no endpoint answered {method} (tried {', '.join(tried)}): {code.name}: {details}"
+                        f"no endpoint answered {method} ({', '.join(asked)}{attempts}): {code.name}: {details}"
                     ) from None
                 raise _ERROR_OF_STATUS.get(code, HpsError)(details if code in _ERROR_OF_STATUS else f"{code.name}: {details}") from None
             with self._lock:
@@ -283,3 +338,8 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    """A flat message's fields by name, as Python values (every field, set or not)."""
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}

@@ -45,6 +45,19 @@ class UnavailableError(HpsError):
     exit_code = 5
 
 
+class FailedPreconditionError(HpsError):
+    """The request is well formed but this deployment cannot do it as it is set up (e.g. an update
+    on agents that share read-only stores and have no update stream); the message says what to change."""
+
+    exit_code = 8
+
+
+class UnauthenticatedError(HpsError):
+    """A store refused the credentials (none given where a password is required, or a wrong one)."""
+
+    exit_code = 9
+
+
 class TableSourceError(HpsError):
     """A table's source is missing, corrupt or does not match the spec; the message names the file."""
 

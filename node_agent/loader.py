@@ -136,7 +136,24 @@ def open_source(table: TableSpec, *, base_dir: Path | None = None) -> TableSourc
     return source
 
 
+#: the first bytes of every .npy file (NumPy's format: the magic string, then the version)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _open_npy(path: Path) -> np.ndarray:
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except FileNotFoundError:
+        raise TableSourceError(f"{path}: file does not exist") from None
+    except IsADirectoryError:
+        raise TableSourceError(f"{path}: is a directory, not a .npy file") from None
+    except OSError as exc:
+        raise TableSourceError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if head != _NPY_MAGIC:
+        # without this check NumPy tries the file as a pickle and suggests allow_pickle=True
+        what = "it is empty" if not head else "it does not start with NumPy's .npy header"
+        raise TableSourceError(f"{path}: not a .npy file ({what}); write tables with numpy.save")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:

@@ -165,9 +165,12 @@ class LookupPath:
         with self._write_locks[table]:
             took, missed = [], []
             for state in self._tiers:
+                if not self._may_try(state):
+                    # down and not due for a probe: kept for the replay, without pushing the probe back
+                    # (updates faster than the probe interval would otherwise keep it down for good)
+                    missed.append(state)
+                    continue
                 try:
-                    if not self._may_try(state):
-                        raise UnavailableError(f"{state.role} tier {state.tier.name} is down")
                     self._replay_pending(state, table)
                     state.tier.insert(table, unique, rows)
                 except UnavailableError as exc:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from node_agent import wire
 from node_agent.errors import (
+    FailedPreconditionError,
     HpsError,
     InvalidArgumentError,
     NotFoundError,
@@ -44,12 +46,28 @@ SERVICE_NAME: str = hps_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full
 #: default limit on keys per request; the spec's ``agent.maxBatchKeys`` overrides it
 DEFAULT_MAX_BATCH_KEYS = 1 << 20
 
+#: longest model or table name a request may carry (a DNS subdomain's limit; real names are labels of
+#: at most 63). A longer one is refused without being echoed: gRPC carries the error message in a
+#: header, and a name of kilobytes would overflow it (the client would see RESOURCE_EXHAUSTED)
+MAX_NAME_LENGTH = 253
+#: an error message is cut to this many characters for the same reason
+MAX_ERROR_MESSAGE = 1024
+#: at most one log line per this many seconds about requests that could not be decoded
+UNDECODABLE_LOG_INTERVAL_S = 10.0
+
+#: what the Update RPC calls when the agent consumes an update stream: ``(table, keys, vectors,
+#: timeout_s) -> entry id``, answering once the update is applied (see UpdateConsumer.commit)
+Updater = Callable[[str, np.ndarray, np.ndarray, float], str]
+#: how long the Update RPC waits for an update to be applied when the caller set no deadline
+DEFAULT_UPDATE_TIMEOUT_S = 10.0
+
 
 _STATUS_OF_ERROR: tuple[tuple[type[HpsError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 
@@ -83,7 +101,9 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         partition: int = 0,
         device: str = "cpu",
         updates_stream: str = "",
-        extras: Mapping[str, StatsSource] | None = None,
+        extras: dict[str, StatsSource] | None = None,
+        updater: Updater | None = None,
+        update_refusal: str = "",
     ) -> None:
         self._lookup = lookup
         self._model = model
@@ -92,9 +112,23 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         self._partition = partition
         self._device = device
         self._updates_stream = updates_stream
-        self._extras = dict(extras or {})
+        # the caller's dict itself: an agent adds its update consumer after the server started
+        self._extras: dict[str, StatsSource] = extras if extras is not None else {}
+        self._updater = updater
+        self._update_refusal = update_refusal
         self._counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
+        self._undecodable = _RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S)
+
+    def set_updater(self, updater: Updater | None, *, refusal: str = "") -> None:
+        """Where Update RPCs go from now on: ``updater`` (through the update stream), else this agent's
+        own lookup path, unless ``refusal`` says why updates cannot be applied here."""
+        self._updater = updater
+        self._update_refusal = refusal
+
+    def add_stats_source(self, name: str, source: StatsSource) -> None:
+        """Adds counters (and health) that Stats, Describe and metrics report from now on."""
+        self._extras[name] = source
 
     # -- RPCs ----------------------------------------------------------------------------------
 
@@ -102,6 +136,7 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         """Answers with a :class:`~node_agent.wire.PackedLookupResponse`, which serialises to the same
         bytes as the ``LookupResponse`` it stands for (see :func:`add_embedding_service`)."""
         with self._edge("Lookup", context):
+            _check_decoded(request)
             self._check_model(request.model)
             total = sum(wire.count_keys(t.keys) for t in request.tables)
             if total > self._max_batch_keys:
@@ -134,6 +169,7 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
 
     def Update(self, request: hps_pb2.UpdateRequest, context: grpc.ServicerContext) -> hps_pb2.UpdateResponse:
         with self._edge("Update", context):
+            _check_decoded(request)
             self._check_model(request.model)
             tables = self._lookup.tables()
             self._check_table(request.table, tables, where="table")
@@ -147,15 +183,30 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
             vectors = wire.unpack_vectors(
                 request.vectors, dtype=sent, rows=int(keys.size), dim=spec.dim, where=f"vectors of {request.table}"
             )
-            if keys.size:
-                self._lookup.update(request.table, keys, vectors.astype(spec.dtype, copy=False))
+            entry = self._apply_update(request.table, keys, vectors.astype(spec.dtype, copy=False), context)
             self._count(updates=1, updated_keys=int(keys.size))
-            return hps_pb2.UpdateResponse(updated=int(keys.size))
+            return hps_pb2.UpdateResponse(updated=int(keys.size), entry_id=entry)
+
+    def _apply_update(self, table: str, keys: np.ndarray, vectors: np.ndarray, context: grpc.ServicerContext) -> str:
+        """Through the update stream when there is one (every agent applies it); otherwise into this
+        agent's own tiers, checked *before* anything is written so an error means nothing changed."""
+        if self._updater is not None:
+            left = context.time_remaining()
+            # answer before the caller's deadline (the withdraw after a timeout takes up to a Redis
+            # round trip more): the caller then learns the truth rather than DEADLINE_EXCEEDED
+            timeout = DEFAULT_UPDATE_TIMEOUT_S if left is None else max(0.05, min(DEFAULT_UPDATE_TIMEOUT_S, left - 1.0))
+            return self._updater(table, keys, vectors, timeout)
+        if self._update_refusal:
+            raise FailedPreconditionError(self._update_refusal)
+        if keys.size:
+            self._lookup.update(table, keys, vectors)
+        return ""
 
     def Describe(
         self, request: hps_pb2.DescribeRequest, context: grpc.ServicerContext
     ) -> hps_pb2.DescribeResponse:
         with self._edge("Describe", context):
+            _check_decoded(request)
             self._check_model(request.model)
             response = hps_pb2.DescribeResponse(
                 model=self._model,
@@ -165,7 +216,11 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
                 max_batch_keys=self._max_batch_keys,
                 degraded=self.degraded,
                 updates_stream=self._updates_stream,
+                degraded_reasons=self.degraded_reasons(),
             )
+            consumer = self._extras.get("updates")
+            if consumer is not None:
+                response.updates.CopyFrom(_consumer_status(consumer.stats()))
             for name, spec in sorted(self._lookup.tables().items()):
                 response.tables.add(
                     name=name,
@@ -178,6 +233,7 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
 
     def Stats(self, request: hps_pb2.StatsRequest, context: grpc.ServicerContext) -> hps_pb2.StatsResponse:
         with self._edge("Stats", context):
+            _check_decoded(request)
             self._check_model(request.model)
             stats = self.snapshot()
             return hps_pb2.StatsResponse(
@@ -191,11 +247,12 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         stats: dict[str, Any] = {
             "model": self._model,
             "degraded": self.degraded,
+            "degraded_reasons": self.degraded_reasons(),
             "device": self._device,
             "server": server,
             "lookup": dict(self._lookup.stats()),
         }
-        for name, source in self._extras.items():
+        for name, source in list(self._extras.items()):
             stats[name] = dict(source.stats())
         return stats
 
@@ -207,7 +264,24 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
 
     @property
     def degraded(self) -> bool:
-        return bool(self._lookup.degraded) or any(s.degraded for s in self._extras.values())
+        return bool(self._lookup.degraded) or any(s.degraded for s in list(self._extras.values()))
+
+    def degraded_reasons(self) -> list[str]:
+        """Why the agent is degraded, one line per cause (empty when it is not)."""
+        reasons: list[str] = []
+        stats = dict(self._lookup.stats()) if self._lookup.degraded else {}
+        for role, tier in sorted((stats.get("tiers") or {}).items()):
+            if isinstance(tier, Mapping) and not tier.get("up", True):
+                reasons.append(f"{role} tier {tier.get('name')} down: {tier.get('last_error')}")
+        pending = stats.get("pending_writes")
+        if pending:
+            reasons.append(f"updates waiting for a tier: {pending}")
+        for name, source in list(self._extras.items()):
+            if source.degraded:
+                explain = getattr(source, "reasons", None)
+                found = explain() if callable(explain) else [getattr(source, "reason", "") or f"{name} degraded"]
+                reasons.extend(r for r in found if r not in reasons)
+        return reasons
 
     @contextmanager
     def _edge(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -217,18 +291,23 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         except HpsError as exc:
             code = status_of(exc)
             self._count(**{f"errors.{code.name.lower()}": 1})
-            log.debug("%s -> %s: %s", method, code.name, exc)
-            _abort(context, code, str(exc))
+            if isinstance(exc, _Undecodable):
+                self._undecodable.note(method, str(exc))
+            else:
+                log.debug("%s -> %s: %s", method, code.name, exc)
+            _abort(context, code, _bounded(str(exc)))
 
     def _check_model(self, model: str) -> None:
         if not model:
             raise InvalidArgumentError("model name is empty")
+        _check_name_length(model, "model")
         if model != self._model:
             raise NotFoundError(f"model {model!r} not found: this agent serves {self._model!r}")
 
     def _check_table(self, table: str, tables: Mapping[str, Any], *, where: str) -> None:
         if not table:
             raise InvalidArgumentError(f"{where}: table name is empty")
+        _check_name_length(table, f"{where}: table")
         if table not in tables:
             known = ", ".join(sorted(tables)) or "none"
             raise NotFoundError(f"table {table!r} not found in model {self._model!r} (tables: {known})")
@@ -254,6 +333,106 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
             raise
         self._count(lookups=1, keys=int(keys.size), **{f"lookups.{via}": 1})
         return spec, rows
+
+
+def _check_name_length(name: str, what: str) -> None:
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(
+            f"{what} name is {len(name)} characters long; names are at most {MAX_NAME_LENGTH} "
+            f"(it starts {name[:32]!r})"
+        )
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return message[: MAX_ERROR_MESSAGE - 40] + f"... ({len(message)} characters in all)"
+
+
+class _Undecodable(InvalidArgumentError):
+    """A request whose bytes are not the message the method takes."""
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What a deserializer hands the servicer when the bytes are not the method's message: the RPC
+    then answers INVALID_ARGUMENT with the reason (gRPC itself would log a traceback per request and
+    answer INTERNAL)."""
+
+    type_name: str
+    size: int
+    error: str
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise _Undecodable(
+            f"request is not a valid {request.type_name} ({request.size} bytes): {request.error}"
+        )
+
+
+def lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+    """``parse`` (a message's ``FromString``) that returns an :class:`UndecodableRequest` instead of
+    raising, so a malformed request is answered by the servicer like any other bad input."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or a buffer of the wrong kind
+            return UndecodableRequest(type_name, len(data), str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+class _RateLimitedLog:
+    """One warning per ``interval_s`` about undecodable requests, counting the ones in between: a
+    client sending garbage must not fill the log (nor slow the agent writing it)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def note(self, method: str, error: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval_s
+        more = f" (and {suppressed} more since the last such line)" if suppressed else ""
+        log.warning("%s: undecodable request answered INVALID_ARGUMENT: %s%s", method, _bounded(error)[:300], more)
+
+
+def _consumer_status(stats: Mapping[str, Any]) -> hps_pb2.UpdateConsumerStatus:
+    """The update consumer's counters as Describe carries them."""
+
+    def number(name: str) -> float:
+        value = stats.get(name)
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    behind = stats.get("entries_behind")
+    return hps_pb2.UpdateConsumerStatus(
+        stream=str(stats.get("stream") or ""),
+        group=str(stats.get("group") or ""),
+        last_applied_id=str(stats.get("last_applied_id") or ""),
+        applied_watermark=str(stats.get("applied_watermark") or ""),
+        store_writer=bool(stats.get("store_writer")),
+        applied_entries=int(number("applied_entries")),
+        rejected_entries=int(number("rejected_entries")),
+        withdrawn_entries=int(number("withdrawn_entries")),
+        gaps=int(number("gaps")),
+        missed_entries=int(number("missed_entries")),
+        entries_behind=int(behind) if isinstance(behind, int) else -1,
+        lag_ms_p50=number("lag_ms_p50"),
+        lag_ms_p99=number("lag_ms_p99"),
+        lag_ms_last=number("lag_ms_last"),
+        caught_up=bool(stats.get("caught_up")),
+        degraded=bool(stats.get("degraded")),
+        reason=str(stats.get("reason") or ""),
+    )
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -313,7 +492,9 @@ def serve(
     partition: int = 0,
     device: str | None = None,
     updates_stream: str = "",
-    extras: Mapping[str, StatsSource] | None = None,
+    extras: dict[str, StatsSource] | None = None,
+    updater: Updater | None = None,
+    update_refusal: str = "",
 ) -> RunningServer:
     """Starts serving ``lookup`` as ``model`` on ``host:port`` (``0`` picks a free port) and returns at
     once; the health service answers SERVING from then on.
@@ -332,6 +513,8 @@ def serve(
         device=device or device_of(lookup),
         updates_stream=updates_stream,
         extras=extras,
+        updater=updater,
+        update_refusal=update_refusal,
     )
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hps-grpc")
     server = grpc.server(pool, options=wire.GRPC_MESSAGE_OPTIONS)
@@ -364,23 +547,26 @@ def add_embedding_service(servicer: hps_pb2_grpc.EmbeddingServiceServicer, serve
     """What the generated ``add_EmbeddingServiceServicer_to_server`` does, but Lookup's answer is
     serialised by its own ``SerializeToString``: a :class:`~node_agent.wire.PackedLookupResponse`
     writes the vectors into the message bytes in one copy, where a protobuf message costs three."""
+    # every request is parsed leniently: bytes that are not the message become INVALID_ARGUMENT
     handlers = {
         "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, request_deserializer=hps_pb2.LookupRequest.FromString, response_serializer=_serialize
+            servicer.Lookup,
+            request_deserializer=lenient(hps_pb2.LookupRequest.FromString, "hps.v1.LookupRequest"),
+            response_serializer=_serialize,
         ),
         "Update": grpc.unary_unary_rpc_method_handler(
             servicer.Update,
-            request_deserializer=hps_pb2.UpdateRequest.FromString,
+            request_deserializer=lenient(hps_pb2.UpdateRequest.FromString, "hps.v1.UpdateRequest"),
             response_serializer=hps_pb2.UpdateResponse.SerializeToString,
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
-            request_deserializer=hps_pb2.DescribeRequest.FromString,
+            request_deserializer=lenient(hps_pb2.DescribeRequest.FromString, "hps.v1.DescribeRequest"),
             response_serializer=hps_pb2.DescribeResponse.SerializeToString,
         ),
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats,
-            request_deserializer=hps_pb2.StatsRequest.FromString,
+            request_deserializer=lenient(hps_pb2.StatsRequest.FromString, "hps.v1.StatsRequest"),
             response_serializer=hps_pb2.StatsResponse.SerializeToString,
         ),
     }

@@ -3,10 +3,16 @@
 Pure: no I/O beyond :func:`load_model_file`. Every rejection is an :class:`InvalidSpecError` naming
 the field path (``spec.tables[2].dim``), so the operator can put it in a ``Ready=False`` condition
 and the CLI can print it in one line. Field names follow DESIGN.md's contract (camelCase in YAML).
+
+A field the parser does not know is an error too, naming its path and the closest known field
+(``spec.replica: unknown field; did you mean replicas?``): a misspelt field silently ignored would
+leave its default in force while the user believes otherwise. The known fields of each object are
+exactly the CRD's (a test checks it), so what the API server accepts, this parser accepts.
 """
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +32,8 @@ DTYPES: dict[str, int] = {"float32": 4, "float16": 2}
 CACHE_POLICIES = ("lru", "lfu")
 PLACEMENT_STRATEGIES = ("auto", "replicate", "table", "row")
 VOLATILE_TYPES = ("redis", "hashmap", "none")
+REDIS_PERSISTENCE_TYPES = ("aof", "none")
+REDIS_APPENDFSYNC = ("everysec", "always", "no")
 PERSISTENT_TYPES = ("rocksdb", "none")
 #: hostPath types that make sense for files the pods only read (``DirectoryOrCreate`` would mount an
 #: empty directory and fail later, at load time, instead of at pod start)
@@ -109,6 +117,22 @@ class CacheSpec:
 
 
 @dataclass(frozen=True)
+class RedisPersistenceSpec:
+    """What Redis keeps across restarts: ``aof`` logs every write and replays the log at start
+    (``appendfsync`` as Redis means it), ``none`` makes it a pure cache."""
+
+    type: str = "aof"
+    appendfsync: str = "everysec"
+
+    def redis_args(self) -> list[str]:
+        """The ``redis-server`` arguments that set it up (no RDB snapshots either way: the AOF is the
+        record, and a snapshot of a large L2 would stall the server every few minutes)."""
+        if self.type == "none":
+            return ["--appendonly", "no", "--save", ""]
+        return ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
+
+
+@dataclass(frozen=True)
 class RedisSpec:
     shards: int = 1
     replicas_per_shard: int = 0
@@ -117,6 +141,7 @@ class RedisSpec:
     cluster: bool = False
     #: name of a Secret key holding the AUTH password; the operator generates one when empty
     password_secret: str | None = None
+    persistence: RedisPersistenceSpec = field(default_factory=RedisPersistenceSpec)
 
 
 @dataclass(frozen=True)
@@ -281,16 +306,61 @@ class ModelSpec:
 # parsing
 
 
-def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+def _mapping(value: Any, field: str, known: Sequence[str] | None = None) -> Mapping[str, Any]:
+    """``value`` as an object (None: empty); with ``known``, a key outside it is an error."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidSpecError(field, f"expected an object, got {type(value).__name__}")
+    if known is not None:
+        for key in value:
+            if key not in known:
+                raise InvalidSpecError(f"{field}.{key}" if field != "<root>" else str(key),
+                                       unknown_field_message(str(key), known))  # fmt: skip
     return value
 
 
-def _int(obj: Mapping[str, Any], key: str, field: str, default: int, *, minimum: int = 0,
+def unknown_field_message(key: str, known: Sequence[str]) -> str:
+    """``unknown field; did you mean replicas?`` (the closest known field), or the known ones."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        lowered = {k.lower(): k for k in known}
+        close = [lowered[key.lower()]] if key.lower() in lowered else []
+    if close:
+        return f"unknown field; did you mean {close[0]}?"
+    return f"unknown field; the known fields here are {', '.join(known)}"
+
+
+#: the fields each object of the spec may carry (the CRD's properties, checked by a test)
+MANIFEST_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+SPEC_FIELDS = ("tables", "replicas", "gpusPerPod", "partitions", "cache", "volatileStore", "persistentStore",
+               "placement", "updates", "autoscaling", "agent", "modelStore")  # fmt: skip
+TABLE_FIELDS = ("name", "rows", "dim", "dtype", "source", "hotness", "defaultValue")
+CACHE_FIELDS = ("memoryPerGPU", "policy", "hitRateThreshold", "cachedFraction", "associativity")
+VOLATILE_FIELDS = ("type", "redis")
+REDIS_FIELDS = ("shards", "replicasPerShard", "memory", "cluster", "passwordSecret", "persistence")
+REDIS_PERSISTENCE_FIELDS = ("type", "appendfsync")
+PERSISTENT_FIELDS = ("type", "storage", "readOnly", "storageClassName")
+PLACEMENT_FIELDS = ("strategy", "maxImbalance", "bucketCount")
+UPDATES_FIELDS = ("enabled", "stream")
+AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "targetQPSPerReplica")
+AGENT_FIELDS = ("image", "resources", "nodeSelector", "tolerations", "affinity", "gpuResourceName",
+                "maxBatchKeys", "port", "metricsPort", "priorityClassName", "imagePullSecrets", "podLabels",
+                "podAnnotations")  # fmt: skip
+RESOURCES_FIELDS = ("limits", "requests")
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
+MODEL_STORE_FIELDS = ("persistentVolumeClaim", "nfs", "hostPath", "mountPath")
+PVC_FIELDS = ("claimName", "readOnly")
+NFS_FIELDS = ("server", "path", "readOnly")
+HOST_PATH_FIELDS = ("path", "type")
+
+
+def _int(obj: Mapping[str, Any], key: str, field: str, default: int | None, *, minimum: int = 0,
          maximum: int | None = None) -> int:  # fmt: skip
+    """``obj[key]`` as an integer in range; ``default=None`` makes the field required."""
+    if default is None and obj.get(key) is None:
+        bounds = f"an integer of at least {minimum}" + (f" and at most {maximum}" if maximum is not None else "")
+        raise InvalidSpecError(f"{field}.{key}", f"is required ({bounds})")
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidSpecError(f"{field}.{key}", f"expected an integer, got {value!r}")
@@ -394,7 +464,7 @@ def _image_pull_secrets(raw: Any, field: str) -> tuple[str, ...]:
         raise InvalidSpecError(field, "expected a list of {name: SECRET}")
     names: list[str] = []
     for i, item in enumerate(raw):
-        name = _string(_mapping(item, f"{field}[{i}]"), "name", f"{field}[{i}]", pattern=_DNS1123_SUBDOMAIN,
+        name = _string(_mapping(item, f"{field}[{i}]", ("name",)), "name", f"{field}[{i}]", pattern=_DNS1123_SUBDOMAIN,
                        what="a Secret name (a DNS-1123 subdomain)")  # fmt: skip
         if name in names:
             raise InvalidSpecError(f"{field}[{i}].name", f"duplicate Secret {name!r}")
@@ -403,13 +473,14 @@ def _image_pull_secrets(raw: Any, field: str) -> tuple[str, ...]:
 
 
 def parse_model_store(raw: Any, field: str = "spec.modelStore") -> ModelStoreSpec:
-    obj = _mapping(raw, field)
+    obj = _mapping(raw, field, MODEL_STORE_FIELDS)
     given = [key for key in ("persistentVolumeClaim", "nfs", "hostPath") if obj.get(key) is not None]
     if len(given) != 1:
         got = ", ".join(given) or "none"
         raise InvalidSpecError(field, f"set exactly one of persistentVolumeClaim, nfs or hostPath; got {got}")
     (kind,) = given
-    sub = _mapping(obj[kind], f"{field}.{kind}")
+    known = {"persistentVolumeClaim": PVC_FIELDS, "nfs": NFS_FIELDS, "hostPath": HOST_PATH_FIELDS}[kind]
+    sub = _mapping(obj[kind], f"{field}.{kind}", known)
     volume: ModelStoreVolume
     if kind == "persistentVolumeClaim":
         volume = PersistentVolumeClaimSource(
@@ -433,7 +504,7 @@ def parse_model_store(raw: Any, field: str = "spec.modelStore") -> ModelStoreSpe
 
 
 def parse_table(raw: Any, field: str) -> TableSpec:
-    obj = _mapping(raw, field)
+    obj = _mapping(raw, field, TABLE_FIELDS)
     hotness = obj.get("hotness")
     if hotness is not None:
         hotness = _float(obj, "hotness", field, 0.0, minimum=0.0)
@@ -445,8 +516,8 @@ def parse_table(raw: Any, field: str) -> TableSpec:
         raise InvalidSpecError(f"{field}.source", f"expected a file:// URI or a path, got {source!r}")
     return TableSpec(
         name=_name(obj.get("name"), f"{field}.name"),
-        rows=_int(obj, "rows", field, 0, minimum=1),
-        dim=_int(obj, "dim", field, 0, minimum=1, maximum=16384),
+        rows=_int(obj, "rows", field, None, minimum=1),
+        dim=_int(obj, "dim", field, None, minimum=1, maximum=16384),
         dtype=_enum(obj, "dtype", field, "float32", tuple(DTYPES)),
         source=source,
         hotness=hotness,
@@ -457,7 +528,7 @@ def parse_table(raw: Any, field: str) -> TableSpec:
 def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> ModelSpec:
     """Validates ``spec`` (the ``.spec`` of an EmbeddingModel) and returns a :class:`ModelSpec`."""
     name = _name(name, "metadata.name")
-    s = _mapping(spec, "spec")
+    s = _mapping(spec, "spec", SPEC_FIELDS)
     raw_tables = s.get("tables")
     if not isinstance(raw_tables, list) or not raw_tables:
         raise InvalidSpecError("spec.tables", "at least one table is required")
@@ -471,7 +542,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
             )
         seen[t.name] = i
 
-    c = _mapping(s.get("cache"), "spec.cache")
+    c = _mapping(s.get("cache"), "spec.cache", CACHE_FIELDS)
     cache = CacheSpec(
         memory_per_gpu=parse_quantity(c.get("memoryPerGPU", "16Gi"), field="spec.cache.memoryPerGPU"),
         policy=_enum(c, "policy", "spec.cache", "lru", CACHE_POLICIES),
@@ -482,8 +553,9 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
     if cache.memory_per_gpu <= 0:
         raise InvalidSpecError("spec.cache.memoryPerGPU", "must be greater than zero")
 
-    v = _mapping(s.get("volatileStore"), "spec.volatileStore")
-    r = _mapping(v.get("redis"), "spec.volatileStore.redis")
+    v = _mapping(s.get("volatileStore"), "spec.volatileStore", VOLATILE_FIELDS)
+    r = _mapping(v.get("redis"), "spec.volatileStore.redis", REDIS_FIELDS)
+    rp = _mapping(r.get("persistence"), "spec.volatileStore.redis.persistence", REDIS_PERSISTENCE_FIELDS)
     secret = r.get("passwordSecret")
     volatile = VolatileStoreSpec(
         type=_enum(v, "type", "spec.volatileStore", "redis", VOLATILE_TYPES),
@@ -493,10 +565,15 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
             memory=parse_quantity(r.get("memory", "1Gi"), field="spec.volatileStore.redis.memory"),
             cluster=_bool(r, "cluster", "spec.volatileStore.redis", False),
             password_secret=str(secret) if secret else None,
+            persistence=RedisPersistenceSpec(
+                type=_enum(rp, "type", "spec.volatileStore.redis.persistence", "aof", REDIS_PERSISTENCE_TYPES),
+                appendfsync=_enum(rp, "appendfsync", "spec.volatileStore.redis.persistence", "everysec",
+                                  REDIS_APPENDFSYNC),
+            ),
         ),
     )
 
-    p = _mapping(s.get("persistentStore"), "spec.persistentStore")
+    p = _mapping(s.get("persistentStore"), "spec.persistentStore", PERSISTENT_FIELDS)
     storage_class = p.get("storageClassName")
     persistent = PersistentStoreSpec(
         type=_enum(p, "type", "spec.persistentStore", "rocksdb", PERSISTENT_TYPES),
@@ -505,21 +582,21 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         storage_class=str(storage_class) if storage_class else None,
     )
 
-    pl = _mapping(s.get("placement"), "spec.placement")
+    pl = _mapping(s.get("placement"), "spec.placement", PLACEMENT_FIELDS)
     placement = PlacementSpec(
         strategy=_enum(pl, "strategy", "spec.placement", "auto", PLACEMENT_STRATEGIES),
         max_imbalance=_float(pl, "maxImbalance", "spec.placement", 1.05, minimum=1.0),
         bucket_count=_int(pl, "bucketCount", "spec.placement", 0, maximum=1 << 20),
     )
 
-    u = _mapping(s.get("updates"), "spec.updates")
+    u = _mapping(s.get("updates"), "spec.updates", UPDATES_FIELDS)
     stream = u.get("stream")
     updates = UpdatesSpec(enabled=_bool(u, "enabled", "spec.updates", True),
                           stream=str(stream) if stream else None)  # fmt: skip
 
     autoscaling = None
     if s.get("autoscaling") is not None:
-        a = _mapping(s.get("autoscaling"), "spec.autoscaling")
+        a = _mapping(s.get("autoscaling"), "spec.autoscaling", AUTOSCALING_FIELDS)
         autoscaling = AutoscalingSpec(
             min_replicas=_int(a, "minReplicas", "spec.autoscaling", 1, minimum=1),
             max_replicas=_int(a, "maxReplicas", "spec.autoscaling", 8, minimum=1),
@@ -531,19 +608,19 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
                 f"must be at least minReplicas ({autoscaling.min_replicas}), got {autoscaling.max_replicas}",
             )
 
-    ag = _mapping(s.get("agent"), "spec.agent")
+    ag = _mapping(s.get("agent"), "spec.agent", AGENT_FIELDS)
     image = ag.get("image")
     tolerations = ag.get("tolerations") or []
     if not isinstance(tolerations, list):
         raise InvalidSpecError("spec.agent.tolerations", "expected a list of tolerations")
     agent = AgentSpec(
         image=str(image) if image else None,
-        resources=dict(_mapping(ag.get("resources"), "spec.agent.resources")),
+        resources=dict(_mapping(ag.get("resources"), "spec.agent.resources", RESOURCES_FIELDS)),
         node_selector={
             str(k): str(v) for k, v in _mapping(ag.get("nodeSelector"), "spec.agent.nodeSelector").items()
         },
         tolerations=tuple(
-            dict(_mapping(t, f"spec.agent.tolerations[{i}]")) for i, t in enumerate(tolerations)
+            dict(_mapping(t, f"spec.agent.tolerations[{i}]", TOLERATION_FIELDS)) for i, t in enumerate(tolerations)
         ),
         affinity=dict(_mapping(ag.get("affinity"), "spec.agent.affinity")),
         gpu_resource_name=str(ag.get("gpuResourceName", "nvidia.com/gpu")),
@@ -589,7 +666,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
 
 def parse_model(manifest: Any) -> ModelSpec:
     """Validates a whole ``EmbeddingModel`` manifest (apiVersion, kind, metadata, spec)."""
-    m = _mapping(manifest, "<root>")
+    m = _mapping(manifest, "<root>", MANIFEST_FIELDS)
     api_version = m.get("apiVersion", f"{API_GROUP}/{API_VERSION}")
     if api_version != f"{API_GROUP}/{API_VERSION}":
         raise InvalidSpecError("apiVersion", f"expected {API_GROUP}/{API_VERSION}, got {api_version!r}")
@@ -611,6 +688,12 @@ def load_model_file(path: str | Path) -> ModelSpec:
         docs = [d for d in yaml.load_all(p.read_text(), Loader=loader) if d is not None]
     except FileNotFoundError:
         raise InvalidSpecError(str(p), "file not found") from None
+    except IsADirectoryError:
+        raise InvalidSpecError(str(p), "is a directory; give the EmbeddingModel's YAML file (-f model.yaml)") from None
+    except UnicodeDecodeError:
+        raise InvalidSpecError(str(p), "is not a text file; give the EmbeddingModel's YAML file") from None
+    except OSError as exc:
+        raise InvalidSpecError(str(p), f"cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise InvalidSpecError(str(p), f"not valid YAML: {exc}") from None
     models = [d for d in docs if isinstance(d, Mapping) and d.get("kind", KIND) == KIND]

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,11 +42,18 @@ from redis.cluster import ClusterNode
 from redis.retry import Retry
 
 from node_agent import wire
-from node_agent.errors import HpsError, InvalidArgumentError, NotFoundError, UnavailableError
+from node_agent.errors import (
+    HpsError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 
 if TYPE_CHECKING:
     from node_agent.lookup import LookupPath
     from node_agent.spec import ModelSpec
+    from node_agent.store_writer import SharedStores
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,10 @@ AGENT_GROUP_PREFIX = "agent:"
 
 #: file under an agent's state directory holding the random part of its stable identity
 IDENTITY_FILE = "hps-agent-id"
+
+#: socket timeout of the Update RPC's own Redis calls (publish, withdraw): a Redis that takes longer
+#: to take one entry is as good as unavailable, and the caller's deadline must bound the whole call
+COMMIT_REDIS_TIMEOUT_S = 0.5
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
 
@@ -93,6 +104,16 @@ def _split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise InvalidArgumentError(f"Redis address must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+def unauthenticated(addresses: str | Sequence[str], exc: Exception) -> UnauthenticatedError:
+    """Redis's own words for a missing or refused password ("HELLO must be called...", "invalid
+    username-password pair") say little to someone running a command: say which it is."""
+    where = addresses if isinstance(addresses, str) else ",".join(addresses)
+    text = str(exc).lower()
+    if "hello must be called" in text or "noauth" in text or "authentication required" in text:
+        return UnauthenticatedError(f"Redis at {where} requires a password and none was given")
+    return UnauthenticatedError(f"Redis at {where} refused the password ({exc})")
 
 
 def connect_stream_redis(
@@ -244,6 +265,17 @@ def _read_or_create_id(path: Path) -> str:
 # -- the producer -------------------------------------------------------------------------------
 
 
+class NotPublishedError(UnavailableError):
+    """A publish that certainly did not add its entry (Redis could not be reached to send it, or
+    answered with an error); a plain :class:`UnavailableError` from ``publish`` leaves it open."""
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """redis-py's words for a connection that was never made ("Error 111 connecting to ...",
+    "Timeout connecting to server"): the command cannot have reached Redis."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError) and "connecting to" in str(exc)
+
+
 class UpdatePublisher:
     """Publishes update batches to a model's stream (what a training job runs).
 
@@ -286,6 +318,7 @@ class UpdatePublisher:
         *,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        uid: str | None = None,
     ) -> str:
         """XADDs one batch; ``vectors`` is ``(len(keys), dim)``, sent as ``dtype`` (default: its own
         dtype when float32/float16, else float32). Returns the entry id.
@@ -295,7 +328,8 @@ class UpdatePublisher:
         the entry landed (so it is never added twice); a second failure raises. With
         ``wait_replicas=N`` Redis ``WAIT``\\s up to ``wait_timeout_ms`` for N replicas to hold the
         entry and raises when fewer did (the entry is then on the master only; publishing it again
-        is safe: updates are idempotent overwrites)."""
+        is safe: updates are idempotent overwrites). ``uid`` tags the entry (default: a fresh one), so
+        the caller can find or withdraw it when the outcome of this call is unknown."""
         if not table:
             raise InvalidArgumentError("table name is empty")
         if wait_replicas < 0 or wait_timeout_ms < 0:
@@ -305,7 +339,7 @@ class UpdatePublisher:
         sent = dtype or v.dtype.name
         if sent not in wire.VECTOR_WIRE_DTYPES:
             raise InvalidArgumentError(f"dtype must be float32 or float16, got {sent!r}")
-        uid = f"{self._producer}-{next(self._sequence)}".encode()
+        tag = (uid or f"{self._producer}-{next(self._sequence)}").encode()
         fields: dict[Any, Any] = {
             b"v": MESSAGE_VERSION,
             b"table": table.encode(),
@@ -314,26 +348,34 @@ class UpdatePublisher:
             b"keys": k.tobytes(),
             b"vectors": wire.pack_vectors(v, sent),
             b"ts": str(time.time_ns()).encode(),
-            b"uid": uid,
+            b"uid": tag,
         }
         try:
             entry, replicas = self._send(fields, wait_replicas, wait_timeout_ms)
+        except redis.AuthenticationError as exc:
+            raise unauthenticated(self._addresses, exc) from None
         except _PUBLISH_RETRYABLE as first:
             self.retries += 1
-            log.warning("publish to %s failed (%s): reconnecting and retrying once", self.stream, first)
+            # a connection never made is the caller's to hear about (Redis down: one line per publish
+            # would flood the log); a call cut short is worth a warning
+            (log.debug if _never_sent(first) else log.warning)(
+                "publish to %s failed (%s): reconnecting and retrying once", self.stream, first)
             self._reset()
             try:
-                found = self._find(uid)
+                found = self._find(tag)
                 if found is None:
                     entry, replicas = self._send(fields, wait_replicas, wait_timeout_ms)
                 else:
                     entry, replicas = found, self._wait(wait_replicas, wait_timeout_ms)
             except redis.RedisError as second:
-                raise UnavailableError(
+                # both attempts failed to connect: the entry was never sent, so it is certainly not there
+                kind = NotPublishedError if _never_sent(first) and _never_sent(second) else UnavailableError
+                raise kind(
                     f"update not published to stream {self.stream} (failed twice: {first}; then {second})"
                 ) from None
         except redis.RedisError as exc:
-            raise UnavailableError(f"update not published to stream {self.stream}: {exc}") from None
+            # Redis answered with an error (out of memory, wrong type...): it did not add the entry
+            raise NotPublishedError(f"update not published to stream {self.stream}: {exc}") from None
         self._last_entry = entry
         if replicas < wait_replicas:
             raise UnavailableError(
@@ -419,6 +461,91 @@ class _Rejected(Exception):
     """An entry that can never apply (malformed, wrong dim): acknowledged and counted, not retried."""
 
 
+# -- coordinating the agents that share stores ---------------------------------------------------
+#
+# Agents that share a store (Redis; a RocksDB directory on one machine) do not all write it: one agent,
+# the store writer (node_agent.store_writer), applies each entry to the shared stores, then raises the
+# stream's *applied watermark*. Every other agent refreshes its own L1 with an entry only once the
+# watermark has passed it, so a lookup that misses its L1 afterwards reads the new row from the stores,
+# never the old one. Three small keys beside the stream, in its hash slot:
+#
+#   <stream>:applied    the newest entry the shared stores hold (only ever raised)
+#   <stream>:claimed    the newest entry the writer has started to apply
+#   <stream>:cancelled  uids of entries withdrawn before the writer claimed them (an Update RPC that
+#                       could not be applied in time); every agent skips them
+#
+# Claiming and withdrawing are Lua scripts, so an entry is either withdrawn (applied nowhere, ever) or
+# claimed (applied everywhere), never both: that is what lets the Update RPC answer the truth.
+
+_ID_CMP = """
+local function idcmp(a, b)
+  local am, as = string.match(a, '^(%d+)-?(%d*)$')
+  local bm, bs = string.match(b, '^(%d+)-?(%d*)$')
+  if as == '' then as = '0' end
+  if bs == '' then bs = '0' end
+  local function ncmp(x, y)
+    if #x ~= #y then return (#x < #y) and -1 or 1 end
+    if x == y then return 0 end
+    return (x < y) and -1 or 1
+  end
+  local c = ncmp(am, bm)
+  if c ~= 0 then return c end
+  return ncmp(as, bs)
+end
+"""
+#: KEYS: claimed, cancelled, applied; ARGV: newest id of the batch, then each entry's uid
+#: -> 1 per withdrawn entry, then the applied watermark ('' when there is none)
+_CLAIM = _ID_CMP + """
+local out = {}
+for i = 2, #ARGV do out[i - 1] = redis.call('SISMEMBER', KEYS[2], ARGV[i]) end
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or idcmp(cur, ARGV[1]) < 0 then redis.call('SET', KEYS[1], ARGV[1]) end
+out[#ARGV] = redis.call('GET', KEYS[3]) or ''
+return out
+"""
+#: KEYS: applied; ARGV: id -> raises the watermark to id (never lowers it)
+_RAISE = _ID_CMP + """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or idcmp(cur, ARGV[1]) < 0 then redis.call('SET', KEYS[1], ARGV[1]) end
+return redis.call('GET', KEYS[1])
+"""
+#: KEYS: stream, claimed, cancelled, epoch; ARGV: uid, id ('' when unknown), how many newest entries
+#: to search, the epoch seen before publishing, '1' to check it -> applied | withdrawn | unknown.
+#: A claim recorded in a Redis that lost its data since is gone with it: then nobody can tell
+_WITHDRAW = _ID_CMP + """
+if ARGV[5] == '1' and (redis.call('GET', KEYS[4]) or '') ~= ARGV[4] then return 'unknown' end
+local id = ARGV[2]
+if id == '' then
+  for _, e in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', tonumber(ARGV[3]))) do
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'uid' and f[i + 1] == ARGV[1] then id = e[1] end
+    end
+    if id ~= '' then break end
+  end
+elseif #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+  return 'unknown'
+end
+local claimed = redis.call('GET', KEYS[2])
+if id ~= '' and claimed and idcmp(claimed, id) >= 0 then return 'applied' end
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], 86400)
+return 'withdrawn'
+"""
+
+
+def coordination_key(stream: str, suffix: str) -> str:
+    """A key beside ``stream`` in its Redis Cluster hash slot (its hash tag, or the whole name as one)."""
+    start = stream.find("{")
+    if start >= 0 and stream.find("}", start + 2) > start:
+        return f"{stream}:{suffix}"
+    return f"{{{stream}}}:{suffix}"
+
+
+def _id_max(a: str, b: str) -> str:
+    return a if not b or (a and _parse_id(a) >= _parse_id(b)) else b
+
+
 class UpdateConsumer:
     """Applies a model's update stream to one lookup path, on a background thread.
 
@@ -426,16 +553,23 @@ class UpdateConsumer:
     ``block_ms`` per read so :meth:`stop` takes effect promptly. Order is kept: an entry that cannot
     be applied now (no durable tier took it) stops the batch, stays pending and is retried, with the
     ones after it, once the tier is back. Entries pending from an earlier run of the same group are
-    claimed (XAUTOCLAIM) at start and then every ``claim_interval_s``.
+    claimed (XAUTOCLAIM) at start and then every ``claim_interval_s``. An entry older than the newest
+    this agent applied is never applied again (a Redis restored from an older file re-delivers them).
 
-    Where a *new* group starts is ``start_id``: a :class:`StreamPosition` read before the agent
-    loaded its data (exact, and gaps before the first read are detected), ``"0"`` (the default: all
-    retained history, re-applied in order) or any stream id / ``"$"``. An existing group resumes
-    where it stopped, unless ``reset_group`` (the agent rebuilt its tiers from the sources, so what
-    the group acknowledged before is gone from them): then it is moved back to ``start_id``.
-    On start, groups of other agents idle longer than ``stale_group_idle_s`` are deleted (None: never).
-    Every ``gap_check_interval_s`` the group's counters are compared with the stream's to detect
-    entries trimmed before this agent read them (see :attr:`degraded`).
+    ``shared`` (:class:`~node_agent.store_writer.SharedStores`) names the tiers this agent shares with
+    others and decides whether it writes them: the writer applies entries to the stores and raises the
+    stream's applied watermark; the others refresh their own L1 once the watermark passed an entry
+    (see the comment above ``_ID_CMP``). Without it, every tier of the lookup path is this agent's own.
+
+    Where a *new* group starts: with shared stores, at the applied watermark (the stores hold what came
+    before); otherwise ``start_id``: a :class:`StreamPosition` read before the agent loaded its data
+    (exact, and gaps before the first read are detected), ``"0"`` (the default: all retained history,
+    re-applied in order) or any stream id / ``"$"``. An existing group resumes where it stopped, unless
+    ``reset_group`` (the agent rebuilt its own tiers from the sources): then it is moved back to
+    ``start_id``. On start, groups of other agents idle longer than ``stale_group_idle_s`` are deleted
+    (None: never). Every ``gap_check_interval_s`` the group's counters are compared with the stream's
+    to detect entries trimmed before this agent read them, and the stream with what this agent saw of
+    it: a stream that went backwards means Redis lost data, reported to ``on_store_regression``.
     """
 
     def __init__(
@@ -450,6 +584,9 @@ class UpdateConsumer:
         cluster: bool = False,
         start_id: str | StreamPosition = "0",
         reset_group: bool = False,
+        shared: SharedStores | None = None,
+        on_store_regression: Callable[[str], None] | None = None,
+        epoch_key: str | None = None,
         stale_group_idle_s: float | None = DEFAULT_STALE_GROUP_IDLE_S,
         gap_check_interval_s: float = 5.0,
         block_ms: int = 200,
@@ -467,6 +604,9 @@ class UpdateConsumer:
         self._cluster = cluster
         self._start = start_id
         self._reset_pending = reset_group
+        self._shared = shared
+        self._on_store_regression = on_store_regression
+        self._epoch_key = epoch_key
         self._stale_group_idle_s = stale_group_idle_s
         self._gap_check_interval_s = gap_check_interval_s
         self._block_ms = block_ms
@@ -474,16 +614,22 @@ class UpdateConsumer:
         self._claim_idle_ms = claim_idle_ms
         self._claim_interval_s = claim_interval_s
         self._retry_delay_s = retry_delay_s
+        self._applied_key = coordination_key(stream, "applied")
+        self._claimed_key = coordination_key(stream, "claimed")
+        self._cancelled_key = coordination_key(stream, "cancelled")
+        self._marker = f"updates-applied:{stream}"
         self._stopping = threading.Event()
         self._caught_up = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis: redis.Redis | redis.RedisCluster | None = None
         self._lock = threading.Lock()
+        self._applied = threading.Condition(self._lock)
         self._lags_ms: deque[float] = deque(maxlen=1024)
         self._counters: dict[str, int] = {
             "applied_entries": 0, "applied_keys": 0, "rejected_entries": 0, "skipped_entries": 0,
-            "retries": 0, "claimed_entries": 0, "redis_errors": 0, "gaps": 0, "missed_entries": 0,
-            "l1_invalidations": 0, "stale_groups_deleted": 0,
+            "withdrawn_entries": 0, "replayed_entries_skipped": 0, "retries": 0, "claimed_entries": 0,
+            "redis_errors": 0, "gaps": 0, "missed_entries": 0, "l1_invalidations": 0,
+            "stale_groups_deleted": 0, "store_regressions": 0, "writer_changes": 0,
         }  # fmt: skip
         self._unreachable = False
         self._gap = ""
@@ -491,6 +637,21 @@ class UpdateConsumer:
         self._gap_check_blind = False
         self._last_error = ""
         self._last_applied_id = ""
+        self._watermark = ""
+        self._is_writer = shared is None
+        #: (exists, last id) of the stream when this agent last looked: a stream that goes backwards
+        #: (or vanishes) lost data with its Redis
+        self._stream_seen: tuple[bool, str] | None = None
+        self._entries_behind: int | None = None
+        #: the group's entries-read at the last gap check, and entries read since (see _check_gap)
+        self._entries_read_base: int | None = None
+        self._reads_since_check = 0
+        self._publisher: UpdatePublisher | None = None
+        self._publish_lock = threading.Lock()
+        #: the Update RPC's own connection (the data generation before publishing, withdrawing)
+        self._commit_redis: redis.Redis | redis.RedisCluster | None = None
+        #: the stream's newest entry when the group was first set up: applied it, the consumer is caught up
+        self._catch_up_to: tuple[int, int] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -506,15 +667,124 @@ class UpdateConsumer:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._redis is not None:
-            with contextlib.suppress(redis.RedisError):
-                self._redis.close()
+        if self._shared is not None:
+            self._shared.release()
+        for client in (self._redis, self._publisher, self._commit_redis):
+            if client is not None:
+                with contextlib.suppress(redis.RedisError):
+                    client.close()
 
     def wait_caught_up(self, timeout: float) -> bool:
-        """Blocks until the consumer has applied everything the stream held when it started (its
-        first empty read), or ``timeout``; True if it did. An agent that replays history at start
-        waits here before it reports ready, so it never serves a row the replay is about to change."""
+        """Blocks until the consumer has applied everything the stream held when it started (the
+        newest entry then, or an empty read), or ``timeout``; True if it did. An agent that replays
+        history at start waits here before it reports ready, so it never serves a row the replay is
+        about to change. Updates published meanwhile do not hold it back."""
         return self._caught_up.wait(timeout)
+
+    # -- the Update RPC ------------------------------------------------------------------------
+
+    def commit(self, table: str, keys: Any, vectors: Any, *, timeout_s: float) -> str:
+        """Applies one update on every agent of the model, through the stream; returns its entry id
+        once the stores hold it and this agent serves it. The answer is the truth:
+
+        - returned: the update is in the shared stores and this agent's L1; every other agent serves
+          it within the update lag;
+        - :class:`UnavailableError` "not applied": it is applied nowhere and never will be (it never
+          reached the stream, or it was withdrawn before the store writer claimed it: no writer could
+          apply it within ``timeout_s``). Sending it again is safe;
+        - :class:`UnavailableError` "outcome unknown": Redis stopped answering between taking the
+          entry and telling whether it was applied (an entry it took is applied once it is back).
+        """
+        uid = f"rpc-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + timeout_s
+        with self._publish_lock:
+            generation = self._generation()
+            if self._publisher is None:
+                # short socket timeouts: the caller's deadline bounds the whole call, retry included
+                self._publisher = UpdatePublisher(self._addresses, password=self._password, cluster=self._cluster,
+                                                  stream=self.stream, timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
+            publisher = self._publisher
+            try:
+                entry = publisher.publish(table, keys, vectors, uid=uid)
+            except NotPublishedError as exc:
+                raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
+                                       "safe)") from None  # fmt: skip
+            except UnavailableError as exc:
+                outcome = self._withdraw(uid, "", generation, cause=str(exc))
+                if outcome == "unknown":
+                    raise self._unknown(str(exc), "") from None
+                if outcome != "applied":
+                    raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
+                                           "safe)") from None  # fmt: skip
+                entry = ""
+        if entry and self._wait_applied(entry, deadline - time.monotonic()):
+            return entry
+        cause = f"no store writer had applied it after {timeout_s:.1f} s"
+        outcome = self._withdraw(uid, entry, generation, cause=cause)
+        if outcome == "unknown":
+            raise self._unknown(cause, entry)
+        if outcome == "withdrawn":
+            why = self._last_error or "no agent could write the shared stores"
+            raise UnavailableError(
+                f"update not applied within {timeout_s:.1f} s ({why}): it was withdrawn and is applied "
+                "nowhere; sending it again is safe"
+            )
+        # the writer claimed it: it is being applied everywhere; give this agent what is left to serve it
+        if entry:
+            self._wait_applied(entry, deadline - time.monotonic())
+        return entry
+
+    def _commit_client(self) -> redis.Redis | redis.RedisCluster:
+        if self._commit_redis is None:
+            self._commit_redis = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster,
+                                                      timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
+        return self._commit_redis
+
+    def _generation(self) -> str | None:
+        """The data generation (epoch) of the stream's Redis before publishing; None when not known."""
+        if self._epoch_key is None:
+            return None
+        try:
+            raw = self._commit_client().get(self._epoch_key)
+        except redis.RedisError as exc:
+            self._commit_redis = None
+            raise UnavailableError(f"update not applied: Redis unreachable ({exc}); nothing was changed (sending "
+                                   "it again is safe)") from None  # fmt: skip
+        return _text(raw) if raw is not None else ""
+
+    def _withdraw(self, uid: str, entry: str, generation: str | None, *, cause: str) -> str:
+        """``applied`` when the writer claimed the entry, ``withdrawn`` (now applied nowhere, ever), or
+        ``unknown`` when Redis lost data since the entry was published (its claim may have gone with it)."""
+        try:
+            epoch_key = self._epoch_key if generation is not None and self._epoch_key is not None else None
+            outcome = _text(self._commit_client().eval(
+                _WITHDRAW, 4, self.stream, self._claimed_key, self._cancelled_key, epoch_key or self._claimed_key,
+                uid, entry, 256, generation or "", "1" if epoch_key else "0",
+            ))  # fmt: skip
+        except (redis.RedisError, UnavailableError) as exc:
+            self._commit_redis = None
+            raise self._unknown(f"{cause}, and Redis stopped answering ({exc})", entry) from None
+        return outcome
+
+    @staticmethod
+    def _unknown(cause: str, entry: str) -> UnavailableError:
+        where = f"as entry {entry}" if entry else "(if it reached the stream at all)"
+        return UnavailableError(
+            f"update outcome unknown: {cause}; whether a store writer applied it cannot be told (Redis stopped "
+            f"answering, or lost data since it took the entry {where}). Sending it again is safe (updates "
+            "overwrite)"
+        )
+
+    def _wait_applied(self, entry: str, timeout_s: float) -> bool:
+        target = _parse_id(entry)
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._applied:
+            while not (self._last_applied_id and _parse_id(self._last_applied_id) >= target):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    return False
+                self._applied.wait(min(left, 0.1))
+        return True
 
     # -- what Describe/Stats read --------------------------------------------------------------
 
@@ -526,17 +796,32 @@ class UpdateConsumer:
         return self._unreachable or bool(self._gap)
 
     @property
+    def reason(self) -> str:
+        """Why :attr:`degraded`, in one line ("" when it is not)."""
+        if self._gap:
+            return f"updates lost: {self._gap}"
+        if self._unreachable:
+            return f"update stream {self.stream} unreachable, updates wait: {self._last_error}"
+        return ""
+
+    @property
     def last_applied_id(self) -> str:
         return self._last_applied_id
+
+    @property
+    def is_writer(self) -> bool:
+        return self._is_writer
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             lags = sorted(self._lags_ms)
             out: dict[str, Any] = dict(self._counters)
         out.update(
-            stream=self.stream, group=self.group, degraded=self.degraded, unreachable=self._unreachable,
-            gap=self._gap, last_error=self._last_error, last_applied_id=self._last_applied_id,
-            caught_up=self._caught_up.is_set(),
+            stream=self.stream, group=self.group, degraded=self.degraded, reason=self.reason,
+            unreachable=self._unreachable, gap=self._gap, last_error=self._last_error,
+            last_applied_id=self._last_applied_id, applied_watermark=self._watermark,
+            store_writer=self._is_writer, shared_stores=self._shared is not None,
+            entries_behind=self._entries_behind, caught_up=self._caught_up.is_set(),
             lag_ms_p50=lags[len(lags) // 2] if lags else None,
             lag_ms_p99=lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else None,
             lag_ms_last=self._lags_ms[-1] if self._lags_ms else None,
@@ -555,6 +840,7 @@ class UpdateConsumer:
             try:
                 if self._redis is None:
                     self._redis = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster)
+                self._poll_role()
                 if not group_ready:
                     self._ensure_group()
                     group_ready = True
@@ -579,17 +865,18 @@ class UpdateConsumer:
                 if self._unreachable:
                     log.info("update stream %s reachable again", self.stream)
                 self._unreachable = False
-                if not self._apply_all(entries):
+                outcome = self._apply_all(entries)
+                if outcome == "retry":
                     read_pending = True
                     self._count(retries=1)
                     self._stopping.wait(self._retry_delay_s)
+                elif outcome == "wait":
+                    read_pending = True  # the writer has not applied them yet: read them again soon
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
-                    if self._group_seen:
-                        # our group vanished: Redis restarted empty or someone deleted it; whatever
-                        # was published and not yet read went with it
-                        self._report_gap(-1, f"consumer group {self.group} vanished ({exc})")
+                    self._group_vanished(exc)
                     group_ready = False
+                    read_pending = True
                     continue
                 self._fail(exc)
             except (*_REDIS_DOWN, UnavailableError) as exc:
@@ -609,37 +896,121 @@ class UpdateConsumer:
         self._count(redis_errors=1)
         self._stopping.wait(self._retry_delay_s)
 
+    def _group_vanished(self, exc: Exception) -> None:
+        """Our group is gone: Redis came back empty (or someone deleted it), taking with it whatever was
+        published and not yet read. With shared stores that the writer kept, only the writer can have
+        missed something (the others serve what the stores hold once their L1 is dropped)."""
+        if not self._group_seen:
+            return
+        if self._shared is None:
+            self._report_gap(-1, f"consumer group {self.group} vanished ({exc})")
+            return
+        self._invalidate_l1()
+        if self._is_writer:
+            log.error("update stream %s lost its consumer groups (Redis came back without its data): the "
+                      "shared stores hold every entry up to %s; an entry published after that and not yet "
+                      "applied is lost", self.stream, self._last_applied_id or "the load")  # fmt: skip
+        else:
+            log.warning("update stream %s lost its consumer groups (Redis came back without its data): "
+                        "recreating this agent's; the store writer repairs Redis", self.stream)  # fmt: skip
+
+    # -- who writes the shared stores ----------------------------------------------------------
+
+    def _poll_role(self) -> bool:
+        if self._shared is None:
+            return True
+        writer = self._shared.poll()
+        if writer and not self._is_writer:
+            self._count(writer_changes=1)
+            self._become_writer()
+        elif not writer and self._is_writer:
+            self._count(writer_changes=1)
+        self._is_writer = writer
+        return writer
+
+    def _become_writer(self) -> None:
+        """Where the stores stand, from the marker the last writer left in a RocksDB it wrote: entries
+        up to it are not applied again, the watermark is raised to it, and a stream that ends before it
+        means Redis came back older than the stores (repaired by the probe)."""
+        assert self._redis is not None
+        persistent = self._shared.persistent if self._shared is not None else None
+        marker = persistent.get_meta(self._marker) if persistent is not None and persistent.is_writer else None
+        log.info("this agent now writes the shared stores of stream %s (stores hold entries up to %s)",
+                 self.stream, marker or "the load")  # fmt: skip
+        if not marker:
+            return
+        with self._applied:
+            self._last_applied_id = _id_max(self._last_applied_id, marker)
+            self._applied.notify_all()
+        self._watermark = _text(self._redis.eval(_RAISE, 1, self._applied_key, marker))
+        info = _stream_info(self._redis, self.stream)
+        last = _text(info["last-generated-id"]) if info is not None else "0-0"
+        if _parse_id(last) < _parse_id(marker):
+            self._store_regression(f"Redis came back older than the stores: its update stream {self.stream} "
+                                   f"ends at {last}, the stores hold entries up to {marker}")  # fmt: skip
+
+    def _store_regression(self, why: str) -> None:
+        self._count(store_regressions=1)
+        self._invalidate_l1()
+        if self._on_store_regression is not None:
+            self._on_store_regression(why)  # logs it, and repairs
+        else:
+            log.error("%s", why)
+
     # -- the group: where it starts, and the stale ones ----------------------------------------
 
-    def _start_point(self) -> tuple[str, int | None]:
-        """The id a new (or reset) group starts after, and its ``entries-read`` when known."""
+    def _start_point(self) -> tuple[str, int | None, bool]:
+        """The id a new (or reset) group starts after, its ``entries-read`` when known, and whether it
+        is the applied watermark."""
         assert self._redis is not None
+        if self._shared is not None and not self._reset_pending:
+            watermark = self._redis.get(self._applied_key)
+            if watermark:
+                # the shared stores hold everything up to the watermark: start right after it
+                info = _stream_info(self._redis, self.stream)
+                at_end = info is not None and _text(info["last-generated-id"]) == _text(watermark)
+                read = int(info.get("entries-added") or 0) if info is not None and at_end else None
+                return _text(watermark), read, True
         if isinstance(self._start, StreamPosition):
-            return self._start.last_id, self._start.entries_added
+            return self._start.last_id, self._start.entries_added, False
         if self._start in ("0", "0-0"):
             # "all retained history": what was trimmed before the group existed is not counted as
             # missed (it is older than anything this start point promises)
             info = _stream_info(self._redis, self.stream)
             if info is None:
-                return "0", 0
-            return "0", int(info.get("entries-added") or 0) - int(info.get("length") or 0)
-        return self._start, None
+                return "0", 0, False
+            return "0", int(info.get("entries-added") or 0) - int(info.get("length") or 0), False
+        return self._start, None, False
 
     def _ensure_group(self) -> None:
         assert self._redis is not None
-        start, entries_read = self._start_point()
+        start, entries_read, at_watermark = self._start_point()
         try:
             self._redis.xgroup_create(self.stream, self.group, id=start, mkstream=True, entries_read=entries_read)
             log.info("created consumer group %s on %s (after %s)", self.group, self.stream, start)
+            self._entries_read_base, self._reads_since_check = None, 0  # a new group counts afresh
+            if at_watermark:
+                # this agent's L1 is new (or was just dropped) and the stores hold everything up to
+                # the watermark: once it read what the writer wrote there, it serves those entries
+                # (an Update RPC waiting on one of them must not wait for the next entry to pass it)
+                if self._shared is not None:
+                    self._shared.catch_up()
+                with self._applied:
+                    self._last_applied_id = _id_max(start, self._last_applied_id)
+                    self._applied.notify_all()
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
             if self._reset_pending:
+                self._entries_read_base, self._reads_since_check = None, 0
                 self._redis.xgroup_setid(self.stream, self.group, id=start, entries_read=entries_read)
                 log.info("moved consumer group %s on %s back to %s: this agent's tiers were rebuilt",
                          self.group, self.stream, start)  # fmt: skip
         self._reset_pending = False  # once per consumer: a reconnect must not rewind again
         self._group_seen = True
+        if self._catch_up_to is None:
+            info = _stream_info(self._redis, self.stream)
+            self._catch_up_to = _parse_id(info["last-generated-id"]) if info is not None else (0, 0)
         if self._stale_group_idle_s is not None:
             self._delete_stale_groups(self._stale_group_idle_s)
 
@@ -682,27 +1053,42 @@ class UpdateConsumer:
     def _check_gap(self) -> bool:
         """Compares the group's ``entries-read`` with the stream's ``entries-added``. Exact when the
         group is behind the first retained entry or at the stream's end; False (check again soon)
-        when it is in between, where the counters cannot tell a hole from entries still to read."""
+        when it is in between, where the counters cannot tell a hole from entries still to read.
+        Also notices a stream that went backwards since the last look (Redis lost data)."""
         assert self._redis is not None
         info = _stream_info(self._redis, self.stream)
+        self._watch_stream(info)
         if info is None:
             return True
         mine = self._group_info()
         if mine is None:
             return True
-        if mine.get("entries-read") is None or "entries-added" not in info:
-            # Redis older than 7.0, or a group started at an id Redis cannot count from
+        self._restore_entries_read(mine)
+        lag = mine.get("lag")
+        self._entries_behind = int(lag) if lag is not None else None
+        if "entries-added" not in info:
+            # Redis older than 7.0
             if not self._gap_check_blind:
                 log.warning("update stream %s: Redis does not count entries for group %s; entries "
                             "trimmed before this agent reads them cannot be detected", self.stream, self.group)  # fmt: skip
                 self._gap_check_blind = True
             return True
+        if mine.get("entries-read") is None:
+            return True  # a group started mid-stream: Redis counts once it has read on from there
         delivered_text = _text(mine["last-delivered-id"])
         delivered = _parse_id(delivered_text)
         added = int(info["entries-added"])
         length = int(info["length"])
         last = _text(info["last-generated-id"])
         first = info.get("first-entry")
+        if added == length:
+            # no entry ever left the stream: nothing can have been trimmed before this agent read it.
+            # A group at the end that counts fewer was replayed from Redis 7.0's append-only file
+            # (see _restore_entries_read): its count is put right
+            if delivered >= _parse_id(last) and int(mine["entries-read"]) != added:
+                self._redis.xgroup_setid(self.stream, self.group, id=delivered_text, entries_read=added)
+                self._entries_read_base = added
+            return True
         if length and first is not None and delivered < _parse_id(first[0]):
             # behind the first retained entry: all `length` retained entries are still to read
             resume, read_at_resume = _id_before(_parse_id(first[0])), added - length
@@ -717,9 +1103,42 @@ class UpdateConsumer:
             # Move the group past the hole with its counter made whole, so the hole is reported once,
             # across restarts too. Pending entries stay pending.
             self._redis.xgroup_setid(self.stream, self.group, id=resume, entries_read=read_at_resume)
+            self._entries_read_base = read_at_resume
             self._report_gap(missing, f"{missing} entries after {delivered_text} were trimmed before "
                                       "this agent read them")  # fmt: skip
         return True
+
+    def _restore_entries_read(self, mine: dict[str, Any]) -> None:
+        """Redis 7.0 logs a group read to its append-only file as ``XCLAIM ... LASTID`` without the
+        group's ``entries-read``, so a Redis that restarted from the file counts fewer entries read than
+        were: the gap check would report entries as lost that this agent did apply. The consumer counts
+        what it read since the last check and puts a smaller count back where it was."""
+        assert self._redis is not None
+        raw = mine.get("entries-read")
+        if self._entries_read_base is not None:
+            expected = self._entries_read_base + self._reads_since_check
+            if raw is None or int(raw) < expected:
+                log.info("update stream %s: group %s came back counting %s entries read, not %d (Redis restarted "
+                         "from its append-only file): restoring the count", self.stream, self.group, raw, expected)  # fmt: skip
+                self._redis.xgroup_setid(self.stream, self.group, id=_text(mine["last-delivered-id"]),
+                                         entries_read=expected)  # fmt: skip
+                mine["entries-read"] = raw = expected
+        self._entries_read_base = int(raw) if raw is not None else None
+        self._reads_since_check = 0
+
+    def _watch_stream(self, info: Mapping[str, Any] | None) -> None:
+        """A stream that vanished, or whose newest id went backwards, since this agent last looked lost
+        data with its Redis: reported once per such step."""
+        now = (info is not None, _text(info["last-generated-id"]) if info is not None else "0-0")
+        before, self._stream_seen = self._stream_seen, now
+        if before is None or not before[0] or _parse_id(now[1]) >= _parse_id(before[1]):
+            return
+        if not now[0] or _parse_id(now[1]) == (0, 0):
+            self._store_regression(f"update stream {self.stream} vanished (Redis came back without its data); "
+                                   f"it ended at {before[1]}")  # fmt: skip
+        else:
+            self._store_regression(f"update stream {self.stream} went back from {before[1]} to {now[1]} "
+                                   "(Redis came back older)")  # fmt: skip
 
     def _group_info(self) -> dict[str, Any] | None:
         assert self._redis is not None
@@ -778,47 +1197,119 @@ class UpdateConsumer:
         if not reply:
             return []
         if isinstance(reply, dict):  # RESP3 shape
-            return [(eid, fields or {}) for batch in reply.values() for eid, fields in batch[0]]
-        return [(eid, fields or {}) for _, batch in reply for eid, fields in batch]
+            entries = [(eid, fields or {}) for batch in reply.values() for eid, fields in batch[0]]
+        else:
+            entries = [(eid, fields or {}) for _, batch in reply for eid, fields in batch]
+        if start == ">":
+            self._reads_since_check += len(entries)  # what Redis adds to the group's entries-read
+        return entries
 
-    def _apply_all(self, entries: list[tuple[bytes, Mapping[bytes, bytes]]]) -> bool:
-        """Applies entries in order, acknowledging each; False when one must wait for a retry."""
+    def _apply_all(self, entries: list[tuple[bytes, Mapping[bytes, bytes]]]) -> str:
+        """Applies entries in order, acknowledging what was applied: ``done``; ``retry`` when one must
+        wait for a tier; ``wait`` when the store writer has not applied the rest yet."""
         assert self._redis is not None
+        if not entries:
+            return "done"
+        withdrawn: list[bool]
+        held = (0, 0)  # entries up to this id are in the shared stores already
+        if self._is_writer:
+            # claim the batch: from here it cannot be withdrawn (see _WITHDRAW)
+            uids = [_text(f.get(b"uid", b"")) or _text(eid) for eid, f in entries]
+            reply: Any = self._redis.eval(_CLAIM, 3, self._claimed_key, self._cancelled_key, self._applied_key,
+                                          _text(entries[-1][0]), *uids)  # fmt: skip
+            withdrawn, applicable = [bool(int(f)) for f in reply[:-1]], len(entries)
+            if reply[-1] and self._shared is not None:
+                held = _parse_id(reply[-1])
+        else:
+            withdrawn, applicable = self._await_writer(entries)
+            if applicable and self._shared is not None:
+                self._shared.catch_up()  # so a miss after the L1 refresh reads what the writer wrote
+        acked: list[bytes] = []
         trimmed = 0
-        for entry_id, fields in entries:
+        outcome = "done" if applicable == len(entries) else "wait"
+        for (entry_id, fields), gone in zip(entries[:applicable], withdrawn[:applicable], strict=True):
             if not fields:  # pending, and trimmed from the stream before it was applied
                 trimmed += 1
-                self._redis.xack(self.stream, self.group, entry_id)
+                acked.append(entry_id)
                 continue
-            try:
-                keys = self._apply(fields)
-            except UnavailableError as exc:
-                self._last_error = f"entry {entry_id.decode()}: {exc}"
-                log.warning("update %s not applied yet, will retry: %s", entry_id.decode(), exc)
-                self._report_trimmed(trimmed)
-                return False
-            except _Rejected as exc:
-                self._count(rejected_entries=1)
-                log.error("update %s rejected (acknowledged, not retried): %s", entry_id.decode(), exc)
-                keys = -1
-            except NotFoundError as exc:
-                self._count(skipped_entries=1)  # a table this agent does not serve
-                log.debug("update %s skipped: %s", entry_id.decode(), exc)
-                keys = -1
-            self._redis.xack(self.stream, self.group, entry_id)
-            self._last_applied_id = entry_id.decode()
+            keys = -1
+            if gone:
+                self._count(withdrawn_entries=1)
+            elif self._last_applied_id and _parse_id(entry_id) <= _parse_id(self._last_applied_id):
+                self._count(replayed_entries_skipped=1)  # re-delivered by a Redis that went back in time
+            else:
+                try:
+                    if self._shared is not None and self._is_writer and _parse_id(entry_id) <= held:
+                        with self._shared.writes_held_back():
+                            keys = self._apply(fields)
+                    else:
+                        keys = self._apply(fields)
+                except UnavailableError as exc:
+                    self._last_error = f"entry {entry_id.decode()}: {exc}"
+                    log.warning("update %s not applied yet, will retry: %s", entry_id.decode(), exc)
+                    outcome = "retry"
+                    break
+                except _Rejected as exc:
+                    self._count(rejected_entries=1)
+                    log.error("update %s rejected (acknowledged, not retried): %s", entry_id.decode(), exc)
+                except NotFoundError as exc:
+                    self._count(skipped_entries=1)  # a table this agent does not serve
+                    log.debug("update %s skipped: %s", entry_id.decode(), exc)
+            acked.append(entry_id)
             if keys >= 0:
                 self._count(applied_entries=1, applied_keys=keys)
                 sent = fields.get(b"ts")
                 if sent:
                     with self._lock:
                         self._lags_ms.append((time.time_ns() - int(sent)) / 1e6)
-        self._report_trimmed(trimmed)
-        return True
-
-    def _report_trimmed(self, trimmed: int) -> None:
+        self._acknowledge(acked)
         if trimmed:
             self._report_gap(trimmed, f"{trimmed} pending entries were trimmed before they were applied")
+        return outcome
+
+    def _await_writer(self, entries: list[tuple[bytes, Mapping[bytes, bytes]]]) -> tuple[list[bool], int]:
+        """Waits (up to ``block_ms``) for the store writer to apply ``entries``; returns which of them were
+        withdrawn and how many, from the first, the shared stores now hold. Becoming the writer meanwhile
+        (the old one is gone) ends the wait: this agent applies them itself."""
+        assert self._redis is not None
+        uids = [_text(f.get(b"uid", b"")) or _text(eid) for eid, f in entries]
+        deadline = time.monotonic() + self._block_ms / 1000
+        pause = 0.001
+        while True:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self._applied_key)
+            pipe.smismember(self._cancelled_key, uids)
+            raw_watermark, flags = pipe.execute()
+            watermark = _text(raw_watermark) if raw_watermark else "0-0"
+            self._watermark = watermark if raw_watermark else ""
+            held = sum(1 for eid, _ in entries if _parse_id(eid) <= _parse_id(watermark))
+            if held == len(entries) or time.monotonic() >= deadline or self._stopping.is_set():
+                return [bool(int(f)) for f in flags], held
+            if self._poll_role():
+                return [bool(int(f)) for f in flags], held  # the rest: applied by this agent next round
+            if held:
+                return [bool(int(f)) for f in flags], held
+            self._stopping.wait(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _acknowledge(self, acked: list[bytes]) -> None:
+        """XACKs what was applied; the writer first records the newest in the stores it writes (its
+        RocksDB, then the watermark), so nothing is acknowledged that the stores do not show."""
+        assert self._redis is not None
+        if not acked:
+            return
+        newest = _text(acked[-1])
+        if self._shared is not None and self._is_writer:
+            persistent = self._shared.persistent
+            if persistent is not None and persistent.is_writer:
+                persistent.put_meta(self._marker, _id_max(newest, self._last_applied_id))
+            self._watermark = _text(self._redis.eval(_RAISE, 1, self._applied_key, newest))
+        self._redis.xack(self.stream, self.group, *acked)
+        with self._applied:
+            self._last_applied_id = _id_max(newest, self._last_applied_id)
+            self._applied.notify_all()
+        if self._catch_up_to is not None and _parse_id(self._last_applied_id) >= self._catch_up_to:
+            self._caught_up.set()
 
     def _apply(self, fields: Mapping[bytes, bytes]) -> int:
         try:

@@ -131,7 +131,7 @@ def rebalance_locked(
     if dead_redis:
         raise UnavailableError(
             f"Redis of the stack in {stack.state_dir} is not running (pid {dead_redis[0].pid}): "
-            "hps local up restarts the stack"
+            "hps local up (or hps local restart redis) starts it again"
         )
 
     # agents the routing does not name are a generation an interrupted rebalance left behind

@@ -12,10 +12,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
 from node_agent.errors import UnavailableError
+
+if TYPE_CHECKING:
+    from node_agent.spec import RedisPersistenceSpec
 
 _START_TIMEOUT_S = 15.0
 
@@ -100,12 +104,16 @@ def start_redis(
     maxmemory: str | None = None,
     host: str = "127.0.0.1",
     detach: bool = False,
+    persistence: RedisPersistenceSpec | None = None,
 ) -> RedisProcess:
-    """Starts ``redis-server`` bound to ``host`` and waits until it answers PING.
+    """Starts ``redis-server`` bound to ``host`` and waits until it answers PING (and, with an
+    append-only file to replay, until it has loaded it).
 
     ``detach`` puts it in its own session so it outlives the caller (``hps local up`` returns while
-    the stack keeps running); otherwise it is the caller's child. Persistence is off: the volatile
-    tier is a cache of the persistent one.
+    the stack keeps running); otherwise it is the caller's child. ``persistence`` (the model's
+    ``volatileStore.redis.persistence``) makes it keep what it was given in ``workdir`` across restarts;
+    without it nothing is kept (the tests' throwaway servers). A ``port`` that cannot be bound is an
+    :class:`UnavailableError` naming it (a restart must come back on the address the agents know).
     """
     binary = redis_server_binary()
     # redis-server changes into --dir before opening --logfile: both must be absolute.
@@ -114,9 +122,9 @@ def start_redis(
     last_error = ""
     for _ in range(5):
         chosen = port or free_port(host, max_port=CLUSTER_MAX_PORT if cluster else 65535)
+        kept = persistence.redis_args() if persistence is not None else ["--save", "", "--appendonly", "no"]
         args = [
-            binary, "--bind", host, "--port", str(chosen), "--dir", str(wd),
-            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            binary, "--bind", host, "--port", str(chosen), "--dir", str(wd), *kept, "--protected-mode", "no",
             "--logfile", str(wd / f"redis-{chosen}.log"), "--daemonize", "no",
         ]  # fmt: skip
         if password:
@@ -138,6 +146,9 @@ def start_redis(
             try:
                 if server.client().ping():
                     return server
+            except redis.BusyLoadingError as exc:  # replaying its append-only file: as long as it takes
+                last_error = str(exc)
+                deadline = max(deadline, time.monotonic() + _START_TIMEOUT_S)
             except redis.RedisError as exc:
                 last_error = str(exc)
             time.sleep(0.02)
@@ -176,6 +187,7 @@ def start_cluster(
     password: str | None = None,
     host: str = "127.0.0.1",
     detach: bool = False,
+    persistence: RedisPersistenceSpec | None = None,
 ) -> RedisCluster:
     """Starts ``masters`` cluster-enabled servers, splits the slots evenly with ``CLUSTER ADDSLOTSRANGE``,
     joins them with ``CLUSTER MEET`` and waits for ``cluster_state:ok`` on every node."""
@@ -186,7 +198,8 @@ def start_cluster(
     try:
         for i in range(masters):
             nodes.append(
-                start_redis(wd / f"node-{i}", password=password, cluster=True, host=host, detach=detach)
+                start_redis(wd / f"node-{i}", password=password, cluster=True, host=host, detach=detach,
+                            persistence=persistence)
             )
         clients = [n.client() for n in nodes]
         per = 16384 // masters

@@ -12,16 +12,24 @@ The state directory holds everything the stack owns::
     plan.json         the active placement plan, when the stack has one; kept by ``down`` so the next
                       ``up`` re-plans from it, moving little
     plan-v<N>.json    the plan version N the agents of that generation were started with
+    data.json         what the stores hold: the tables loaded (and their shapes), how Redis is laid
+                      out (servers, ports); kept by ``down``, so the next ``up`` loads nothing it holds
     redis.password    the generated Redis AUTH password (mode 0600)
-    redis/            redis-server working directories and logs
+    redis/            redis-server working directories, their append-only files and logs
     rocksdb/          the persistent tier
     logs/             agent-<i>.log and agent-<i>.ready (i counts every agent the stack started)
 
 ``up`` on a stack that is already up with the same model file (same bytes) and the same options
 leaves it running and reports it. When only the plan or the agents per partition changed, it
-rebalances the live stack make-before-break (:mod:`node_agent.local.rebalance`); with a changed model
-or other options it stops the old stack (keeping the data) and starts a new one. A stack that is
-partly dead is restarted the same way.
+rebalances the live stack make-before-break (:mod:`node_agent.local.rebalance`). When part of it died,
+it restarts only what is dead: each Redis on its own port and directory (it replays its append-only
+file), each agent with its own identity (it resumes its consumer group). With a changed model or
+other options it stops the old stack and starts a new one on the same data.
+
+Data is never loaded over data: tables the stores already hold (with the updates applied since) are
+kept across ``down``/``up`` and restarts; only tables new to the model are loaded from their sources.
+A Redis that comes back without its data refills from RocksDB (the agents repair it); only when there
+is no RocksDB are the tables loaded into it again, said in a warning. ``down --purge`` forgets it all.
 
 With a plan, ``up`` starts ``agents`` agents for each of the plan's partitions, each caching only the
 buckets its partition owns; :class:`node_agent.routing.RoutedClient` routes lookups by the same plan.
@@ -56,6 +64,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+DATA_FILE = "data.json"
+DATA_FORMAT = "hps.dev/local-data/v1"
 PLAN_FILE = "plan.json"
 ROUTING_FILE = "routing.json"
 PASSWORD_FILE = "redis.password"
@@ -118,11 +128,24 @@ class ProcessRecord:
     plan_version: int | None = None
     #: an agent that opened RocksDB read-write (RocksDB admits one writer at a time)
     writer: bool = False
+    #: an agent's stable identity (its consumer group on the update stream)
+    agent_id: str = ""
+    #: how the process was started, so a restart starts it the same way (port and all)
+    command: list[str] = field(default_factory=list)
+    #: a Redis server's working directory (its append-only file), and whether it is a Cluster node
+    workdir: str = ""
+    cluster_node: bool = False
 
     @classmethod
     def of(cls, role: str, pid: int, *, address: str = "", log: str = "", partition: int | None = None,
-           plan_version: int | None = None, writer: bool = False) -> ProcessRecord:  # fmt: skip
-        return cls(role, pid, _start_ticks(pid), address, log, partition, plan_version, writer)
+           plan_version: int | None = None, writer: bool = False, agent_id: str = "",
+           command: Sequence[str] = (), workdir: str = "", cluster_node: bool = False) -> ProcessRecord:  # fmt: skip
+        return cls(role, pid, _start_ticks(pid), address, log, partition, plan_version, writer, agent_id,
+                   list(command), workdir, cluster_node)  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1]) if ":" in self.address else 0
 
     def alive(self) -> bool:
         """Running and still the process we started (a zombie is dead; it is reaped if ours)."""
@@ -236,6 +259,42 @@ class StackState:
         )
 
 
+@dataclass
+class StoredData:
+    """What ``data.json`` says the stores hold: the tables loaded from their sources (updated online
+    since), and how Redis is laid out (``standalone:N`` servers or ``cluster:N``) on which ports, so a
+    later ``up`` reuses its append-only files and loads nothing the stores already hold."""
+
+    model: str
+    #: table name -> {"dim", "dtype", "rows"} as loaded
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    redis_layout: str = ""
+    redis_ports: list[int] = field(default_factory=list)
+    loaded_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": DATA_FORMAT, "model": self.model, "tables": self.tables,
+                "redis": {"layout": self.redis_layout, "ports": self.redis_ports}, "loadedAt": self.loaded_at}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> StoredData:
+        redis = raw.get("redis") or {}
+        return cls(model=str(raw.get("model") or ""), tables=dict(raw.get("tables") or {}),
+                   redis_layout=str(redis.get("layout") or ""),
+                   redis_ports=[int(p) for p in redis.get("ports") or []], loaded_at=str(raw.get("loadedAt") or ""))  # fmt: skip
+
+
+def _table_shape(table: Any) -> dict[str, Any]:
+    return {"dim": table.dim, "dtype": table.dtype, "rows": table.rows}
+
+
+def redis_layout(*, use_redis: bool, redis_cluster: int, shards: int) -> str:
+    """How a stack's Redis is laid out; data kept under another layout is not where clients look."""
+    if not use_redis:
+        return ""
+    return f"cluster:{redis_cluster}" if redis_cluster else f"standalone:{shards}"
+
+
 @dataclass(frozen=True)
 class UpResult:
     state: StackState
@@ -247,6 +306,8 @@ class UpResult:
     plan: Plan | None = None
     #: set when a live stack was rebalanced make-before-break instead of restarted
     rebalance: RebalanceResult | None = None
+    #: the processes restarted when only part of the stack had died (the rest kept running)
+    revived: tuple[ProcessRecord, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +338,24 @@ class LocalStack:
     @property
     def plan_file(self) -> Path:
         return self.state_dir / PLAN_FILE
+
+    @property
+    def data_file(self) -> Path:
+        return self.state_dir / DATA_FILE
+
+    def read_data(self) -> StoredData | None:
+        """What the stores hold (``data.json``), or None when nothing was loaded yet."""
+        try:
+            raw = json.loads(self.data_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s (%s): the stores are treated as empty", self.data_file, exc)
+            return None
+        return StoredData.from_dict(raw)
+
+    def write_data(self, data: StoredData) -> None:
+        _replace_file(self.data_file, json.dumps(data.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @property
     def routing_file(self) -> Path:
@@ -427,8 +506,12 @@ class LocalStack:
                         grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s,
                     )  # fmt: skip
                     return UpResult(result.state, already_up=False, restarted=False, plan=plan, rebalance=result)
-                why = "the model or options changed" if everything_alive else "part of it is not running"
-                log.info("stopping the running stack in %s: %s", self.state_dir, why)
+                if current.phase == "up" and current.fingerprint == fingerprint:
+                    # the same stack, part of it dead: restart only that, on the same data and addresses
+                    revived = self._revive(current, model, ready_timeout=ready_timeout)
+                    return UpResult(current, already_up=False, restarted=False, plan=plan, revived=tuple(revived))
+                why = "the model or options changed" if everything_alive else "an earlier up did not finish"
+                log.info("stopping the running stack in %s (its data stays): %s", self.state_dir, why)
                 self._stop(current)
                 restarted = True
             options = {"agents": agents, "port": port, "device": device, "useRedis": use_redis,
@@ -437,44 +520,65 @@ class LocalStack:
             state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster),
                                plan=plan_summary(plan) if plan is not None else None, options=options,
                                base_fingerprint=base_fingerprint)  # fmt: skip
+            had_data = self.data_file.exists()
             try:
                 self._start(state, model, path, agents=agents, plan=plan, redis_cluster=redis_cluster,
                             use_redis=use_redis, ready_timeout=ready_timeout)  # fmt: skip
             except BaseException:
                 self._stop(state)
                 self.state_file.unlink(missing_ok=True)
+                if not had_data and not self.data_file.exists():
+                    # nothing was recorded as loaded: leave no half-loaded store to trip the next up
+                    self._discard_unrecorded_data()
                 raise
             return UpResult(state, already_up=False, restarted=restarted, plan=plan)
 
     def _start(self, state: StackState, model: ModelSpec, model_file: Path, *, agents: int,
                plan: Plan | None, redis_cluster: int, use_redis: bool, ready_timeout: float) -> None:  # fmt: skip
-        from node_agent.local.redis_servers import start_cluster, start_redis
-
-        password: str | None = None
-        if use_redis:
-            password = secrets.token_urlsafe(24)
-            _write_private(self.password_file, password + "\n")
-            redis_dir = self.state_dir / "redis"
-            if redis_cluster:
-                cluster = start_cluster(redis_dir, masters=redis_cluster, password=password, detach=True)
-                servers = cluster.nodes
-            else:
-                # spec.volatileStore.redis.shards standalone servers, sharded by the client (RedisTier):
-                # one redis-server is single-threaded, so loading and misses scale with shards
-                shards = model.volatile_store.redis.shards
-                servers = [start_redis(redis_dir if shards == 1 else redis_dir / f"shard-{i}", password=password,
-                                       detach=True) for i in range(shards)]  # fmt: skip
-            for s in servers:
-                state.processes.append(ProcessRecord.of("redis", s.pid, address=s.address,
-                                                        log=str(s.workdir / f"redis-{s.port}.log")))  # fmt: skip
-            state.redis_addresses = [s.address for s in servers]
-            self.write_state(state)  # from here a crash of this process leaves something `down` can stop
-            log.info("redis: %s%s", ",".join(state.redis_addresses), " (cluster)" if redis_cluster else "")
-
         use_rocksdb = model.persistent_store.type == "rocksdb"
-        if use_redis or use_rocksdb:
-            self._load(model, model_file, redis=state.redis_addresses, password=password,
-                       cluster=bool(redis_cluster), rocksdb=use_rocksdb)  # fmt: skip
+        stored = self.read_data()
+        if stored is not None and stored.model != model.name:
+            raise InvalidArgumentError(
+                f"{self.state_dir} holds the tables of model {stored.model!r}, not {model.name!r}: give another "
+                f"--state-dir, or delete them with hps local down --purge --state-dir {self.state_dir}"
+            )
+        if stored is None:
+            self._discard_unrecorded_data()  # an earlier up that never finished loading
+        new_tables = self._tables_to_load(model, stored)
+        layout = redis_layout(use_redis=use_redis, redis_cluster=redis_cluster, shards=model.volatile_store.redis.shards)
+        password: str | None = None
+        redis_tables: list[str] = []
+        if use_redis:
+            password = self.redis_password()
+            if password is None:
+                password = secrets.token_urlsafe(24)
+                _write_private(self.password_file, password + "\n")
+            kept = stored is not None and stored.redis_layout == layout
+            if not kept and (self.state_dir / "redis").exists():
+                log.info("the Redis layout changed (%s -> %s): starting Redis afresh; its rows come back from %s",
+                         stored.redis_layout if stored else "none", layout,
+                         "RocksDB" if use_rocksdb else "the sources")  # fmt: skip
+                shutil.rmtree(self.state_dir / "redis", ignore_errors=True)
+            self._start_redis_servers(state, model, redis_cluster, password,
+                                      ports=stored.redis_ports if kept and stored is not None else [])  # fmt: skip
+            redis_tables = list(new_tables)
+            if not self._redis_holds_data(state, model.name, password) and not use_rocksdb:
+                if stored is not None and stored.tables:
+                    log.warning("Redis came back without its data and model %s has no persistent tier: loading "
+                                "its tables from their sources again; online updates applied since %s are lost",
+                                model.name, stored.loaded_at or "the last load")  # fmt: skip
+                redis_tables = [t.name for t in model.tables if t.source]
+        rocksdb_tables = list(new_tables) if use_rocksdb else []
+        if redis_tables or rocksdb_tables:
+            self._load(model, model_file, redis_tables=redis_tables, rocksdb_tables=rocksdb_tables,
+                       redis=state.redis_addresses, password=password, cluster=bool(redis_cluster))  # fmt: skip
+        if use_redis:
+            self._mark_redis_loaded(state, model.name, password)
+        self.write_data(StoredData(
+            model.name, {t.name: _table_shape(t) for t in model.tables}, redis_layout=layout,
+            redis_ports=[p.port for p in state.redis()],
+            loaded_at=(stored.loaded_at if stored is not None and not new_tables else _now_text()),
+        ))  # fmt: skip
 
         self.activate_plan(plan)
         agents_started = self.launch_agents(state, plan, agents=agents, read_only=False,
@@ -484,6 +588,221 @@ class LocalStack:
         self.write_routing(plan, state.partitions, model=model)
         state.phase = "up"
         self.write_state(state)
+
+    def _tables_to_load(self, model: ModelSpec, stored: StoredData | None) -> list[str]:
+        """The tables with a source the stores do not hold yet; a table held with another shape cannot
+        be loaded over (its rows and updates would be cut at the wrong width): that is an error saying
+        how to start over."""
+        held = stored.tables if stored is not None else {}
+        for i, table in enumerate(model.tables):
+            before = held.get(table.name)
+            if before is None:
+                continue
+            if (before.get("dim"), before.get("dtype")) != (table.dim, table.dtype):
+                raise InvalidArgumentError(
+                    f"spec.tables[{i}]: table {table.name!r} is stored in {self.state_dir} with dim "
+                    f"{before.get('dim')} and dtype {before.get('dtype')}, the model now says dim {table.dim} "
+                    f"and dtype {table.dtype}: a stored table keeps its shape. Start over from the sources with "
+                    f"hps local down --purge --state-dir {self.state_dir} (online updates are lost), or give the "
+                    "table a new name"
+                )
+            if before.get("rows") != table.rows:
+                log.warning("table %r keeps the %s rows it was loaded with (and the updates since), not the %d "
+                            "the model now says: to load it from its source again, hps local down --purge",
+                            table.name, before.get("rows"), table.rows)  # fmt: skip
+        kept = [t.name for t in model.tables if t.name in held]
+        if kept:
+            log.info("keeping tables %s as the stores hold them (loaded %s, with the updates since)",
+                     ", ".join(kept), stored.loaded_at if stored is not None else "")  # fmt: skip
+        return [t.name for t in model.tables if t.source and t.name not in held]
+
+    def _discard_unrecorded_data(self) -> None:
+        for owned in ("redis", "rocksdb"):
+            folder = self.state_dir / owned
+            if folder.exists():
+                log.info("removing %s: no load into it was ever completed", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _start_redis_servers(self, state: StackState, model: ModelSpec, redis_cluster: int, password: str,
+                             *, ports: Sequence[int]) -> None:  # fmt: skip
+        """Starts the stack's Redis servers, on ``ports`` when given (their append-only files and, for a
+        Cluster, their nodes.conf name them) else on free ones; each is recorded as soon as it runs."""
+        from node_agent.local.redis_servers import start_cluster, start_redis
+
+        redis_dir = self.state_dir / "redis"
+        persistence = model.volatile_store.redis.persistence
+        if redis_cluster and ports and len(ports) == redis_cluster and (redis_dir / "node-0").exists():
+            servers = []
+            try:
+                for i, node_port in enumerate(ports):
+                    servers.append(start_redis(redis_dir / f"node-{i}", port=node_port, password=password, cluster=True,
+                                               detach=True, persistence=persistence))  # fmt: skip
+            except UnavailableError as exc:
+                for server in servers:
+                    server.stop()
+                raise UnavailableError(
+                    f"the Redis Cluster of the stack in {self.state_dir} cannot come back on ports "
+                    f"{', '.join(map(str, ports))} ({exc}); free them, or start it afresh with hps local down "
+                    f"--purge --state-dir {self.state_dir}"
+                ) from None
+            _wait_cluster_ok(servers)
+        elif redis_cluster:
+            servers = start_cluster(redis_dir, masters=redis_cluster, password=password, detach=True,
+                                    persistence=persistence).nodes  # fmt: skip
+        else:
+            # spec.volatileStore.redis.shards standalone servers, sharded by the client (RedisTier):
+            # one redis-server is single-threaded, so loading and misses scale with shards
+            shards = model.volatile_store.redis.shards
+            servers = []
+            for i in range(shards):
+                workdir = redis_dir if shards == 1 else redis_dir / f"shard-{i}"
+                shard_port = ports[i] if i < len(ports) else None
+                try:
+                    servers.append(start_redis(workdir, port=shard_port, password=password, detach=True,
+                                               persistence=persistence))  # fmt: skip
+                except UnavailableError:
+                    if shard_port is None:
+                        raise
+                    # its old port is taken: any other will do (the data is in its directory)
+                    servers.append(start_redis(workdir, password=password, detach=True, persistence=persistence))
+        for server in servers:
+            state.processes.append(ProcessRecord.of(
+                "redis", server.pid, address=server.address, log=str(server.workdir / f"redis-{server.port}.log"),
+                workdir=str(server.workdir), cluster_node=bool(redis_cluster),
+            ))  # fmt: skip
+        state.redis_addresses = [s.address for s in servers]
+        self.write_state(state)  # from here a crash of this process leaves something `down` can stop
+        log.info("redis: %s%s", ",".join(state.redis_addresses), " (cluster)" if redis_cluster else "")
+
+    def _redis_clients(self, state: StackState, password: str | None) -> list[tuple[str, Any]]:
+        from node_agent.tiers.health import redis_clients
+
+        return redis_clients(state.redis_addresses, password=password, cluster=state.redis_cluster, timeout=5.0)
+
+    def _redis_holds_data(self, state: StackState, model: str, password: str | None) -> bool:
+        """Every Redis server holds a data generation of the model (its epoch key): it kept its data."""
+        from node_agent.tiers.health import read_epoch
+
+        clients = self._redis_clients(state, password)
+        try:
+            return all(read_epoch(client, model) is not None for _, client in clients)
+        finally:
+            for _, client in clients:
+                client.close()
+
+    def _mark_redis_loaded(self, state: StackState, model: str, password: str | None) -> None:
+        """Gives each Redis server without one a data generation (an epoch key), as ``hps load`` does:
+        the agents tell by it a server that comes back without its data."""
+        from node_agent.tiers.health import write_epoch
+
+        clients = self._redis_clients(state, password)
+        try:
+            for _, client in clients:
+                write_epoch(client, model, only_if_absent=True)
+        finally:
+            for _, client in clients:
+                client.close()
+
+    # -- restarting part of a stack --------------------------------------------------------------
+
+    def restart(self, what: str, index: int | None = None, *, ready_timeout: float = 120.0) -> list[ProcessRecord]:
+        """``hps local restart agent N`` / ``redis [N]``: stops that process (SIGTERM, then SIGKILL after a
+        bounded wait) and starts it again as it was started: the same port and data directory for Redis
+        (it replays its append-only file), the same identity and port for an agent (it resumes its
+        consumer group). The rest of the stack keeps running. Returns what was restarted."""
+        with self.locked():
+            current = self.read_state()
+            if current is None or current.phase != "up":
+                raise NotFoundError(f"no running stack in {self.state_dir}: start one with hps local up")
+            model = load_model_file(current.model_file)
+            if what == "agent":
+                agents = current.agents()
+                if index is None:
+                    raise InvalidArgumentError(f"which agent? hps local restart agent N, N from 0 to {len(agents) - 1} "
+                                               "(as hps local status lists them)")  # fmt: skip
+                chosen = [_pick(agents, index, "agent")]
+                for agent in chosen:
+                    agent.stop()
+                self._restart_agents(current, chosen, ready_timeout=ready_timeout)
+            elif what == "redis":
+                servers = current.redis()
+                if not servers:
+                    raise InvalidArgumentError(f"the stack in {self.state_dir} runs no Redis (it was started with "
+                                               "--no-redis, or its model has no Redis tier)")  # fmt: skip
+                chosen = servers if index is None else [_pick(servers, index, "redis")]
+                for server in chosen:
+                    server.stop()
+                self._restart_redis(current, chosen, model)
+            else:
+                raise InvalidArgumentError(f"restart what? 'agent N' or 'redis', got {what!r}")
+            self.write_state(current)
+            return chosen
+
+    def _revive(self, state: StackState, model: ModelSpec, *, ready_timeout: float) -> list[ProcessRecord]:
+        """Restarts the dead processes of a running stack, Redis first (the agents reconnect to the same
+        addresses), and leaves the live ones alone."""
+        dead_redis = [p for p in state.redis() if not p.alive()]
+        if dead_redis:
+            log.info("restarting %d dead Redis server(s) of the stack in %s", len(dead_redis), self.state_dir)
+            self._restart_redis(state, dead_redis, model)
+        dead_agents = [a for a in state.agents() if not a.alive()]
+        if dead_agents:
+            log.info("restarting %d dead agent(s) of the stack in %s", len(dead_agents), self.state_dir)
+            self._restart_agents(state, dead_agents, ready_timeout=ready_timeout)
+        self.write_state(state)
+        return dead_redis + dead_agents
+
+    def _restart_redis(self, state: StackState, servers: Sequence[ProcessRecord], model: ModelSpec) -> None:
+        """Starts ``servers`` again on their ports and directories. One that comes back without its data
+        is refilled by the agents from RocksDB; without RocksDB the tables are loaded into it again."""
+        from node_agent.local.redis_servers import start_redis
+
+        password = self.redis_password()
+        persistence = model.volatile_store.redis.persistence
+        for record in servers:
+            try:
+                server = start_redis(record.workdir or self.state_dir / "redis", port=record.port, password=password,
+                                     cluster=record.cluster_node, detach=True, persistence=persistence)  # fmt: skip
+            except UnavailableError as exc:
+                raise UnavailableError(f"Redis {record.address} of the stack in {self.state_dir} did not come back "
+                                       f"on its port: {exc}") from None  # fmt: skip
+            record.pid, record.started = server.pid, _start_ticks(server.pid)
+            self.write_state(state)
+        if any(r.cluster_node for r in servers):
+            from node_agent.local.redis_servers import RedisProcess
+
+            _wait_cluster_ok([RedisProcess(r.address.rsplit(":", 1)[0], r.port, Path(r.workdir), password, r.pid)
+                              for r in state.redis()])  # fmt: skip
+        if model.persistent_store.type != "rocksdb" and not self._redis_holds_data(state, model.name, password):
+            log.warning("Redis came back without its data and model %s has no persistent tier: loading its tables "
+                        "from their sources again; online updates applied since the last load are lost", model.name)  # fmt: skip
+            self._load(model, Path(state.model_file), redis_tables=[t.name for t in model.tables if t.source],
+                       rocksdb_tables=[], redis=state.redis_addresses, password=password, cluster=state.redis_cluster)  # fmt: skip
+            self._mark_redis_loaded(state, model.name, password)
+
+    def _restart_agents(self, state: StackState, agents: Sequence[ProcessRecord], *, ready_timeout: float) -> None:
+        """Starts ``agents`` again with the command they were started with, on the port they had."""
+        env = dict(os.environ)
+        password = self.redis_password()
+        if password:
+            env[PASSWORD_ENV] = password
+        launched = []
+        for record in agents:
+            if not record.command:
+                raise InvalidArgumentError(f"agent {record.address} was started by an older hps local that did not "
+                                           "record how: restart the whole stack with hps local down and up")  # fmt: skip
+            command = _with_option(record.command, "--port", str(record.port))
+            ready = Path(_option(command, "--ready-file"))
+            ready.unlink(missing_ok=True)
+            with open(record.log, "ab") as out:
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)  # fmt: skip
+            record.pid, record.started, record.command = proc.pid, _start_ticks(proc.pid), command
+            self.write_state(state)
+            launched.append((record, proc, ready))
+        deadline = time.monotonic() + ready_timeout
+        for record, proc, ready in launched:
+            record.address = _wait_serving(Path(record.log).stem, proc, ready, Path(record.log), deadline=deadline)
 
     def launch_agents(self, state: StackState, plan: Plan | None, *, agents: int, read_only: bool,
                       ready_timeout: float, busy_ports: Sequence[int] = ()) -> list[ProcessRecord]:  # fmt: skip
@@ -502,8 +821,10 @@ class LocalStack:
         partitions = plan.partitions if plan is not None else 1
         plan_file = self.write_plan(plan) if plan is not None else None
         total = partitions * agents
-        # RocksDB admits one writer: several agents (or one beside a writer) share it read-only
-        rocksdb_read_only = read_only or total > 1
+        # RocksDB admits one writer: agents that may ever run beside another share it (the one holding its
+        # lock writes it and Redis, the others read it and take over when it stops); a lone agent without
+        # Redis keeps it to itself, so its Update RPCs can write it directly
+        rocksdb_shared = use_redis or read_only or total > 1
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         ports = _fixed_ports(port, total, busy=busy_ports) if port else [0] * total
@@ -515,8 +836,9 @@ class LocalStack:
             ready = logs / f"agent-{index}.ready"
             ready.unlink(missing_ok=True)
             agent_log = logs / f"agent-{index}.log"
+            agent_id = f"{state.model}-a{index}"
             cmd = [sys.executable, "-m", "hps_operator", "agent", "-f", str(model_file),
-                   "--host", "127.0.0.1", "--port", str(ports[i]),
+                   "--host", "127.0.0.1", "--port", str(ports[i]), "--agent-id", agent_id,
                    "--device", device, "--ready-file", str(ready)]  # fmt: skip
             if plan_file is not None:
                 cmd += ["--plan", str(plan_file), "--partition", str(partition)]
@@ -526,8 +848,8 @@ class LocalStack:
                     cmd.append("--redis-cluster")
             if use_rocksdb:
                 cmd += ["--rocksdb", str(self.rocksdb_dir)]
-                if rocksdb_read_only:
-                    cmd.append("--rocksdb-read-only")
+                if rocksdb_shared:
+                    cmd.append("--rocksdb-shared")
             if options.get("sameNode"):  # same-node clients find it at logs/agent-<i>.sock
                 cmd += ["--same-node-socket", str(logs / f"agent-{index}.sock")]
             if not use_redis and not use_rocksdb:
@@ -540,7 +862,8 @@ class LocalStack:
                                         env=env, start_new_session=True)  # fmt: skip
             record = ProcessRecord.of("agent", proc.pid, log=str(agent_log), partition=partition,
                                       plan_version=plan.version if plan is not None else 0,
-                                      writer=use_rocksdb and not rocksdb_read_only)  # fmt: skip
+                                      writer=use_rocksdb and not rocksdb_shared, agent_id=agent_id,
+                                      command=cmd)  # fmt: skip
             state.processes.append(record)
             self.write_state(state)
             launched.append((record, proc, ready))
@@ -551,32 +874,45 @@ class LocalStack:
         self.write_state(state)
         return [record for record, _, _ in launched]
 
-    def _load(self, model: ModelSpec, model_file: Path, *, redis: Sequence[str], password: str | None,
-              cluster: bool, rocksdb: bool) -> None:  # fmt: skip
-        """``hps load`` semantics, in this process: every table into Redis and RocksDB."""
-        from node_agent.loader import load_model
+    def _load(self, model: ModelSpec, model_file: Path, *, redis_tables: Sequence[str], rocksdb_tables: Sequence[str],
+              redis: Sequence[str], password: str | None, cluster: bool) -> None:  # fmt: skip
+        """``hps load`` semantics, in this process: ``redis_tables`` into Redis, ``rocksdb_tables`` into
+        RocksDB. Every source is opened and checked against the model before a store is opened, so a bad
+        file (or a spec that does not match it) leaves the stores untouched."""
+        from node_agent.loader import load_model, open_source
         from node_agent.tiers.base import TableLayout, Tier
 
+        names = list(dict.fromkeys([*redis_tables, *rocksdb_tables]))
+        for name in names:
+            open_source(model.table(name), base_dir=model_file.parent)
         layouts = [TableLayout.of(t) for t in model.tables]
-        tiers: list[Tier] = []
+        redis_tier: Tier | None = None
+        rocksdb_tier: Tier | None = None
         try:
-            if redis:
+            if redis_tables:
                 from node_agent.tiers.redis_tier import RedisTier
 
-                tiers.append(RedisTier(layouts, addresses=list(redis), password=password, cluster=cluster,
-                                       model=model.name))  # fmt: skip
-            if rocksdb:
+                redis_tier = RedisTier(layouts, addresses=list(redis), password=password, cluster=cluster,
+                                       model=model.name)  # fmt: skip
+            if rocksdb_tables:
                 from node_agent.tiers.rocksdb_tier import RocksDBTier
 
-                tiers.append(RocksDBTier(self.rocksdb_dir, layouts))
+                rocksdb_tier = RocksDBTier(self.rocksdb_dir, layouts)
             started = time.monotonic()
-            reports = load_model(model, tiers=tiers, base_dir=model_file.parent)
-            rows = sum(int(getattr(r, "rows", 0)) for r in reports)
-            log.info("loaded %d tables (%d rows) into %s in %.1f s", len(model.tables), rows,
-                     " and ".join(t.name for t in tiers), time.monotonic() - started)  # fmt: skip
+            both = [n for n in names if n in redis_tables and n in rocksdb_tables]
+            for tables, tiers in ((both, [redis_tier, rocksdb_tier]),
+                                  ([n for n in redis_tables if n not in both], [redis_tier]),
+                                  ([n for n in rocksdb_tables if n not in both], [rocksdb_tier])):  # fmt: skip
+                if tables:
+                    load_model(model, tiers=[t for t in tiers if t is not None], base_dir=model_file.parent,
+                               tables=tables)  # fmt: skip
+            log.info("loaded tables %s into %s in %.1f s", ", ".join(names),
+                     " and ".join(t.name for t in (redis_tier, rocksdb_tier) if t is not None),
+                     time.monotonic() - started)  # fmt: skip
         finally:
-            for tier in tiers:
-                tier.close()
+            for tier in (redis_tier, rocksdb_tier):
+                if tier is not None:
+                    tier.close()
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -633,8 +969,8 @@ class LocalStack:
 
     def down(self, *, purge: bool = False) -> list[ProcessRecord]:
         """Stops the agents, then Redis (SIGTERM, bounded wait, SIGKILL) and forgets their pids; the
-        data (and ``plan.json``) stays unless ``purge``. Returns the processes that were running. Safe to
-        run twice."""
+        data (the tables with their updates, ``data.json``, ``plan.json``) stays unless ``purge``, so the
+        next ``up`` serves it as it was. Returns the processes that were running. Safe to run twice."""
         if not self.state_dir.is_dir():
             return []
         with self.locked():
@@ -653,6 +989,7 @@ class LocalStack:
                     shutil.rmtree(self.state_dir / owned, ignore_errors=True)
                 self.password_file.unlink(missing_ok=True)
                 self.plan_file.unlink(missing_ok=True)
+                self.data_file.unlink(missing_ok=True)
         if purge:
             (self.state_dir / ".lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -662,12 +999,23 @@ class LocalStack:
     @staticmethod
     def _stop(state: StackState) -> list[ProcessRecord]:
         # agents first: they hold Redis connections and would log errors while it goes away
-        stopped = [p for p in state.agents() if p.stop()]
-        stopped += [p for p in state.redis() if p.stop()]
-        return stopped
+        return stop_processes(state.agents()) + stop_processes(state.redis())
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def stop_processes(records: Sequence[ProcessRecord], *, timeout: float = _STOP_TIMEOUT_S) -> list[ProcessRecord]:
+    """SIGTERM to every one at once, then :meth:`ProcessRecord.stop` on each (a bounded wait, SIGKILL
+    for one that ignored it): agents shut down side by side, not one after the other. Returns those
+    that were running."""
+    running = [r for r in records if r.alive()]
+    for record in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, signal.SIGTERM)
+    for record in running:
+        record.stop(timeout=timeout)
+    return running
 
 
 def partition_map(agents: Sequence[ProcessRecord]) -> dict[int, list[str]]:
@@ -697,6 +1045,40 @@ def _replace_file(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     partial.replace(path)
+
+
+def _pick(records: Sequence[ProcessRecord], index: int, role: str) -> ProcessRecord:
+    if not 0 <= index < len(records):
+        raise InvalidArgumentError(f"no {role} {index}: the stack runs {len(records)} ({role} 0 to {len(records) - 1}, "
+                                   "as hps local status lists them)")  # fmt: skip
+    return records[index]
+
+
+def _option(command: Sequence[str], flag: str) -> str:
+    return command[list(command).index(flag) + 1]
+
+
+def _with_option(command: Sequence[str], flag: str, value: str) -> list[str]:
+    out = list(command)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def _now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _wait_cluster_ok(servers: Sequence[Any], timeout: float = 30.0) -> None:
+    """Restarted Cluster nodes rejoin from their nodes.conf; wait until every one says cluster_state:ok."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if all("cluster_state:ok" in str(s.client().execute_command("CLUSTER", "INFO")) for s in servers):
+                return
+        except Exception:  # a node still loading its files
+            pass
+        time.sleep(0.1)
+    raise UnavailableError(f"the Redis Cluster did not reach cluster_state:ok within {timeout:.0f} s")
 
 
 def fingerprints(model_file: Path, *, agents: int, redis_cluster: int, port: int, use_redis: bool, device: str,
@@ -816,6 +1198,12 @@ def _agent_summary(model: str, endpoint: str, *, timeout: float) -> dict[str, An
         summary["hitRates"] = {
             name: t.get("hit_rate") for name, t in tables.items() if isinstance(t, Mapping) and "hit_rate" in t
         }
+    summary["reasons"] = list(stats.get("degraded_reasons") or described.get("degraded_reasons") or [])
+    updates = stats.get("updates")
+    if isinstance(updates, Mapping):
+        summary["updates"] = {k: updates.get(k) for k in (
+            "store_writer", "last_applied_id", "applied_watermark", "applied_entries", "rejected_entries",
+            "withdrawn_entries", "gaps", "missed_entries", "entries_behind", "lag_ms_p50", "lag_ms_p99", "reason")}  # fmt: skip
     summary["describe"] = described
     summary["stats"] = stats
     return summary

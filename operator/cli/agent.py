@@ -25,6 +25,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--redis-password-env", metavar="VAR", help="environment variable holding the Redis password")
     p.add_argument("--rocksdb", type=Path, help="L3 RocksDB directory (default: no persistent tier)")
     p.add_argument("--rocksdb-read-only", action="store_true", help="open RocksDB read-only")
+    p.add_argument("--rocksdb-shared", action="store_true",
+                   help="the RocksDB directory is shared with other agents on this machine: the agent holding "
+                   "its lock writes it (and the shared Redis), the others read it and take over when it stops")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the L1 cache lives")
     p.add_argument("--ready-file", type=Path, help="write this JSON file (with the bound port) once serving")
     p.add_argument("--load", action="store_true", help="load the tables from their sources before serving")
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         redis_password=password,
         rocksdb=args.rocksdb,
         rocksdb_read_only=args.rocksdb_read_only,
+        rocksdb_shared=args.rocksdb_shared,
         device=args.device,
         ready_file=args.ready_file,
         load=args.load,

@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for tier in tiers:
             tier.close()
+    if addresses:
+        _mark_new_generation(model.name, addresses, password=password, cluster=args.redis_cluster)
     rows = [
         {
             **r.to_dict(),
@@ -125,6 +127,18 @@ def run(args: argparse.Namespace) -> int:
     ]
     _print(rows, args.output, ("table", "format", "rows", "MB", "seconds", "rows_per_s", "resumed_from"))
     return 0
+
+
+def _mark_new_generation(model: str, addresses: list[str], *, password: str | None, cluster: bool) -> None:
+    """A new epoch on every Redis loaded: running agents drop their L1 (it holds rows from before the
+    load), and any agent can later tell a Redis that came back without this data."""
+    from node_agent.tiers.health import redis_clients, write_epoch
+
+    for _, client in redis_clients(addresses, password=password, cluster=cluster, timeout=5.0):
+        try:
+            write_epoch(client, model)
+        finally:
+            client.close()
 
 
 def _print(rows: list[dict[str, Any]], output: str, columns: tuple[str, ...]) -> None:

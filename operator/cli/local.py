@@ -1,4 +1,4 @@
-"""``hps local up|rebalance|status|down``: the whole stack on this machine (Redis, loaded tables,
+"""``hps local up|rebalance|restart|status|down``: the whole stack on this machine (Redis, loaded tables,
 agents), the embedded default a user starts with before Kubernetes."""
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="start the stack and return once every agent serves",
         description="Starts redis-server, loads the tables into Redis and RocksDB, starts the agents and "
         "returns once each answers gRPC health SERVING; the stack keeps running. On a stack already "
-        "up with the same model file and options this does nothing; when only the partitions, GPUs or "
-        "agents per partition changed it rebalances the live stack make-before-break (as hps local "
-        "rebalance); with a changed model it restarts it.",
+        "up with the same model file and options this does nothing; when part of it died it restarts only "
+        "that (Redis replays its append-only file, agents resume their update groups); when only the "
+        "partitions, GPUs or agents per partition changed it rebalances the live stack make-before-break "
+        "(as hps local rebalance); with a changed model it restarts it on the same data. Tables the stores "
+        "already hold (with their online updates) are never loaded again from their sources.",
     )
     up.add_argument("-f", "--file", required=True, help="the EmbeddingModel YAML")
     up.add_argument("--state-dir", help=state_help)
@@ -80,6 +82,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rebalance.add_argument("--timeout", type=float, default=120.0, metavar="S",
                            help="seconds to wait for the new agents to serve (default 120)")  # fmt: skip
     rebalance.set_defaults(func=run_rebalance)
+
+    restart = verbs.add_parser(
+        "restart",
+        help="restart one agent, or Redis, of the running stack",
+        description="Stops the process (SIGTERM, then SIGKILL after 10 s) and starts it again as it was "
+        "started: an agent on its port with its identity (it resumes its update consumer group; another "
+        "agent writes the shared stores meanwhile), Redis on its port and data directory (it replays its "
+        "append-only file). The rest of the stack keeps serving.",
+    )
+    restart.add_argument("what", choices=("agent", "redis"), help="agent N, or redis (every server, or N)")
+    restart.add_argument("index", nargs="?", type=int, metavar="N",
+                         help="which one, counting from 0 as hps local status lists them")  # fmt: skip
+    restart.add_argument("--state-dir", help=state_help)
+    restart.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                         help="seconds to wait for a restarted agent to serve (default 120)")  # fmt: skip
+    restart.set_defaults(func=run_restart)
 
     status = verbs.add_parser(
         "status",
@@ -139,6 +157,9 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"partition {partition}: {', '.join(endpoints)}")
     if result.already_up:
         verb = "already up"
+    elif result.revived:
+        names = ", ".join(f"{p.role} {p.address}" for p in result.revived)
+        verb = f"restarted what had stopped ({names}); the rest kept running"
     elif result.rebalance is not None:
         verb = rebalanced_words(result.rebalance)
     elif result.restarted:
@@ -185,6 +206,21 @@ def run_rebalance(args: argparse.Namespace) -> int:
         print(f"partition {partition}: {', '.join(endpoints)}")
     print(f"model {state.model}: {rebalanced_words(result)}; {len(state.agents())} agent(s); "
           f"state in {stack.state_dir}")  # fmt: skip
+    return 0
+
+
+def run_restart(args: argparse.Namespace) -> int:
+    import time
+
+    from node_agent.local.stack import LocalStack
+
+    stack = LocalStack(args.state_dir)
+    started = time.monotonic()
+    restarted = stack.restart(args.what, args.index, ready_timeout=args.timeout)
+    took = time.monotonic() - started
+    for record in restarted:
+        print(f"restarted {record.role} {record.address} (pid {record.pid})")
+    print(f"took {took:.1f} s; the rest of the stack kept running")
     return 0
 
 
@@ -253,9 +289,13 @@ def _print_status(report: dict[str, Any]) -> None:
             note = f" (rolling out version {failed} failed)" if failed is not None else ""
             print(f"  rebalance: Idle, plan version {rebalance.get('toVersion')} active since "
                   f"{rebalance.get('since')}{note}")  # fmt: skip
+    counts: dict[str, int] = {}
     for p in report["processes"]:
         where = f" {p['address']}" if p["address"] else ""
-        print(f"  {p['role']:<6} pid {p['pid']:<8}{where:<22} {'alive' if p['alive'] else 'DEAD'}")
+        number = counts.get(p["role"], 0)
+        counts[p["role"]] = number + 1
+        name = f"{p['role']} {number}"
+        print(f"  {name:<9} pid {p['pid']:<8}{where:<22} {'alive' if p['alive'] else 'DEAD'}")
     planned = bool(report.get("plan"))
     for a in report["agents"]:
         where = f" (partition {a.get('partition', 0)})" if planned else ""
@@ -269,8 +309,17 @@ def _print_status(report: dict[str, Any]) -> None:
             where = f" (partition {a.get('partition', 0)}, plan version {version})"
         if not a.get("routed", True):
             where += " not routed to (rebalancing)"
+        updates = a.get("updates") or {}
+        role = ", writes the shared stores" if updates.get("store_writer") else ""
         print(f"  agent {a['endpoint']}{where}: device {a.get('device') or '?'}, "
-              f"{'DEGRADED' if a.get('degraded') else 'healthy'}" + (f", L1 hit rate {hit}" if hit else ""))  # fmt: skip
+              f"{'DEGRADED' if a.get('degraded') else 'healthy'}{role}" + (f", L1 hit rate {hit}" if hit else ""))  # fmt: skip
+        if updates:
+            lag = updates.get("lag_ms_p99")
+            print(f"    updates: last applied {updates.get('last_applied_id') or 'none'}, "
+                  f"{updates.get('applied_entries', 0)} applied, {updates.get('gaps', 0)} gaps, "
+                  f"{updates.get('rejected_entries', 0)} rejected" + (f", lag p99 {lag:.1f} ms" if lag else ""))  # fmt: skip
+        for reason in a.get("reasons") or []:
+            print(f"    degraded: {reason}")
     for endpoint in report["endpoints"]:
         print(f"endpoint: {endpoint}")
     if planned:
@@ -290,4 +339,7 @@ def run_down(args: argparse.Namespace) -> int:
         print(f"nothing running in {stack.state_dir}")
     if args.purge:
         print("data, logs and password removed")
+    elif stack.data_file.exists():
+        print(f"the tables and their updates stay in {stack.state_dir}: hps local up serves them again "
+              "(--purge deletes them)")  # fmt: skip
     return 0

@@ -21,13 +21,29 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def parse_keys_argument(text: str) -> Any:
+    """``--keys 1,2,3`` as int64 keys, or an error naming the part that is not an integer."""
+    from node_agent.errors import InvalidArgumentError
+    from node_agent.wire import parse_keys_text
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise InvalidArgumentError("--keys is empty: give comma-separated integer keys, e.g. --keys 1,2,3")
+    for part in parts:
+        try:
+            int(part, 0)
+        except ValueError:
+            raise InvalidArgumentError(f"--keys: {part!r} is not an integer; give comma-separated integer keys, "
+                                       "e.g. --keys 1,2,3") from None  # fmt: skip
+    return parse_keys_text(text)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from node_agent.client import Client
-    from node_agent.wire import parse_keys_text
 
-    keys = parse_keys_text(args.keys)
+    keys = parse_keys_argument(args.keys)
     with Client(args.endpoint, timeout=args.timeout) as client:
         vectors = client.lookup(args.model, args.table, keys)
     if args.output == "json":

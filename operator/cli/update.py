@@ -34,9 +34,10 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    from hps_operator.cli.lookup import parse_keys_argument
 
-    from node_agent.errors import InvalidArgumentError
-    from node_agent.wire import as_vectors, parse_keys_text
+    from node_agent.errors import InvalidArgumentError, UnauthenticatedError
+    from node_agent.wire import as_vectors
 
     if not args.endpoint and not args.redis:
         raise InvalidArgumentError("give --endpoint (Update RPC) or --redis (update stream), or both")
@@ -47,11 +48,22 @@ def run(args: argparse.Namespace) -> int:
         password = os.environ.get(args.redis_password_env)
         if password is None:
             raise InvalidArgumentError(f"--redis-password-env: environment variable {args.redis_password_env} is not set")
-    keys = parse_keys_text(args.keys)
+    keys = parse_keys_argument(args.keys)
     try:
         vectors = as_vectors(np.load(args.vectors_file, allow_pickle=False), rows=int(keys.size))
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(f"--vectors-file {args.vectors_file}: {exc}") from None
+    try:
+        return _send(args, keys, vectors, password)
+    except UnauthenticatedError as exc:
+        given = f"the password in ${args.redis_password_env}" if args.redis_password_env else "no password"
+        raise UnauthenticatedError(
+            f"{exc} ({given}): pass --redis-password-env VAR, VAR an environment variable holding the password "
+            "(a stack started with hps local keeps it in STATE_DIR/redis.password)"
+        ) from None
+
+
+def _send(args: argparse.Namespace, keys: Any, vectors: Any, password: str | None) -> int:
     if args.redis and (args.stream or not args.endpoint):
         # straight to the stream: nothing to ask an agent
         from node_agent.updates import UpdatePublisher

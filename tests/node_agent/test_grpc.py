@@ -8,6 +8,7 @@ update and agent tests."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,48 @@ def test_empty_or_unknown_model_and_table(stub: Any, model: str, table: str, cod
     assert error.code() == code
     for word in words:
         assert word in error.details()
+
+
+@pytest.mark.parametrize("which", ["model", "table"])
+def test_a_name_over_253_characters_is_invalid_argument_naming_the_limit_not_echoed(stub: Any, which: str) -> None:
+    """A 16 KiB name used to come back RESOURCE_EXHAUSTED: the server echoed it whole into the error,
+    which gRPC carries in a header too small for it."""
+    long = "x" * 16384
+    model, table = (long, "user") if which == "model" else ("demo", long)
+    for call, request in (
+        (stub.Lookup, lookup_request(model, (table, [1]))),
+        (stub.Update, hps_pb2.UpdateRequest(model=model, table=table, keys=np.array([1], "<i8").tobytes(),
+                                            vectors=np.zeros((1, 8), "<f4").tobytes())),
+        (stub.Describe, hps_pb2.DescribeRequest(model=model)),
+    ):
+        if which == "table" and call is stub.Describe:
+            continue
+        error = rpc_error(call, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "16384 characters" in error.details() and "at most 253" in error.details()
+        assert len(error.details()) < 200
+    assert stub.Lookup(lookup_request("demo", ("user", [1])), timeout=5).tables[0].count == 1
+
+
+def test_undecodable_requests_are_invalid_argument_with_one_log_line_not_a_traceback_each(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    rng = np.random.default_rng(3)
+    with grpc.insecure_channel(served.endpoint) as channel:
+        for method in ("Lookup", "Update", "Describe", "Stats"):
+            raw = channel.unary_unary(f"/{SERVICE_NAME}/{method}")  # bytes in, bytes out: nothing checks them
+            for _ in range(85):
+                garbage = bytes([0xFF, 0xFF]) + rng.bytes(int(rng.integers(1, 64)))
+                with pytest.raises(grpc.RpcError) as info:
+                    raw(garbage, timeout=5)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"not a valid hps.v1.{method}Request" in info.value.details()
+        ok = hps_pb2_grpc.EmbeddingServiceStub(channel).Lookup(lookup_request("demo", ("user", [1])), timeout=5)
+        assert ok.tables[0].count == 1
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a bad request"
+    lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert 1 <= len(lines) <= 2  # rate-limited: one now, the next one at most every 10 s
 
 
 def test_batch_over_max_batch_keys_is_resource_exhausted_naming_the_limit(stub: Any) -> None:

@@ -154,6 +154,19 @@ def test_missing_source_or_no_recognised_files(tmp_path: Path) -> None:
         open_source(TableSpec("t", rows=1, dim=1))
 
 
+def test_a_file_that_is_not_npy_is_named_without_numpys_pickle_hint(tmp_path: Path) -> None:
+    (tmp_path / "random.npy").write_bytes(np.random.default_rng(5).bytes(4096))
+    with pytest.raises(TableSourceError) as err:
+        open_source(TableSpec("t", rows=1, dim=1, source="random.npy"), base_dir=tmp_path)
+    message = str(err.value)
+    assert message == (f"{tmp_path / 'random.npy'}: not a .npy file (it does not start with NumPy's .npy header); "
+                       "write tables with numpy.save")  # fmt: skip
+    assert "pickle" not in message
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(TableSourceError, match=r"empty\.npy: not a \.npy file \(it is empty\)"):
+        open_source(TableSpec("t", rows=1, dim=1, source="empty.npy"), base_dir=tmp_path)
+
+
 def test_corrupt_file_fails_the_load_and_the_tier_keeps_serving_the_old_rows(tmp_path: Path) -> None:
     old = _rows(100, seed=1)
     src = _npy_dir(tmp_path, old)
@@ -170,7 +183,7 @@ def test_corrupt_file_fails_the_load_and_the_tier_keeps_serving_the_old_rows(tmp
     _assert_holds(tier, "t", np.arange(100), old)
 
     (src / "vectors.npy").write_bytes(b"not an npy file at all")
-    with pytest.raises(TableSourceError, match=r"vectors\.npy: not a valid \.npy file"):
+    with pytest.raises(TableSourceError, match=r"vectors\.npy: not a \.npy file \(it does not start"):
         load_table(table, tiers=[tier])
     _assert_holds(tier, "t", np.arange(100), old)
     tier.close()

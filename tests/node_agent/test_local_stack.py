@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,3 +378,215 @@ def test_a_rebalance_whose_new_agents_do_not_serve_leaves_the_old_ones_serving(t
         assert stack.status()["state"] == "up"
     finally:
         stack.down(purge=True)
+
+
+# -- updates on several agents, and recovering a stack without losing them -------------------------
+
+
+def redis_of(state: Path) -> redis.Redis:
+    saved = json.loads((state / "state.json").read_text())
+    host, port = saved["redis"]["addresses"][0].rsplit(":", 1)
+    return redis.Redis(host=host, port=int(port), password=(state / "redis.password").read_text().strip())
+
+
+def pids(state: Path, role: str) -> list[int]:
+    return [p["pid"] for p in json.loads((state / "state.json").read_text())["processes"] if p["role"] == role]
+
+
+def wait_for_row(endpoint: str, key: int, want: np.ndarray, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    with Client(endpoint) as client:
+        while not np.array_equal(client.lookup("recs", "users", [key]), want):
+            assert time.monotonic() < deadline, f"{endpoint} did not serve the update of {key} within {within_s} s"
+            time.sleep(0.02)
+
+
+def update_rpc(endpoint: str, key: int, value: float, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    vectors = tmp_path / f"v-{key}-{value}.npy"
+    np.save(vectors, np.full((1, 8), value, np.float32))
+    return hps("update", "--endpoint", endpoint, "--model", "recs", "--table", "users", "--keys", str(key),
+               "--vectors-file", vectors, check=False)  # fmt: skip
+
+
+def test_two_agents_both_serve_an_update_of_a_row_they_cache_and_the_rpc_says_so(tmp_path: Path) -> None:
+    """``--agents 2`` used to open RocksDB read-only for both: every update was written to Redis, then
+    rejected at RocksDB, the agents' L1 never refreshed, and the Update RPC answered INVALID_ARGUMENT
+    for a write that both agents then served."""
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    key = int(model.users_keys[3])
+    try:
+        endpoints = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state, "--agents", "2").stdout)
+        for endpoint in endpoints:  # the row is in both agents' L1
+            with Client(endpoint) as client:
+                client.lookup("recs", "users", [key])
+                client.lookup("recs", "users", [key])
+        for i, endpoint in enumerate(endpoints):
+            done = update_rpc(endpoint, key, 1.0 + i, tmp_path)
+            assert done.returncode == 0, done.stderr
+            assert "1 rows of recs/users" in done.stdout
+            for other in endpoints:
+                wait_for_row(other, key, np.full((1, 8), 1.0 + i, np.float32))
+        # a training job publishing to the stream reaches both too
+        np.save(tmp_path / "v.npy", np.full((1, 8), 9.0, np.float32))
+        published = subprocess.run(
+            [sys.executable, "-m", "hps_operator", "update", "--redis", json.loads((state / "state.json").read_text())
+             ["redis"]["addresses"][0], "--redis-password-env", "PW", "--model", "recs", "--table", "users",
+             "--keys", str(key), "--vectors-file", str(tmp_path / "v.npy")],
+            capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            env={**os.environ, "PW": (state / "redis.password").read_text().strip()},
+        )  # fmt: skip
+        assert published.returncode == 0, published.stderr
+        for endpoint in endpoints:
+            wait_for_row(endpoint, key, np.full((1, 8), 9.0, np.float32))
+        report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
+        assert report["state"] == "up"
+        updates = [a["updates"] for a in report["agents"]]
+        assert sum(u["store_writer"] for u in updates) == 1
+        assert all(u["rejected_entries"] == 0 and u["applied_entries"] == 3 for u in updates)
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def test_up_on_a_partly_dead_stack_restarts_only_what_died_and_keeps_the_updates(tmp_path: Path) -> None:
+    """``up`` on a stack whose Redis died used to restart everything with Redis empty and the tables
+    loaded from their sources again: every online update was lost."""
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    key = int(model.users_keys[5])
+    try:
+        (endpoint,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
+        assert update_rpc(endpoint, key, 4.0, tmp_path).returncode == 0
+        (agent_pid,) = pids(state, "agent")
+        (redis_pid,) = pids(state, "redis")
+        address = json.loads((state / "state.json").read_text())["redis"]["addresses"][0]
+        os.kill(redis_pid, signal.SIGKILL)
+        again = hps("local", "up", "-f", model.file, "--state-dir", state)
+        assert f"restarted what had stopped (redis {address})" in again.stdout
+        assert pids(state, "agent") == [agent_pid] and pids(state, "redis") != [redis_pid]
+        assert json.loads((state / "state.json").read_text())["redis"]["addresses"] == [address]
+        assert redis_of(state).xlen("hps:{recs}:updates") == 1  # the stream came back from its AOF
+        # now the agent dies too: the restarted one serves the update (from Redis and RocksDB)
+        os.kill(agent_pid, signal.SIGKILL)
+        (endpoint_again,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
+        assert endpoint_again == endpoint and pids(state, "agent") != [agent_pid]
+        wait_for_row(endpoint, key, np.full((1, 8), 4.0, np.float32))
+        report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
+        assert report["agents"][0]["updates"]["gaps"] == 0
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def test_down_then_up_keeps_the_tables_and_their_updates(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    key = int(model.users_keys[7])
+    try:
+        (endpoint,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
+        assert update_rpc(endpoint, key, 5.0, tmp_path).returncode == 0
+        hps("local", "down", "--state-dir", state)
+        up = hps("local", "up", "-f", model.file, "--state-dir", state)
+        (endpoint,) = endpoints_of(up.stdout)
+        wait_for_row(endpoint, key, np.full((1, 8), 5.0, np.float32))
+        assert "keeping tables users, items" in up.stderr  # nothing loaded from the sources
+        data = json.loads((state / "data.json").read_text())
+        assert set(data["tables"]) == {"users", "items"} and data["loadedAt"]
+        assert "the tables and their updates stay" in hps("local", "down", "--state-dir", state).stdout
+        up = hps("local", "up", "-f", model.file, "--state-dir", state)
+        assert json.loads((state / "data.json").read_text())["loadedAt"] == data["loadedAt"]
+        (endpoint,) = endpoints_of(up.stdout)
+        with Client(endpoint) as client:  # the rows nobody updated are the sources' still
+            np.testing.assert_array_equal(client.lookup("recs", "users", model.users_keys[:3]), model.users[:3])
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def test_restart_one_agent_or_redis_leaves_the_rest_running(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    key = int(model.users_keys[9])
+    try:
+        endpoints = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state, "--agents", "2").stdout)
+        before = pids(state, "agent")
+        out = hps("local", "restart", "agent", "1", "--state-dir", state).stdout
+        assert f"restarted agent {endpoints[1]}" in out
+        after = pids(state, "agent")
+        assert after[0] == before[0] and after[1] != before[1]
+        assert json.loads((state / "state.json").read_text())["endpoints"] == endpoints
+        redis_before = pids(state, "redis")
+        assert "restarted redis" in hps("local", "restart", "redis", "--state-dir", state).stdout
+        assert pids(state, "redis") != redis_before and pids(state, "agent") == after
+        assert update_rpc(endpoints[0], key, 6.0, tmp_path).returncode == 0
+        for endpoint in endpoints:
+            wait_for_row(endpoint, key, np.full((1, 8), 6.0, np.float32))
+        wrong = hps("local", "restart", "agent", "5", "--state-dir", state, check=False)
+        assert wrong.returncode == 2 and "no agent 5: the stack runs 2 (agent 0 to 1" in wrong.stderr
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def test_a_failed_up_leaves_nothing_that_blocks_the_corrected_retry(tmp_path: Path) -> None:
+    """A first ``up`` whose spec did not match the file used to leave the table's shape recorded in
+    RocksDB, so the corrected retry failed with "stored with dim=4 ... the model says dim=8"."""
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    text = model.file.read_text()
+    model.file.write_text(text.replace("rows: 600, dim: 8", "rows: 600, dim: 4"))
+    try:
+        failed = hps("local", "up", "-f", model.file, "--state-dir", state, check=False)
+        assert failed.returncode == 6
+        assert "vectors.npy: has dim 8, the spec of 'users' says dim: 4" in failed.stderr
+        assert not (state / "rocksdb").exists() and not (state / "data.json").exists()
+        model.file.write_text(text)
+        (endpoint,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
+        assert_serves_exactly(endpoint, "recs", model)
+        # a table the stores hold keeps its shape: changing it is refused, saying how to start over
+        hps("local", "down", "--state-dir", state)
+        model.file.write_text(text.replace("rows: 600, dim: 8", "rows: 600, dim: 4"))
+        refused = hps("local", "up", "-f", model.file, "--state-dir", state, check=False)
+        assert refused.returncode == 2
+        assert "table 'users' is stored" in refused.stderr and "hps local down --purge" in refused.stderr
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+
+
+def agent_report(state: Path) -> dict[str, object]:
+    report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json", check=False).stdout)
+    (agent,) = report["agents"]
+    return dict(agent)
+
+
+def test_an_idle_agent_shows_degraded_and_a_redis_back_without_its_data_is_repaired(tmp_path: Path) -> None:
+    """Degraded used to show only once a lookup hit the dead Redis; a Redis that came back empty was
+    not noticed at all (consumer groups recreated from 0-0, no log line, never Degraded)."""
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    key = int(model.users_keys[11])
+    try:
+        (endpoint,) = endpoints_of(hps("local", "up", "-f", model.file, "--state-dir", state).stdout)
+        assert update_rpc(endpoint, key, 3.0, tmp_path).returncode == 0
+        (redis_pid,) = pids(state, "redis")
+        os.kill(redis_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0  # no lookup from here on: status asks Describe and Stats only
+        while not agent_report(state).get("degraded"):
+            assert time.monotonic() < deadline, "the idle agent never reported Degraded"
+            time.sleep(0.2)
+        assert any("unreachable" in r for r in agent_report(state)["reasons"])  # type: ignore[attr-defined]
+        for aof in (state / "redis").rglob("appendonlydir"):
+            shutil.rmtree(aof)  # Redis comes back without its data
+        hps("local", "restart", "redis", "--state-dir", state)
+        deadline = time.monotonic() + 10.0
+        while True:
+            agent = agent_report(state)
+            stats = agent["stats"]
+            if not agent["degraded"] and stats["tiers"]["repairs"] >= 1:  # type: ignore[index]
+                break
+            assert time.monotonic() < deadline, f"not repaired: {agent.get('reasons')}"
+            time.sleep(0.2)
+        logs = "".join(p.read_text() for p in (state / "logs").glob("agent-*.log"))
+        assert "came back without its data" in logs
+        wait_for_row(endpoint, key, np.full((1, 8), 3.0, np.float32))  # the update is kept (RocksDB)
+        assert update_rpc(endpoint, key, 4.0, tmp_path).returncode == 0
+        wait_for_row(endpoint, key, np.full((1, 8), 4.0, np.float32))
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)

@@ -243,3 +243,87 @@ def test_invalid_pod_knobs_are_named(agent: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidSpecError) as err:
         parse_model(manifest(agent=agent))
     assert err.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------
+# unknown fields: an error naming the path and the closest known field
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"replica": 2}, "spec.replica: unknown field; did you mean replicas?"),
+        ({"cache": {"hitRateTreshold": 0.5}}, "spec.cache.hitRateTreshold: unknown field; did you mean hitRateThreshold?"),
+        ({"tables": [{"name": "a", "rows": 4, "dimm": 4}]}, "spec.tables[0].dimm: unknown field; did you mean dim?"),
+        ({"tables": [{"name": "a", "rows": 4, "dim": 4, "colour": "red"}]},
+         "spec.tables[0].colour: unknown field; the known fields here are name, rows, dim, dtype, source"),
+        ({"bogusField": 1}, "spec.bogusField: unknown field; the known fields here are tables, replicas"),
+        ({"volatileStore": {"redis": {"persistance": {}}}},
+         "spec.volatileStore.redis.persistance: unknown field; did you mean persistence?"),
+        ({"agent": {"resources": {"limit": {"cpu": 1}}}}, "spec.agent.resources.limit: unknown field; did you mean limits?"),
+        ({"modelStore": {"nfs": {"server": "s", "path": "/p", "readonly": True}}},
+         "spec.modelStore.nfs.readonly: unknown field; did you mean readOnly?"),
+    ],
+)  # fmt: skip
+def test_an_unknown_field_is_an_error_naming_it_and_the_closest_known_one(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(manifest(**raw))
+    assert str(err.value).startswith(message)
+
+
+def test_a_missing_required_number_says_it_is_required_not_that_it_is_zero() -> None:
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(manifest(tables=[{"name": "a", "rows": 4}]))
+    assert str(err.value) == "spec.tables[0].dim: is required (an integer of at least 1 and at most 16384)"
+
+
+def test_an_unknown_top_level_field_is_an_error_too() -> None:
+    with pytest.raises(InvalidSpecError, match=r"^spce: unknown field; did you mean spec\?"):
+        parse_model({**manifest(), "spce": {}})
+
+
+def test_the_parser_knows_exactly_the_fields_the_crd_declares() -> None:
+    """What the API server accepts (the CRD, which prunes anything else) the parser accepts, and no
+    more: each object's known fields are the CRD's properties of that object."""
+    from node_agent import spec as s
+    from tests.operator.crd_schema import openapi_schema
+
+    root = openapi_schema()
+    node = root["properties"]["spec"]
+
+    def at(path: str) -> set[str]:
+        here = node
+        for part in path.split(".") if path else []:
+            here = here["items"] if part == "[]" else here["properties"][part]
+        return set(here["properties"])
+
+    assert set(s.MANIFEST_FIELDS) == set(root["properties"])
+    expected = {
+        "": s.SPEC_FIELDS, "tables.[]": s.TABLE_FIELDS, "cache": s.CACHE_FIELDS, "volatileStore": s.VOLATILE_FIELDS,
+        "volatileStore.redis": s.REDIS_FIELDS, "volatileStore.redis.persistence": s.REDIS_PERSISTENCE_FIELDS,
+        "persistentStore": s.PERSISTENT_FIELDS, "placement": s.PLACEMENT_FIELDS, "updates": s.UPDATES_FIELDS,
+        "autoscaling": s.AUTOSCALING_FIELDS, "agent": s.AGENT_FIELDS, "agent.resources": s.RESOURCES_FIELDS,
+        "agent.tolerations.[]": s.TOLERATION_FIELDS, "agent.imagePullSecrets.[]": ("name",),
+        "modelStore": s.MODEL_STORE_FIELDS, "modelStore.persistentVolumeClaim": s.PVC_FIELDS,
+        "modelStore.nfs": s.NFS_FIELDS, "modelStore.hostPath": s.HOST_PATH_FIELDS,
+    }  # fmt: skip
+    for path, fields in expected.items():
+        assert at(path) == set(fields), path
+
+
+def test_redis_persistence_defaults_to_an_append_only_file_synced_every_second() -> None:
+    persistence = parse_model(manifest()).volatile_store.redis.persistence
+    assert (persistence.type, persistence.appendfsync) == ("aof", "everysec")
+    assert persistence.redis_args() == ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+    off = parse_model(manifest(volatileStore={"redis": {"persistence": {"type": "none"}}})).volatile_store.redis
+    assert off.persistence.redis_args() == ["--appendonly", "no", "--save", ""]
+    with pytest.raises(InvalidSpecError, match=r"persistence\.appendfsync: must be one of everysec, always, no"):
+        parse_model(manifest(volatileStore={"redis": {"persistence": {"appendfsync": "sometimes"}}}))
+
+
+def test_a_directory_or_a_binary_file_given_as_the_model_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSpecError, match="is a directory; give the EmbeddingModel's YAML file"):
+        load_model_file(tmp_path)
+    (tmp_path / "model.npy").write_bytes(b"\x93NUMPY\x01\x00\xff\xfe")
+    with pytest.raises(InvalidSpecError, match="is not a text file"):
+        load_model_file(tmp_path / "model.npy")

@@ -322,6 +322,45 @@ def test_restarted_agent_resumes_its_group_and_applies_what_it_missed_while_down
         publisher.close()
 
 
+def test_redis_restarted_from_its_append_only_file_is_no_gap_for_a_running_or_a_new_consumer(
+    make_redis: Callable[..., RedisProcess], demo: tuple[LookupPath, dict[str, TableData]], tmp_path: Path
+) -> None:
+    """Redis 7.0 logs a group read to its append-only file without the group's entries-read: after a
+    restart the group counts fewer entries read than it did, which looked like entries lost."""
+    from node_agent.local.redis_servers import start_redis
+    from node_agent.spec import RedisPersistenceSpec
+
+    lookup, _ = demo
+    server = start_redis(tmp_path / "aof", password=PASSWORD, persistence=RedisPersistenceSpec())
+    stream = stream_name("demo")
+    try:
+        publisher = UpdatePublisher([server.address], password=PASSWORD, stream=stream)
+        consumer = consumer_for(server, lookup, stream, gap_check_interval_s=0.1).start()
+        for k in range(5):
+            publisher.publish("user", [1], np.full((1, 8), float(k), np.float32))
+        wait_until(lambda: consumer.stats()["applied_entries"] == 5, VISIBLE_WITHIN_S)
+        time.sleep(0.3)  # a gap check at the end of the stream: the consumer's own count of reads
+        server.stop(hard=True)
+        server = start_redis(tmp_path / "aof", port=server.port, password=PASSWORD, persistence=RedisPersistenceSpec())
+        publisher.close()
+        publisher = UpdatePublisher([server.address], password=PASSWORD, stream=stream)
+        publisher.publish("user", [1], np.full((1, 8), 9.0, np.float32))
+        wait_until(lambda: consumer.stats()["applied_entries"] == 6, 10.0)
+        time.sleep(0.5)
+        assert consumer.stats()["gaps"] == 0 and not consumer.degraded
+        consumer.stop()
+        server.stop(hard=True)  # and once more, now for a consumer that starts after the restart
+        server = start_redis(tmp_path / "aof", port=server.port, password=PASSWORD, persistence=RedisPersistenceSpec())
+        again = consumer_for(server, lookup, stream, gap_check_interval_s=0.1).start()
+        assert again.wait_caught_up(VISIBLE_WITHIN_S)
+        time.sleep(0.5)
+        assert again.stats()["gaps"] == 0 and not again.degraded
+        again.stop()
+        publisher.close()
+    finally:
+        server.stop(hard=True)
+
+
 def test_entries_trimmed_before_the_agent_read_them_are_a_reported_gap_and_l1_is_cleared(
     redis_server: RedisProcess, stream: str, tmp_path: Path
 ) -> None:
@@ -473,3 +512,85 @@ def test_publish_follows_a_slot_moved_between_two_publishes(redis_cluster: Redis
 
 def wire_keys(fields: dict[bytes, bytes]) -> list[int]:
     return np.frombuffer(fields[b"keys"], "<i8").tolist()
+
+
+def test_a_tier_that_comes_back_is_written_again_while_updates_keep_coming(
+    make_redis: Callable[..., RedisProcess], tmp_path: Path
+) -> None:
+    """An update that found a tier down and not yet due for a re-probe pushed the probe back: with more
+    than one update per probe interval the tier was never tried again and stayed down for good, its
+    missed writes piling up."""
+    from node_agent.local.redis_servers import start_redis
+
+    path, data = write_model(tmp_path)
+    model = load_model_file(path)
+    server = make_redis(password=PASSWORD)
+    l2 = RedisTier(layouts(model), addresses=[server.address], password=PASSWORD, model="demo")
+    l3 = HashMapTier(layouts(model))
+    fill(l3, data)
+    lookup = build_lookup_path(model, volatile=l2, persistent=l3, device="cpu", probe_interval_s=0.2)
+    try:
+        server.stop(hard=True)
+        value = 0.0
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:  # updates every 10 ms while Redis is down
+            value += 1
+            lookup.update("user", np.array([1]), np.full((1, 8), value, np.float32))
+            time.sleep(0.01)
+        assert lookup.degraded
+        back = start_redis(tmp_path / "again", port=server.port, password=PASSWORD)
+        try:
+            deadline = time.monotonic() + 3.0
+            while lookup.degraded:
+                assert time.monotonic() < deadline, f"Redis never written again: {lookup.stats()['pending_writes']}"
+                value += 1
+                lookup.update("user", np.array([1]), np.full((1, 8), value, np.float32))
+                time.sleep(0.01)
+            got, found = RedisTier(layouts(model), addresses=[back.address], password=PASSWORD,
+                                   model="demo").fetch("user", np.array([1]))  # fmt: skip
+            assert found.all() and got[0, 0] == value
+        finally:
+            back.stop(hard=True)
+    finally:
+        lookup.close()
+
+
+def test_an_update_rpc_whose_redis_lost_its_data_meanwhile_says_its_outcome_is_unknown(
+    make_redis: Callable[..., RedisProcess], demo: tuple[LookupPath, dict[str, TableData]]
+) -> None:
+    """A store writer may have claimed and applied the entry before Redis lost it, the claim with it:
+    a withdraw on the Redis that came back would wrongly answer "applied nowhere"."""
+    import threading
+
+    from node_agent.tiers.health import epoch_key, write_epoch
+
+    lookup, _ = demo
+    server = make_redis(password=PASSWORD)
+    write_epoch(server.client(), "demo")
+    stream = stream_name("demo")
+    # not started: nothing applies the entry, so the RPC waits until its deadline, then withdraws
+    consumer = consumer_for(server, lookup, stream, epoch_key=epoch_key("demo"))
+    wiped = threading.Event()
+
+    def lose_the_data() -> None:
+        wait_until(lambda: server.client().xlen(stream) == 1, 5.0)
+        server.stop(hard=True)
+        make_redis(port=server.port, password=PASSWORD)  # back on its address, empty
+        wiped.set()
+
+    wiper = threading.Thread(target=lose_the_data)
+    wiper.start()
+    try:
+        with pytest.raises(UnavailableError, match="update outcome unknown") as err:
+            consumer.commit("user", [1], np.full((1, 8), 5.0, np.float32), timeout_s=2.0)
+        assert wiped.is_set() and "withdrawn" not in str(err.value)
+    finally:
+        wiper.join(10)
+        consumer.stop()
+    # on the same Redis, with no writer, the same RPC is withdrawn: applied nowhere, ever
+    consumer = consumer_for(server, lookup, stream, epoch_key=epoch_key("demo"))
+    try:
+        with pytest.raises(UnavailableError, match="withdrawn and is applied nowhere"):
+            consumer.commit("user", [1], np.full((1, 8), 6.0, np.float32), timeout_s=0.5)
+    finally:
+        consumer.stop()
