@@ -73,6 +73,12 @@ class TableSource:
     def files(self) -> tuple[Path, ...]:
         return (self.vectors_file,) if self.keys_file is None else (self.vectors_file, self.keys_file)
 
+    def fingerprint(self, table: TableSpec) -> str:
+        """What a table was loaded from and as: the files (path, size, mtime) and the spec's shape. A
+        store holding this fingerprint for the table holds these rows or newer ones (updates)."""
+        shape = {"rows": table.rows, "dim": table.dim, "dtype": table.dtype, "defaultValue": table.default_value}
+        return json.dumps({"source": self.identity(), "shape": shape}, sort_keys=True, separators=(",", ":"))
+
     def identity(self) -> list[dict[str, Any]]:
         """What a checkpoint remembers of the source: each file's path, size and mtime."""
         out = []

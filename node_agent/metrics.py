@@ -59,6 +59,16 @@ class AgentCollector(Collector):
             applied = family(CounterMetricFamily, "hps_updates_applied", "update stream entries applied")
             applied.add_metric(list(base.values()), updates.get("applied_entries", 0))
             yield applied
+            # what the update-lag alert reads: how late the last update reached this agent's lookups
+            lag = family(GaugeMetricFamily, "hps_update_lag_seconds",
+                         "time from the publication of the last update applied to its being visible here")  # fmt: skip
+            lag.add_metric(list(base.values()), float(updates.get("lag_ms_last") or 0.0) / 1000.0)
+            yield lag
+            behind = updates.get("entries_behind")
+            if behind is not None:
+                pending = family(GaugeMetricFamily, "hps_updates_behind", "update stream entries not yet read")
+                pending.add_metric(list(base.values()), float(behind))
+                yield pending
 
     def _l1_families(self, base: Mapping[str, str], tables: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         labels = [*base, "table"]

@@ -58,6 +58,11 @@ def epoch_key(model: str) -> str:
     return f"hps:{{{model}}}:epoch"
 
 
+def loaded_key(model: str) -> str:
+    """The hash of what each table was loaded from (table → source fingerprint), beside the epoch."""
+    return f"hps:{{{model}}}:loaded"
+
+
 @dataclass(frozen=True)
 class Epoch:
     """One data generation of a Redis: ``id`` is random; ``previous`` the id it replaced after a repair."""

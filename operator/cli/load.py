@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -65,6 +68,9 @@ def add_parser(subparsers: Any) -> None:
         help="only open and check the sources against the model; write nothing",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="load every table again, even one Redis records as loaded from this very source "
+                        "(that writes the source's rows over online updates applied since)")  # fmt: skip
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     parser.set_defaults(func=run)  # fmt: skip
 
@@ -106,15 +112,28 @@ def run(args: argparse.Namespace) -> int:
         redis_partitions=args.redis_partitions,
         rocksdb_path=args.rocksdb,
     )
+    tables = [t.name for t in select_tables(model, args.tables)]
+    marks = _LoadedMarks(model.name, addresses, password=password, cluster=args.redis_cluster) if addresses else None
+    if marks is not None and not args.force:
+        # A re-run (a loader Job renamed by a spec change, a retried command) must not write the
+        # source's rows over online updates applied since: tables loaded from this very source stay.
+        fingerprints = {t: open_source(model.table(t), base_dir=base_dir).fingerprint(model.table(t)) for t in tables}
+        kept = marks.matching(fingerprints)
+        for name in kept:
+            log.info("table %r is already loaded from this source (online updates since are kept); "
+                     "--force loads it again", name)  # fmt: skip
+        tables = [t for t in tables if t not in kept]
     try:
         reports = load_model(
-            model, tiers=tiers, base_dir=base_dir, tables=args.tables, chunk_rows=args.chunk_rows,
+            model, tiers=tiers, base_dir=base_dir, tables=tables, chunk_rows=args.chunk_rows,
             progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-        )  # fmt: skip
+        ) if tables else []  # fmt: skip
     finally:
         for tier in tiers:
             tier.close()
-    if addresses:
+    if marks is not None and reports:
+        marks.record({r.table: open_source(model.table(r.table), base_dir=base_dir).fingerprint(model.table(r.table))
+                      for r in reports})  # fmt: skip
         _mark_new_generation(model.name, addresses, password=password, cluster=args.redis_cluster)
     rows = [
         {
@@ -127,6 +146,31 @@ def run(args: argparse.Namespace) -> int:
     ]
     _print(rows, args.output, ("table", "format", "rows", "MB", "seconds", "rows_per_s", "resumed_from"))
     return 0
+
+
+class _LoadedMarks:
+    """Which source each table of the model was loaded from, kept in every Redis shard loaded (so a
+    shard that comes back empty has no mark, and its tables load again)."""
+
+    def __init__(self, model: str, addresses: list[str], *, password: str | None, cluster: bool) -> None:
+        from node_agent.tiers.health import loaded_key, redis_clients
+
+        self._key = loaded_key(model)
+        self._clients = [c for _, c in redis_clients(addresses, password=password, cluster=cluster, timeout=5.0)]
+
+    def matching(self, fingerprints: dict[str, str]) -> set[str]:
+        """The tables every shard records as loaded from the given fingerprint."""
+        kept = set(fingerprints)
+        for client in self._clients:
+            held = client.hgetall(self._key)
+            recorded = {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+                        for k, v in held.items()}  # fmt: skip
+            kept &= {t for t, f in fingerprints.items() if recorded.get(t) == f}
+        return kept
+
+    def record(self, fingerprints: dict[str, str]) -> None:
+        for client in self._clients:
+            client.hset(self._key, mapping=dict(fingerprints))  # type: ignore[arg-type]
 
 
 def _mark_new_generation(model: str, addresses: list[str], *, password: str | None, cluster: bool) -> None:

@@ -474,3 +474,68 @@ def test_service_monitor_scrapes_the_operator_metrics_port(helm: str, tmp_path: 
     assert service["spec"]["selector"].items() <= pod_labels.items()
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] in {p["name"] for p in container(docs)["ports"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# monitoring: PodMonitor, PrometheusRule, dashboard, and the adapter rule read metrics that exist
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the agents and the operator export (counters with their _total)."""
+    from hps_operator.metrics import OperatorMetrics
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from node_agent.metrics import AgentCollector
+
+    class Snapshot:
+        def snapshot(self) -> dict[str, Any]:
+            return {"model": "m", "server": {"lookups": 1, "keys": 1, "errors.NOT_FOUND": 1}, "degraded": False,
+                    "lookup": {"tables": {"t": {"hits": 1, "misses": 1, "size": 1, "capacity_rows": 2}}},
+                    "updates": {"applied_entries": 1, "lag_ms_last": 5.0, "entries_behind": 0}}  # fmt: skip
+
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(Snapshot(), partition=0))  # type: ignore[arg-type]
+    names = {line.split("{")[0].split(" ")[0] for line in generate_latest(registry).decode().splitlines()
+             if line and not line.startswith("#")}  # fmt: skip
+    # the operator's labelled series appear once a model is seen: take its families' names
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    for family in OperatorMetrics().registry.collect():
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def test_monitoring_reads_only_metrics_the_agents_and_operator_export(helm: str, tmp_path: Path) -> None:
+    import re
+
+    docs = render(helm, tmp_path, {"monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                                                  "grafanaDashboard": {"enabled": True}}})  # fmt: skip
+    (monitor,) = of_kind(docs, "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/component": "agent", "app.kubernetes.io/managed-by": "hps-operator"}  # fmt: skip
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"  # the agents' container port name
+    (rule,) = of_kind(docs, "PrometheusRule")
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    dashboard = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+    panels = json.loads(dashboard["data"]["hps-operator.json"])["panels"]
+    exprs += [t["expr"] for p in panels for t in p["targets"]]
+    recorded = {r["record"] for g in rule["spec"]["groups"] for r in g["rules"] if "record" in r}
+    exported = exported_metric_names()
+    for expr in exprs:
+        for name in set(re.findall(r"\b(hps[a-z_:0-9]*)\b", expr)):
+            assert name in exported or name in recorded, f"{name} in {expr!r} is not exported"
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts == {"HpsModelDegraded", "HpsAgentDegraded", "HpsLowL1HitRate", "HpsUpdateLag"}
+
+
+def test_the_adapter_rule_serves_the_metric_the_hpa_asks_for() -> None:
+    import re
+
+    from hps_operator.core.render import QPS_METRIC
+
+    values = yaml.safe_load((ROOT / "charts" / "hps-operator" / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    series = re.search(r"^(\w+)\{", rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
+    assert series in exported_metric_names()
+    renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series)
+    assert renamed == QPS_METRIC

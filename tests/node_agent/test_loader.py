@@ -391,6 +391,44 @@ def test_cli_loads_into_redis_and_rocksdb(
     assert not checkpoint_path(tmp_path / "ckpt", "dlrm", "users").exists()
 
 
+def test_a_second_load_of_the_same_source_keeps_the_online_updates_applied_since(
+    tmp_path: Path, redis_server: RedisProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader Job renamed by a spec change runs again: tables Redis records as loaded from the very
+    same files are left alone, so rows updated online since keep their new values; a new source
+    file, or --force, loads the table again."""
+    rows = _rows(50)
+    _npy_dir(tmp_path, rows, name="items")
+    model_file = _model_file(tmp_path, [{"name": "items", "rows": 50, "dim": DIM, "source": "file://items"}])
+    monkeypatch.setenv("HPS_TEST_REDIS_PASSWORD", "test-secret")
+    args = ["load", "-f", str(model_file), "--redis", redis_server.address,
+            "--redis-password-env", "HPS_TEST_REDIS_PASSWORD", "--no-progress", "-o", "json"]  # fmt: skip
+    layout = [TableLayout("items", DIM, np.dtype(np.float32))]
+    tier = RedisTier(layout, addresses=[redis_server.address], password="test-secret", model="dlrm")
+    try:
+        assert hps_main(args) == 0 and len(json.loads(capsys.readouterr().out)) == 1
+        updated = np.full((1, DIM), 7.0, dtype=np.float32)
+        tier.insert("items", np.array([3]), updated)  # an online update of row 3
+
+        assert hps_main(args) == 0
+        assert json.loads(capsys.readouterr().out) == []  # nothing loaded: the same source
+        _assert_holds(tier, "items", np.array([3]), updated)
+
+        assert hps_main([*args, "--force"]) == 0
+        assert len(json.loads(capsys.readouterr().out)) == 1
+        _assert_holds(tier, "items", np.array([3]), rows[3:4])  # --force wrote the source's row back
+
+        tier.insert("items", np.array([3]), updated)
+        _npy_dir(tmp_path, rows + 1, name="items")  # new weights from training: a new source
+        assert hps_main(args) == 0
+        assert len(json.loads(capsys.readouterr().out)) == 1
+        _assert_holds(tier, "items", np.array([3]), rows[3:4] + 1)
+    finally:
+        tier.evict("items")
+        redis_server.client().delete("hps:{dlrm}:loaded")
+        tier.close()
+
+
 def test_cli_bad_source_is_one_line_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

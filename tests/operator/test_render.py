@@ -144,7 +144,7 @@ def test_agent_statefulset_whole() -> None:
                     "labels": {**LABELS, "app.kubernetes.io/component": "agent", **set_labels},
                     "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
                                     "karpenter.sh/do-not-disrupt": "true", "hps.dev/partition-plan": h,
-                                    "hps.dev/model-hash": "b68deb9add905e52",
+                                    "hps.dev/model-hash": "9e00d04335304e34",
                                     "prometheus.io/scrape": "true", "prometheus.io/port": "9464",
                                     "prometheus.io/path": "/metrics"},
                 },
@@ -218,7 +218,8 @@ def test_plan_and_config_configmaps_whole() -> None:
             "replicas": 2, "gpusPerPod": 2, "partitions": 2,
             "cache": {"memoryPerGPU": "16Gi", "policy": "lru", "hitRateThreshold": 0.9, "associativity": 32},
             "volatileStore": {"type": "redis",
-                              "redis": {"shards": 2, "replicasPerShard": 1, "memory": "2Gi", "cluster": False}},
+                              "redis": {"shards": 2, "replicasPerShard": 1, "memory": "2Gi", "cluster": False,
+                                        "persistence": {"type": "aof", "appendfsync": "everysec"}}},
             "persistentStore": {"type": "rocksdb", "storage": "20Gi", "readOnly": False,
                                 "storageClassName": "fast-ssd"},
             "placement": {"strategy": "auto", "maxImbalance": 1.05, "bucketCount": 0},
@@ -933,3 +934,24 @@ def test_every_pod_meets_the_restricted_pod_security_profile(variant: str) -> No
         if store is not None and not isinstance(store.volume, PersistentVolumeClaimSource):
             problems = [p for p in problems if not p.startswith("volume models:")]
         assert problems == [], f"{variant}: {name}: {problems}"
+
+
+def test_redis_keeps_what_it_was_given_unless_told_not_to() -> None:
+    """``persistence`` (default AOF, fsync every second) turns Redis's append-only file on and gives
+    each Redis pod a volume for it; ``none`` keeps the volatile tier in an emptyDir."""
+    def redis_sts(**persistence: Any) -> dict[str, Any]:
+        redis = {"shards": 1, "memory": "4Gi", **({"persistence": persistence} if persistence else {})}
+        children = by_name(render_children(model(volatileStore={"redis": redis}), plan(), owner=OWNER, image=IMAGE,
+                                           redis_password="pw"))  # fmt: skip
+        return children[("StatefulSet", "dlrm-redis")]
+
+    default = redis_sts()
+    script = default["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "echo 'appendonly yes'" in script and "echo 'appendfsync everysec'" in script
+    (claim,) = default["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"  # twice the memory: room for a rewrite
+    assert "echo 'appendfsync always'" in redis_sts(type="aof", appendfsync="always")["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    cache = redis_sts(type="none")
+    assert "echo 'appendonly no'" in cache["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "volumeClaimTemplates" not in cache["spec"]
+    assert {"name": "data", "emptyDir": {}} in cache["spec"]["template"]["spec"]["volumes"]

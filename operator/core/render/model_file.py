@@ -52,6 +52,7 @@ def model_manifest(model: ModelSpec) -> Manifest:
     }
     if redis.password_secret:
         redis_spec["passwordSecret"] = redis.password_secret
+    redis_spec["persistence"] = {"type": redis.persistence.type, "appendfsync": redis.persistence.appendfsync}
     persistent: dict[str, Any] = {
         "type": model.persistent_store.type,
         "storage": format_quantity(model.persistent_store.storage),

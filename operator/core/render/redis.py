@@ -104,6 +104,15 @@ def render_redis_service(model: ModelSpec, *, owner: Mapping[str, Any]) -> Manif
     }
 
 
+def _persistence_lines(model: ModelSpec) -> list[str]:
+    """``redis.conf`` lines for ``spec.volatileStore.redis.persistence`` (the same settings ``hps local``
+    gives its servers)."""
+    persistence = model.volatile_store.redis.persistence
+    if persistence.type == "none":
+        return ["  echo 'appendonly no'"]
+    return ["  echo 'appendonly yes'", f"  echo 'appendfsync {persistence.appendfsync}'"]
+
+
 def _redis_server_script(model: ModelSpec) -> str:
     redis = model.volatile_store.redis
     group = 1 + redis.replicas_per_shard
@@ -118,8 +127,10 @@ def _redis_server_script(model: ModelSpec) -> str:
         "  echo 'bind 0.0.0.0'",
         "  echo 'protected-mode no'",
         "  echo 'dir /data'",
+        # no RDB snapshots: with persistence the append-only file is the record (a snapshot of a
+        # large L2 would fork and stall the server every few minutes)
         "  echo 'save \"\"'",
-        "  echo 'appendonly no'",
+        *_persistence_lines(model),
         f"  echo 'maxmemory {model.volatile_store.redis.memory * 85 // 100}'",
         "  echo 'maxmemory-policy noeviction'",
         '  echo "requirepass ${REDIS_PASSWORD}"',
@@ -194,18 +205,22 @@ def render_redis_statefulset(
             },
         },
     }
-    if redis.cluster:
-        # a cluster node's identity (nodes.conf) must survive a restart, or the node rejoins empty
+    persists = redis.persistence.type != "none"
+    if redis.cluster or persists:
+        # the append-only file (room for a rewrite: twice the memory) and, in cluster mode, the node's
+        # identity (nodes.conf) must survive a restart, or the node comes back empty
+        size = format_quantity(2 * redis.memory) if persists else "1Gi"
         claim: dict[str, Any] = {
             "metadata": {"name": "data"},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
         }
         if model.persistent_store.storage_class:
             claim["spec"]["storageClassName"] = model.persistent_store.storage_class
         spec["volumeClaimTemplates"] = [claim]
         spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Delete", "whenScaled": "Retain"}
     else:
-        # the volatile tier without persistence: the loader refills it
+        # the volatile tier without persistence (spec.volatileStore.redis.persistence.type: none): the
+        # loader refills it after a restart, and online updates since the load are lost
         spec["template"]["spec"]["volumes"].append({"name": "data", "emptyDir": {}})
     add_scratch_volume(spec["template"]["spec"], "64Mi")
     return {
