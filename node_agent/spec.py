@@ -12,6 +12,7 @@ exactly the CRD's (a test checks it), so what the API server accepts, this parse
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import posixpath
 import re
@@ -173,10 +174,37 @@ class UpdatesSpec:
 
 
 @dataclass(frozen=True)
+class PartitionAutoscalingSpec:
+    """Widen the model over more partitions while its L1 hit rate stays below ``target_hit_rate`` (its
+    cache is too small for the traffic), narrow it while the rate stays well above and GPUs idle."""
+
+    min_partitions: int = 1
+    max_partitions: int = 8
+    target_hit_rate: float = 0.8
+
+
+@dataclass(frozen=True)
 class AutoscalingSpec:
     min_replicas: int = 1
     max_replicas: int = 8
     target_qps_per_replica: int = 20000
+    partitions: PartitionAutoscalingSpec | None = None
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Who may reach what (rendered as NetworkPolicies). Peers are NetworkPolicy peers
+    (``namespaceSelector``/``podSelector``/``ipBlock``), kept as given; the renderer's output is
+    validated against the official schema."""
+
+    #: render the NetworkPolicies at all
+    policy: bool = True
+    #: who may call the agents' gRPC port; empty: every pod of the model's namespace
+    clients: tuple[Mapping[str, Any], ...] = ()
+    #: who may scrape the agents' metrics; empty: pods of the namespace named ``monitoring``
+    metrics_from: tuple[Mapping[str, Any], ...] = ()
+    #: who besides the model's own pods may reach its Redis (e.g. training jobs publishing updates)
+    redis_clients: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +295,7 @@ class ModelSpec:
     autoscaling: AutoscalingSpec | None = None
     agent: AgentSpec = field(default_factory=AgentSpec)
     model_store: ModelStoreSpec | None = None
+    network: NetworkSpec = field(default_factory=NetworkSpec)
 
     def table(self, name: str) -> TableSpec:
         for table in self.tables:
@@ -334,7 +363,7 @@ def unknown_field_message(key: str, known: Sequence[str]) -> str:
 #: the fields each object of the spec may carry (the CRD's properties, checked by a test)
 MANIFEST_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 SPEC_FIELDS = ("tables", "replicas", "gpusPerPod", "partitions", "cache", "volatileStore", "persistentStore",
-               "placement", "updates", "autoscaling", "agent", "modelStore")  # fmt: skip
+               "placement", "updates", "autoscaling", "agent", "modelStore", "network")  # fmt: skip
 TABLE_FIELDS = ("name", "rows", "dim", "dtype", "source", "hotness", "defaultValue")
 CACHE_FIELDS = ("memoryPerGPU", "policy", "hitRateThreshold", "cachedFraction", "associativity")
 VOLATILE_FIELDS = ("type", "redis")
@@ -343,7 +372,11 @@ REDIS_PERSISTENCE_FIELDS = ("type", "appendfsync")
 PERSISTENT_FIELDS = ("type", "storage", "readOnly", "storageClassName")
 PLACEMENT_FIELDS = ("strategy", "maxImbalance", "bucketCount")
 UPDATES_FIELDS = ("enabled", "stream")
-AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "targetQPSPerReplica")
+AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "targetQPSPerReplica", "partitions")
+PARTITION_AUTOSCALING_FIELDS = ("min", "max", "targetHitRate")
+NETWORK_FIELDS = ("policy", "clients", "metricsFrom", "redisClients")
+PEER_FIELDS = ("namespaceSelector", "podSelector", "ipBlock")
+SELECTOR_FIELDS = ("matchLabels", "matchExpressions")
 AGENT_FIELDS = ("image", "resources", "nodeSelector", "tolerations", "affinity", "gpuResourceName",
                 "maxBatchKeys", "port", "metricsPort", "priorityClassName", "imagePullSecrets", "podLabels",
                 "podAnnotations")  # fmt: skip
@@ -525,6 +558,37 @@ def parse_table(raw: Any, field: str) -> TableSpec:
     )
 
 
+def _peers(raw: Any, field: str) -> tuple[Mapping[str, Any], ...]:
+    """NetworkPolicy peers: each ``namespaceSelector``/``podSelector`` (label selectors) and/or ``ipBlock``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidSpecError(field, "expected a list of peers (namespaceSelector, podSelector, ipBlock)")
+    peers = []
+    for i, entry in enumerate(raw):
+        peer = _mapping(entry, f"{field}[{i}]", PEER_FIELDS)
+        if not peer:
+            raise InvalidSpecError(f"{field}[{i}]", "name a namespaceSelector, a podSelector or an ipBlock")
+        for key in ("namespaceSelector", "podSelector"):
+            if key in peer:
+                selector = _mapping(peer[key], f"{field}[{i}].{key}", SELECTOR_FIELDS)
+                _string_map(selector.get("matchLabels"), f"{field}[{i}].{key}.matchLabels", label_values=True)
+        if "ipBlock" in peer and not isinstance(_mapping(peer["ipBlock"], f"{field}[{i}].ipBlock").get("cidr"), str):
+            raise InvalidSpecError(f"{field}[{i}].ipBlock.cidr", "is required: a CIDR such as 10.0.0.0/8")
+        peers.append(dict(peer))
+    return tuple(peers)
+
+
+def _network(raw: Any) -> NetworkSpec:
+    n = _mapping(raw, "spec.network", NETWORK_FIELDS)
+    return NetworkSpec(
+        policy=_bool(n, "policy", "spec.network", True),
+        clients=_peers(n.get("clients"), "spec.network.clients"),
+        metrics_from=_peers(n.get("metricsFrom"), "spec.network.metricsFrom"),
+        redis_clients=_peers(n.get("redisClients"), "spec.network.redisClients"),
+    )
+
+
 def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> ModelSpec:
     """Validates ``spec`` (the ``.spec`` of an EmbeddingModel) and returns a :class:`ModelSpec`."""
     name = _name(name, "metadata.name")
@@ -607,6 +671,20 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
                 "spec.autoscaling.maxReplicas",
                 f"must be at least minReplicas ({autoscaling.min_replicas}), got {autoscaling.max_replicas}",
             )
+        if a.get("partitions") is not None:
+            pa = _mapping(a.get("partitions"), "spec.autoscaling.partitions", PARTITION_AUTOSCALING_FIELDS)
+            parts = PartitionAutoscalingSpec(
+                min_partitions=_int(pa, "min", "spec.autoscaling.partitions", 1, minimum=1),
+                max_partitions=_int(pa, "max", "spec.autoscaling.partitions", 8, minimum=1, maximum=9999),
+                target_hit_rate=_float(pa, "targetHitRate", "spec.autoscaling.partitions", 0.8, minimum=0.0,
+                                       maximum=1.0),
+            )  # fmt: skip
+            if parts.max_partitions < parts.min_partitions:
+                raise InvalidSpecError(
+                    "spec.autoscaling.partitions.max",
+                    f"must be at least min ({parts.min_partitions}), got {parts.max_partitions}",
+                )
+            autoscaling = dataclasses.replace(autoscaling, partitions=parts)
 
     ag = _mapping(s.get("agent"), "spec.agent", AGENT_FIELDS)
     image = ag.get("image")
@@ -637,6 +715,8 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         pod_annotations=_string_map(ag.get("podAnnotations"), "spec.agent.podAnnotations", label_values=False),
     )  # fmt: skip
 
+    network = _network(s.get("network"))
+
     model_store = None
     if s.get("modelStore") is not None:
         model_store = parse_model_store(s.get("modelStore"))
@@ -661,6 +741,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         autoscaling=autoscaling,
         agent=agent,
         model_store=model_store,
+        network=network,
     )
 
 

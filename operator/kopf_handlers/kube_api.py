@@ -44,6 +44,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("batch/v1", "Job"): KindInfo("jobs", True),
     ("policy/v1", "PodDisruptionBudget"): KindInfo("poddisruptionbudgets", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): KindInfo("horizontalpodautoscalers", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): KindInfo("networkpolicies", True),
     ("hps.dev/v1alpha1", "EmbeddingModel"): KindInfo("embeddingmodels", True),
     ("coordination.k8s.io/v1", "Lease"): KindInfo("leases", True),
 }

@@ -37,6 +37,8 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("batch", "jobs", ("list", "watch", "create", "patch", "delete")),
     ("policy", "poddisruptionbudgets", ("list", "watch", "create", "patch", "delete")),
     ("autoscaling", "horizontalpodautoscalers", ("list", "watch", "create", "patch", "delete")),
+    # who may reach a model's Redis and agents (spec.network)
+    ("networking.k8s.io", "networkpolicies", ("list", "watch", "create", "patch", "delete")),
 )
 
 #: leader election among operator replicas (``hps operator run --leader-elect``): one Lease in the

@@ -214,6 +214,11 @@ def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 # (path, value) pairs both the CRD and the spec parser reject
 REJECTED = [
+    ("spec.network.clients", [{}]),
+    ("spec.network.redisClients", [{"ipBlock": {}}]),
+    ("spec.network.policy", "yes"),
+    ("spec.autoscaling.partitions", {"min": 0}),
+    ("spec.autoscaling.partitions", {"targetHitRate": 1.5}),
     ("spec.tables", []),
     ("spec.tables.0.name", "User_ID"),
     ("spec.tables.0.name", "a" * 64),
@@ -269,6 +274,10 @@ REJECTED = [
 
 # boundary values both accept
 ACCEPTED = [
+    ("spec.network", {"policy": False}),
+    ("spec.network.clients", [{"namespaceSelector": {"matchLabels": {"team": "ranking"}}}]),
+    ("spec.network.metricsFrom", [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]),
+    ("spec.autoscaling.partitions", {"min": 2, "max": 16, "targetHitRate": 0.9}),
     ("spec.tables.0.dim", 16384),
     ("spec.tables.0.dtype", "float16"),
     ("spec.tables.0.hotness", 0),
@@ -322,7 +331,8 @@ def test_duplicate_table_names_are_rejected_by_the_list_map() -> None:
 def test_cel_rules_say_what_a_schema_cannot() -> None:
     rules = dict(cel_rules())
     assert set(rules) == {
-        "", ".spec.volatileStore.redis", ".spec.autoscaling", ".spec.modelStore", ".spec.persistentStore"
+        "", ".spec.volatileStore.redis", ".spec.autoscaling", ".spec.modelStore", ".spec.persistentStore",
+        ".spec.autoscaling.partitions",
     }
     cluster_of_two = _set(minimal(), "spec.volatileStore.redis", {"cluster": True, "shards": 2})
     assert validation_errors(cluster_of_two) == [

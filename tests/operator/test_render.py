@@ -365,6 +365,8 @@ def test_render_is_sorted_stable_and_owned() -> None:
         ("ConfigMap", "dlrm-config"),
         ("ConfigMap", "dlrm-plan"),
         ("Job", keys[2][1]),
+        ("NetworkPolicy", "dlrm-agents"),
+        ("NetworkPolicy", "dlrm-redis"),
         ("PodDisruptionBudget", "dlrm-agent-p0"),
         ("PodDisruptionBudget", "dlrm-agent-p1"),
         ("PodDisruptionBudget", "dlrm-redis"),
@@ -955,3 +957,34 @@ def test_redis_keeps_what_it_was_given_unless_told_not_to() -> None:
     assert "echo 'appendonly no'" in cache["spec"]["template"]["spec"]["containers"][0]["command"][2]
     assert "volumeClaimTemplates" not in cache["spec"]
     assert {"name": "data", "emptyDir": {}} in cache["spec"]["template"]["spec"]["volumes"]
+
+
+def test_network_policies_let_only_the_models_pods_reach_redis_and_named_peers_reach_the_agents() -> None:
+    children = by_name(render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    redis = children[("NetworkPolicy", "dlrm-redis")]["spec"]
+    assert redis["podSelector"] == {"matchLabels": {"app.kubernetes.io/instance": "dlrm", "app.kubernetes.io/component": "redis"}}
+    (rule,) = redis["ingress"]
+    (own,) = rule["from"]
+    assert own["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "dlrm"}
+    assert own["podSelector"]["matchExpressions"][0]["values"] == ["agent", "loader", "redis", "redis-bootstrap"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    agents = children[("NetworkPolicy", "dlrm-agents")]["spec"]
+    grpc, metrics = agents["ingress"]
+    assert grpc == {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 50051}]}  # same namespace
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+    ranker = {"namespaceSelector": {"matchLabels": {"team": "ranking"}}, "podSelector": {"matchLabels": {"app": "ranker"}}}
+    trainer = {"podSelector": {"matchLabels": {"app": "trainer"}}}
+    named = by_name(render_children(model(network={"clients": [ranker], "redisClients": [trainer]}), plan(),
+                                    owner=OWNER, image=IMAGE, redis_password="pw"))  # fmt: skip
+    assert named[("NetworkPolicy", "dlrm-agents")]["spec"]["ingress"][0]["from"] == [ranker]
+    assert named[("NetworkPolicy", "dlrm-redis")]["spec"]["ingress"][0]["from"][1] == trainer
+    cluster = by_name(render_children(model(volatileStore={"redis": {"shards": 3, "cluster": True}}), plan(),
+                                      owner=OWNER, image=IMAGE, redis_password="pw"))  # fmt: skip
+    bus = cluster[("NetworkPolicy", "dlrm-redis")]["spec"]["ingress"][1]
+    assert bus["ports"] == [{"protocol": "TCP", "port": 16379}]
+    off = by_name(render_children(model(network={"policy": False}), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    assert not [k for k in off if k[0] == "NetworkPolicy"]
+    for manifest in (*children.values(), *named.values(), *cluster.values()):
+        if manifest["kind"] == "NetworkPolicy":
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)

@@ -99,6 +99,10 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# the NetworkPolicies of a model (spec.network): who may reach its Redis and its agents
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 {{- end }}
 
 {{- define "hps-operator.clusterRules" -}}

@@ -38,6 +38,7 @@ from hps_operator.core.render.meta import (
     sort_manifests,
 )
 from hps_operator.core.render.model_file import model_manifest, sources_in_pods
+from hps_operator.core.render.network import render_network_policies
 from hps_operator.core.render.plan_configmap import (
     MAX_CONFIGMAP_BYTES,
     configmap_bytes,
@@ -114,6 +115,7 @@ def render_children(
     ]
     if uses_redis(model):
         children.append(render_loader_job(model, owner=owner, image=image, image_pull_policy=image_pull_policy))
+    children += render_network_policies(model, owner=owner)
     hpa = render_hpa(model, owner=owner)
     if hpa is not None:
         children.append(hpa)

@@ -111,6 +111,20 @@ def model_manifest(model: ModelSpec) -> Manifest:
             "maxReplicas": model.autoscaling.max_replicas,
             "targetQPSPerReplica": model.autoscaling.target_qps_per_replica,
         }
+        parts = model.autoscaling.partitions
+        if parts is not None:
+            spec["autoscaling"]["partitions"] = {
+                "min": parts.min_partitions, "max": parts.max_partitions, "targetHitRate": parts.target_hit_rate,
+            }  # fmt: skip
+    network = model.network
+    if not network.policy or network.clients or network.metrics_from or network.redis_clients:
+        # spelled out only when set, so a model without it keeps its hashes (and its running pods)
+        spec["network"] = {
+            "policy": network.policy,
+            **({"clients": [dict(p) for p in network.clients]} if network.clients else {}),
+            **({"metricsFrom": [dict(p) for p in network.metrics_from]} if network.metrics_from else {}),
+            **({"redisClients": [dict(p) for p in network.redis_clients]} if network.redis_clients else {}),
+        }
     if model.model_store is not None:
         spec["modelStore"] = model_store_manifest(model.model_store)
     return {
