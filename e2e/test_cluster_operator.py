@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTANCE = "app.kubernetes.io/instance"
 #: every kind of child, as kubectl names them (Secrets too: the admin may read them)
 CHILD_RESOURCES = ("configmaps", "secrets", "services", "statefulsets", "jobs", "poddisruptionbudgets",
-                   "horizontalpodautoscalers")  # fmt: skip
+                   "horizontalpodautoscalers", "networkpolicies")  # fmt: skip
 #: HPA controller warnings that say no custom metrics API serves the agents' metric (none is
 #: installed here); they are about the cluster, not about what the operator wrote
 METRICS_API_REASONS = ("FailedGetPodsMetric", "FailedComputeMetricsReplicas")
@@ -534,6 +534,11 @@ def test_stale_children_are_deleted(kube: Kube, namespace: str) -> None:
                              "uid": m["metadata"]["uid"], "controller": True}]}, "data": {"a": "b"}}  # fmt: skip
     kube.apply(stale, namespace=namespace)
     wait_for("the stale ConfigMap gone", lambda: kube.get("configmap", "tidy-legacy", namespace=namespace) is None)
+    # NetworkPolicies turned off: they go too
+    assert len(kube.get("networkpolicies", namespace=namespace, selector=f"{INSTANCE}=tidy")) == 2
+    kube.kubectl("patch", "-n", namespace, "em/tidy", "--type=merge", "-p", '{"spec":{"network":{"policy":false}}}')
+    wait_for("the NetworkPolicies gone", lambda: not kube.get("networkpolicies", namespace=namespace,
+                                                              selector=f"{INSTANCE}=tidy"))  # fmt: skip
 
 
 def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespace: str) -> None:
@@ -627,7 +632,8 @@ def granted_rules(kube: Kube) -> set[tuple[str, str, str]]:
 CHECKED_BY_ADMISSION = {("hps.dev", "embeddingmodels/finalizers", "update")} | {
     (group, resource, "create")
     for group, resource in (("", "configmaps"), ("", "services"), ("apps", "statefulsets"), ("batch", "jobs"),
-                            ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"))
+                            ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"),
+                            ("networking.k8s.io", "networkpolicies"))
 }  # fmt: skip
 
 
