@@ -559,6 +559,8 @@ class PartitionAutoscaling:
 
     Rules (each decision is one of widen, narrow or hold, with a reason):
 
+    * the hit rate judged is the samples' exponentially weighted mean with a time constant of
+      ``smoothing_s``, restarted at every change of the count;
     * **widen** by one partition when every sample for ``widen_after_s`` had a hit rate below
       ``target_hit_rate`` (and ``max`` is not reached, and the last widen to this count paid off);
     * **narrow** by one when every sample for ``narrow_after_s`` had a hit rate of at least
@@ -568,9 +570,13 @@ class PartitionAutoscaling:
     * the prediction subtracts the gain of the step, as last measured: each change is followed by a
       ``cooldown_s`` in which nothing is decided, and the mean hit rate of its second half against
       the mean of the window that triggered the change is the gain of one partition at that count
-      (kept ``gain_ttl_s``). Unmeasured, the gain is taken as ``margin / 2``, so the first narrow of a
-      step needs the plain margin; one that then falls short is widened back after the usual window
-      and its gain is known from then on, so the same traffic does not flap twice;
+      (kept ``gain_ttl_s``). A step not measured yet costs at least what any wider step was measured
+      to add: every partition adds the same cache, and an LRU's hit rate is concave in its size (under
+      Che's approximation its slope is a mean of the popularities of the keys at the cache's edge,
+      weighted towards ever colder keys as the cache grows, whatever the popularity). With nothing
+      measured the gain is taken as ``margin / 2``, so the first narrow needs the plain margin; one
+      that then falls short is widened back after the usual window and its gain is known from then
+      on, so the same traffic does not flap twice;
     * a widen that bought less than ``min_gain`` of hit rate says the misses are not for want of
       cache (new keys, or a working set no reachable cache holds): no further widening while that
       measurement is fresh;
@@ -598,7 +604,11 @@ class PartitionAutoscaling:
     * ``min_gain = 0.005``: half a point of hit rate is not worth the GPUs of a partition;
     * ``gain_ttl_s = 86400``: traffic is diurnal, so a gain measured within the last day was measured
       on traffic like today's; an older one is forgotten and the margin rules again;
-    * ``max_gap_s = 120``: samples come every 15-30 s; four missed ones mean the streak is unknown.
+    * ``max_gap_s = 120``: samples come every 15-30 s; four missed ones mean the streak is unknown;
+    * ``smoothing_s = 120``: about a Prometheus rate window. One odd interval then neither starts nor
+      breaks a streak, and a shortfall smaller than the interval-to-interval noise still shows (the
+      mean of the last few minutes has a fraction of one sample's noise), at the cost of about two
+      minutes' lag on a window of ten.
     """
 
     min: int
@@ -613,6 +623,7 @@ class PartitionAutoscaling:
     min_gain: float = 0.005
     gain_ttl_s: float = 86_400.0
     max_gap_s: float = 120.0
+    smoothing_s: float = 120.0
 
     def __post_init__(self) -> None:
         where = "spec.autoscaling.partitions"
@@ -633,6 +644,8 @@ class PartitionAutoscaling:
         for name in ("widen_after_s", "narrow_after_s", "cooldown_s", "gain_ttl_s", "max_gap_s"):
             if getattr(self, name) < 0:
                 raise InvalidSpecError(f"{where}.{name}", f"must not be negative, got {getattr(self, name)}")
+        if self.smoothing_s < 0:
+            raise InvalidSpecError(f"{where}.smoothing_s", f"must not be negative, got {self.smoothing_s}")
         if self.max_gpu_load <= 0:
             raise InvalidSpecError(
                 f"{where}.max_gpu_load", f"must be greater than zero, got {self.max_gpu_load}"
@@ -758,6 +771,9 @@ class PartitionAutoscalerState:
     #: when the current count started serving: the cooldown runs from here
     settled_at: float | None = None
     pending: int | None = None
+    #: the exponentially weighted hit rate and when it was last updated
+    smoothed: float | None = None
+    smoothed_at: float | None = None
     below: Streak | None = None
     above: Streak | None = None
     change: StepChange | None = None
@@ -780,6 +796,8 @@ class PartitionAutoscalerState:
             "lastSample": self.last_sample,
             "settledAt": self.settled_at,
             "pending": self.pending,
+            "smoothed": self.smoothed,
+            "smoothedAt": self.smoothed_at,
             "below": streak(self.below),
             "above": streak(self.above),
             "change": None
@@ -816,6 +834,8 @@ class PartitionAutoscalerState:
             last_sample=number(raw.get("lastSample")),
             settled_at=number(raw.get("settledAt")),
             pending=None if raw.get("pending") is None else int(raw["pending"]),
+            smoothed=number(raw.get("smoothed")),
+            smoothed_at=number(raw.get("smoothedAt")),
             below=streak(raw.get("below")),
             above=streak(raw.get("above")),
             change=change,
@@ -854,7 +874,8 @@ class PartitionAutoscaler:
         pending = s.pending
         if pending is not None:
             if current == pending:  # routing switched: the change is done, its cooldown starts
-                s = replace(s, partitions=current, pending=None, settled_at=now, below=None, above=None)
+                s = replace(s, partitions=current, pending=None, settled_at=now)
+                s = replace(s, smoothed=None, below=None, above=None)
             elif current == s.partitions:
                 self.state = s
                 why = f"waiting for the change from {current} to {pending} partitions to roll out"
@@ -863,7 +884,8 @@ class PartitionAutoscaler:
                 s = replace(s, pending=None, change=None)
         if current != s.partitions:
             # first sample, or a count set by hand: its caches are as cold as after our own change
-            s = replace(s, partitions=current, settled_at=now, below=None, above=None, change=None)
+            s = replace(s, partitions=current, settled_at=now, change=None)
+            s = replace(s, smoothed=None, below=None, above=None)
 
         if not spec.min <= current <= spec.max:
             bound = spec.min if current < spec.min else spec.max
@@ -872,6 +894,11 @@ class PartitionAutoscaler:
             why = f"{current} partitions is {side} ({bound}) of spec.autoscaling.partitions"
             return self._decide(sample, "widen" if bound > current else "narrow", bound, code, why)
 
+        valid = sample.hit_rate is not None and sample.lookups >= spec.min_lookups
+        if gap or not valid:
+            s = replace(s, smoothed=None, smoothed_at=None)
+        if sample.hit_rate is not None and valid:
+            s = self._smooth(s, now, sample.hit_rate)
         settled = s.settled_at
         assert settled is not None
         if now < settled + spec.cooldown_s:
@@ -885,19 +912,20 @@ class PartitionAutoscaler:
             s = self._learn(s, now)
         if gap:
             s = replace(s, below=None, above=None)
-        if sample.hit_rate is None or sample.lookups < spec.min_lookups:
+        if sample.hit_rate is None or s.smoothed is None:
             self.state = replace(s, below=None, above=None)
             why = f"{sample.lookups} lookups in the interval, fewer than {spec.min_lookups} to judge by"
             return self._decide(sample, "hold", current, "TooFewLookups", why)
 
-        hit, target = sample.hit_rate, spec.target_hit_rate
+        # conditions on the smoothed rate; the streaks sum the raw one, which measures a step's gain
+        raw, hit, target = sample.hit_rate, s.smoothed, spec.target_hit_rate
         below = None
         if hit < target:
-            below = s.below.extend(hit) if s.below else Streak(now, hit, 1)
-        can_narrow, code, why = self._narrow_check(s, sample)
+            below = s.below.extend(raw) if s.below else Streak(now, raw, 1)
+        can_narrow, code, why = self._narrow_check(s, sample, hit)
         above = None
         if can_narrow:
-            above = s.above.extend(hit) if s.above else Streak(now, hit, 1)
+            above = s.above.extend(raw) if s.above else Streak(now, raw, 1)
         s = self.state = replace(s, below=below, above=above)
 
         if below is not None:
@@ -952,12 +980,12 @@ class PartitionAutoscaler:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _narrow_check(self, s: PartitionAutoscalerState, sample: PartitionSample) -> tuple[bool, str, str]:
-        """Whether this sample allows narrowing, with the hold's code and reason when it does not
-        (and the prediction when it does)."""
+    def _narrow_check(
+        self, s: PartitionAutoscalerState, sample: PartitionSample, hit: float
+    ) -> tuple[bool, str, str]:
+        """Whether this sample (smoothed hit rate ``hit``) allows narrowing, with the hold's code and
+        reason when it does not (and the prediction when it does)."""
         spec, current = self.spec, sample.partitions
-        hit = sample.hit_rate
-        assert hit is not None
         if hit < spec.target_hit_rate + spec.margin:
             return False, "WithinTarget", (
                 f"hit rate {hit:.3f} is within {spec.margin:g} of the target {spec.target_hit_rate:g}"
@@ -966,9 +994,16 @@ class PartitionAutoscaler:
             why = f"hit rate {hit:.3f} is well above the target at the minimum of {current}"
             return False, "AtMinimum", why
         learned = s.gain(current, sample.time, spec.gain_ttl_s)
-        step = learned.gain if learned is not None else spec.margin / 2
+        if learned is not None:
+            step, source = learned.gain, "as measured"
+        else:
+            wider = [g for g in s.gains if g.partitions > current and sample.time - g.at <= spec.gain_ttl_s]
+            bound = max(wider, key=lambda g: g.gain, default=None)
+            if bound is not None and bound.gain > spec.margin / 2:
+                step, source = bound.gain, f"at least the step to {bound.partitions}, as measured"
+            else:
+                step, source = spec.margin / 2, "assumed, not yet measured"
         predicted = hit - step
-        source = "as measured" if learned is not None else "assumed, not yet measured"
         if predicted < spec.target_hit_rate + spec.margin / 2:
             return False, "NarrowWouldMissTarget", (
                 f"narrowing to {current - 1} partitions would cost about {step:.3f} of hit rate ({source}), "
@@ -983,6 +1018,13 @@ class PartitionAutoscaler:
                 f"over {spec.max_gpu_load:g}"
             )
         return True, "", f"predicted hit rate {predicted:.3f} ({source}), GPU load {after:.2f} after"
+
+    def _smooth(self, s: PartitionAutoscalerState, now: float, hit: float) -> PartitionAutoscalerState:
+        if s.smoothed is None or s.smoothed_at is None:
+            return replace(s, smoothed=hit, smoothed_at=now)
+        tau = self.spec.smoothing_s
+        weight = 1.0 if tau <= 0 else 1.0 - math.exp(-(now - s.smoothed_at) / tau)
+        return replace(s, smoothed=s.smoothed + weight * (hit - s.smoothed), smoothed_at=now)
 
     def _measure(self, s: PartitionAutoscalerState, sample: PartitionSample) -> PartitionAutoscalerState:
         """In the second half of a change's cooldown, collect the hit rate it settled at."""
