@@ -3,11 +3,16 @@ per-replica QPS metric, and the partition autoscaler's state machine (widen, nar
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pytest
 from hps_operator.core.elasticity import (
     HorizontalPodAutoscaler,
@@ -26,8 +31,11 @@ from hps_operator.core.elasticity import (
     pods_metric_replicas,
     replay_hpa,
 )
+from hps_operator.core.planner import plan_placement
 from hps_operator.core.render.autoscaling import QPS_METRIC, render_hpa
+from hps_operator.core.topology import Topology
 
+from node_agent.cache.l1 import build_l1
 from node_agent.errors import InvalidArgumentError, InvalidSpecError
 from node_agent.spec import parse_model_spec
 
@@ -519,3 +527,69 @@ def test_samples_must_be_plausible_and_in_order() -> None:
     autoscaler.observe(PartitionSample(10.0, 2, 0.9, 0.1, 50_000))
     with pytest.raises(InvalidArgumentError, match="time order"):
         autoscaler.observe(PartitionSample(5.0, 2, 0.9, 0.1, 50_000))
+
+
+# ---------------------------------------------------------------------------------------------
+# the hit-rate model of bench/autoscale.py (Che's approximation), checked against real caches
+
+
+def _bench() -> ModuleType:
+    """``bench/autoscale.py`` is a script, not a package: load it from its file."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "autoscale.py"
+    spec = importlib.util.spec_from_file_location("autoscale_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench()
+
+
+@pytest.mark.parametrize("alpha", [0.8, 1.05])
+def test_che_matches_an_exact_lru_on_a_sampled_zipf_trace(alpha: float) -> None:
+    p, count = bench.zipf_popularity(5_000, alpha)
+    for capacity in (50, 250, 1000):
+        che = float(bench.che_hit_rate(p, count, [capacity])[0])
+        exact = bench.exact_lru_hit_rate(5_000, alpha, capacity, 100_000, seed=11)
+        assert che == pytest.approx(exact, abs=0.01), (alpha, capacity)
+
+
+@pytest.mark.parametrize("alpha", [0.8, 1.05])
+def test_che_matches_the_agents_set_associative_cache(alpha: float) -> None:
+    """The agents' own 32-way L1, fed batches of 64 keys as the lookup path feeds it."""
+    p, count = bench.zipf_popularity(5_000, alpha)
+    for capacity in (256, 1024):
+        che = float(bench.che_hit_rate(p, count, [capacity])[0])
+        agent = bench.agent_cache_hit_rate(5_000, alpha, capacity, 60_000, batch=64, seed=5)
+        assert che == pytest.approx(agent, abs=0.015), (alpha, capacity)
+
+
+def test_binned_zipf_sums_are_the_exact_sums() -> None:
+    n, alpha = 300_000, 1.05
+    exact_p = np.arange(1, n + 1, dtype=np.float64) ** -alpha
+    exact = bench.che_hit_rate(exact_p / exact_p.sum(), np.ones(n), [1_000, 30_000, 200_000])
+    p, count = bench.zipf_popularity(n, alpha)
+    assert len(p) < 5_000 and count.sum() == n
+    assert np.allclose(bench.che_hit_rate(p, count, [1_000, 30_000, 200_000]), exact, atol=1e-4)
+    assert bench.che_hit_rate(p, count, [n, 2 * n]).tolist() == [1.0, 1.0]
+
+
+def test_shard_caches_are_sized_as_the_agents_size_them() -> None:
+    model = parse_model_spec("m", {
+        "tables": [{"name": "a", "rows": 50_000, "dim": 8}, {"name": "b", "rows": 20_000, "dim": 8},
+                   {"name": "c", "rows": 300, "dim": 8, "hotness": 0.3}],
+        "gpusPerPod": 2, "partitions": 2, "cache": {"memoryPerGPU": "256Ki", "cachedFraction": 0.2},
+    })  # fmt: skip
+    plan = plan_placement(model, Topology.from_model(model))
+    modelled = bench.shard_caches(model, plan)
+    budget = model.cache.memory_per_gpu
+    agents = [
+        build_l1(model.tables, memory_per_gpu=budget, plan=plan, partition=part, device="cpu")
+        for part in range(plan.partitions)
+    ]
+    for table in model.tables:
+        assert sum(q for q, _ in modelled[table.name]) == pytest.approx(1.0)
+        real = sum(l1[table.name].capacity_rows for l1 in agents if table.name in l1)
+        assert sum(rows for _, rows in modelled[table.name]) == real, table.name
