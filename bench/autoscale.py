@@ -6,6 +6,7 @@ Prints a table and writes ``bench/results/autoscale.json`` and, with matplotlib 
 .[bench]``), ``bench/results/autoscale.png``.
 
     .venv/bin/python bench/autoscale.py [--seed 42] [--zipf 1.05] [--target-hit-rate 0.85] [--no-plot]
+                                        [--equal-hotness] [--l1-split agents|max-min-fair]
 
 The model: Criteo-1TB's 26 categorical cardinalities, dim 128 float32 (96 GB), 2 GPUs per pod with a
 4 GiB L1 budget each and ``cachedFraction`` 0.05 (a GPU owns up to 80 GiB of shards and caches a share
@@ -32,6 +33,11 @@ event), so it raises QPS and not the working set. New replicas are pending 45 s,
 120 s (no QPS sample for their first 60 s, then 0) before they take traffic; a partition change is a
 make-before-break rollout of 60 s plus the moved bytes at ``--warm-gbps`` per replica, during which the
 old and the new pods hold GPUs.
+
+Two side figures in the JSON say how much of the hit rate is the cache's layout rather than its size:
+``hotnessHint`` (the planner's plans by partition count with the default hotness and with the true,
+equal, per-table lookup share) and ``l1SplitCheck`` (the hit rate at the peak working set with the
+agents' proportional L1 split against a max-min fair one that caches small shards whole first).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import platform
 import sys
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -216,10 +222,28 @@ def agent_cache_hit_rate(
     return hits / (requests - (warm + -warm % batch))
 
 
-def shard_caches(model: ModelSpec, plan: Plan) -> dict[str, list[tuple[float, int]]]:
+Split = Callable[[int, Mapping[str, int]], dict[str, int]]
+
+
+def max_min_fair_split(budget: int, wants: Mapping[str, int]) -> dict[str, int]:
+    """Not what the agents do (see :func:`split_budget`): every shard gets what it wants up to an
+    equal share, the rest going round again, so small shards are cached whole first. For the
+    ``l1SplitCheck`` figure only."""
+    grants: dict[str, int] = {}
+    left = budget
+    pending = sorted(wants.items(), key=lambda kv: kv[1])
+    for i, (name, want) in enumerate(pending):
+        grants[name] = min(max(0, want), left // (len(pending) - i))
+        left -= grants[name]
+    return grants
+
+
+def shard_caches(
+    model: ModelSpec, plan: Plan, split: Split = split_budget
+) -> dict[str, list[tuple[float, int]]]:
     """For each table, its shards as ``(share of the table's buckets, L1 rows)``: each GPU splits
     ``memoryPerGPU`` over its shards in proportion to their rows plus headroom and rounds each cache
-    down to whole sets, as ``build_l1`` does."""
+    down to whole sets, as ``build_l1`` does (``split`` replaces the proportional split)."""
     tables = {t.name: t for t in model.tables}
     buckets: dict[tuple[int, int, str], int] = defaultdict(int)
     for a in plan.assignments:
@@ -232,7 +256,7 @@ def shard_caches(model: ModelSpec, plan: Plan) -> dict[str, list[tuple[float, in
         wants[(partition, gpu)][name] = bytes_for_rows(wanted, dim=t.dim, dtype=t.dtype)
     out: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for (partition, gpu), by_table in wants.items():
-        for name, grant in split_budget(model.cache.memory_per_gpu, by_table).items():
+        for name, grant in split(model.cache.memory_per_gpu, by_table).items():
             t = tables[name]
             share = buckets[(partition, gpu, name)] / plan.bucket_count
             rows = rows_for_bytes(grant, dim=t.dim, dtype=t.dtype)
@@ -245,14 +269,17 @@ class HitRateModel:
     """The model's L1 hit rate under a plan as a function of the active share of keys: Che per
     shard on a grid of active shares, interpolated; one grid per distinct plan."""
 
-    def __init__(self, model: ModelSpec, alpha: float, grid: Sequence[float] | np.ndarray) -> None:
+    def __init__(
+        self, model: ModelSpec, alpha: float, grid: Sequence[float] | np.ndarray, split: Split = split_budget
+    ) -> None:
         self.model, self.alpha, self.grid = model, alpha, np.asarray(grid, dtype=np.float64)
+        self.split = split
         self._curves: dict[tuple[Any, ...], np.ndarray] = {}
 
     def curve(self, plan: Plan) -> np.ndarray:
         key = (plan.bucket_count, plan.assignments)
         if key not in self._curves:
-            shards = shard_caches(self.model, plan)
+            shards = shard_caches(self.model, plan, self.split)
             per_table = []
             for t in self.model.tables:
                 share = np.array([q for q, _ in shards[t.name]])
@@ -517,6 +544,25 @@ def hotness_check(scn: Scenario) -> list[dict[str, Any]]:
     return rows
 
 
+def l1_split_check(scn: Scenario) -> list[dict[str, Any]]:
+    """The model's hit rate at the peak working set with the agents' L1 split (each shard on a GPU
+    gets the same share of its rows) against a max-min fair split (small shards cached whole first):
+    with every table looked up once per sample, the small tables' share of the hit rate is large."""
+    model = criteo_model(scn, scn.min_partitions)
+    agents = HitRateModel(model, scn.zipf, [1.0])
+    fair = HitRateModel(model, scn.zipf, [1.0], max_min_fair_split)
+    plan = plan_placement(model, Topology.from_model(model))
+    out = []
+    for partitions in range(scn.min_partitions, scn.max_partitions + 1):
+        plan = plan_placement(model, Topology.from_model(model, partitions=partitions), plan)
+        out.append({
+            "partitions": partitions,
+            "agentsSplit": round(agents.hit_rate(plan, 1.0), 4),
+            "maxMinFairSplit": round(fair.hit_rate(plan, 1.0), 4),
+        })  # fmt: skip
+    return out
+
+
 def plot(runs: Sequence[Run], traffic: Traffic, scn: Scenario, path: Path) -> bool:
     try:
         import matplotlib
@@ -568,6 +614,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-hit-rate", type=float, default=Scenario.target_hit_rate)
     parser.add_argument("--warm-gbps", type=float, default=Scenario.warm_gbps)
     parser.add_argument("--equal-hotness", action="store_true", help="plan with hotness 1/26 per table")
+    parser.add_argument(
+        "--l1-split", choices=("agents", "max-min-fair"), default="agents",
+        help="how a GPU's L1 budget is split over its shards: as the agents do, or small shards whole first",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "autoscale.json")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -581,14 +631,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     traffic = make_traffic(scn)
     model = criteo_model(scn, scn.min_partitions)
-    hits = HitRateModel(model, scn.zipf, np.linspace(scn.min_active, 1.0, 36))
+    split = split_budget if args.l1_split == "agents" else max_min_fair_split
+    hits = HitRateModel(model, scn.zipf, np.linspace(scn.min_active, 1.0, 36), split)
     first = _first_partitions(scn, traffic, hits)
     narrow, wide = scn.min_partitions, scn.max_partitions
     runs = [
         simulate(scn, traffic, hits, name="elastic", partitions=first, autoscale=True),
         *(
-            simulate(scn, traffic, hits, name=f"HPA only, {fixed} partitions", partitions=fixed, autoscale=False)
-            for fixed in (narrow, wide)
+            simulate(scn, traffic, hits, name=f"HPA only, {n} partitions", partitions=n, autoscale=False)
+            for n in (narrow, wide)
         ),
         static_peak(scn, traffic, hits),
     ]
@@ -604,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "autoscale",
         "command": " ".join(["bench/autoscale.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "scenario": asdict(scn),
+        "scenario": {**asdict(scn), "l1Split": args.l1_split},
         "model": {
             "tables": len(model.tables),
             "rows": sum(t.rows for t in model.tables),
@@ -619,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summaries,
         "partitionEvents": [e for e in elastic.events if e["kind"] == "partitions"],
         "hotnessHint": hotness_check(scn),
+        "l1SplitCheck": l1_split_check(scn),
         "timeline": {
             "stepSeconds": every * scn.step_s,
             "hour": _downsample(np.asarray(elastic.t) / 3600, every, 3),
@@ -664,6 +716,9 @@ def _print_table(summaries: dict[str, dict[str, Any]], result: dict[str, Any], s
         cells = [fmt(s[key]) for _, key, fmt in columns]
         cells[4] = f"{s['partitionsMin']}-{s['partitionsMax']}"
         print(f"{name:<28}" + "".join(f"{c:>14}" for c in cells))
+    checks = result["l1SplitCheck"]
+    split = [f"{x['partitions']}: {x['agentsSplit']:.3f}/{x['maxMinFairSplit']:.3f}" for x in checks]
+    print(f"hit rate at the peak, agents' L1 split / max-min fair split, by partitions: {', '.join(split)}")
     v = result["hitRateModel"]["validation"]
     print("Che minus exact LRU / minus the agents' L1 (5,000 keys): "
           + ", ".join(f"C={x['capacity']}: {x['errorVsExact']:+.4f} / {x['errorVsAgentL1']:+.4f}" for x in v))
