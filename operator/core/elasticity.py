@@ -978,7 +978,7 @@ class PartitionAutoscaler:
         s = self.state
         self.state = replace(s, pending=None, change=None, settled_at=now, below=None, above=None)
 
-    # -- helpers -----------------------------------------------------------------------------------
+    # -- internals ---------------------------------------------------------------------------------
 
     def _narrow_check(
         self, s: PartitionAutoscalerState, sample: PartitionSample, hit: float
