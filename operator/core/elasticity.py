@@ -6,8 +6,8 @@ decreasing) and what was observed at that time, and returns a decision with its 
 **Replicas** (:class:`HorizontalPodAutoscaler`) follow the real controller of Kubernetes
 (``pkg/controller/podautoscaler``: ``replica_calculator.go`` for a ``Pods`` metric with an
 ``AverageValue`` target, ``horizontal.go`` for behaviours), so a timeline replayed here gives the
-replica counts the cluster's HPA gives, and ``bench/autoscale.py`` and the embedded default share
-its numbers:
+replica counts the cluster's HPA gives, for whatever has no HPA controller to ask (the embedded
+default, ``bench/autoscale.py``):
 
 * metric values are milli-units rounded up (``Quantity.MilliValue``); the average is the integer
   mean of the pods' values, and the usage ratio is that average over the target;
