@@ -570,13 +570,18 @@ class PartitionAutoscaling:
     * the prediction subtracts the gain of the step, as last measured: each change is followed by a
       ``cooldown_s`` in which nothing is decided, and the mean hit rate of its second half against
       the mean of the window that triggered the change is the gain of one partition at that count
-      (kept ``gain_ttl_s``). A step not measured yet costs at least what any wider step was measured
-      to add: every partition adds the same cache, and an LRU's hit rate is concave in its size (under
-      Che's approximation its slope is a mean of the popularities of the keys at the cache's edge,
-      weighted towards ever colder keys as the cache grows, whatever the popularity). With nothing
-      measured the gain is taken as ``margin / 2``, so the first narrow needs the plain margin; one
-      that then falls short is widened back after the usual window and its gain is known from then
-      on, so the same traffic does not flap twice;
+      (kept ``gain_ttl_s``). A step not measured yet is estimated from a measured wider one: every
+      partition adds the same cache, and an LRU's hit rate is concave in its size (under Che's
+      approximation its slope is a mean of the popularities of the keys at the cache's edge, weighted
+      towards ever colder keys as the cache grows, whatever the popularity), so the narrower step
+      costs at least as much; it is scaled up by ``(Q - 1/2) / (P - 1/2)`` from a measured step to
+      ``Q``, as for a hit rate logarithmic in the cache (Zipf traffic of exponent near 1, whose slope
+      falls as one over the cache; flatter traffic makes this an overestimate, the safe side). With
+      nothing measured the gain is taken as ``margin / 2``, so the first narrow needs the plain
+      margin; one that then falls short is widened back when its cooldown ends and its gain is known
+      from then on, so the same traffic does not flap twice;
+    * a narrow whose cooldown settled below the target is undone at once (``NarrowFellShort``), the
+      second half of its cooldown being the sustained evidence a widen window would wait for;
     * a widen that bought less than ``min_gain`` of hit rate says the misses are not for want of
       cache (new keys, or a working set no reachable cache holds): no further widening while that
       measurement is fresh;
@@ -908,8 +913,23 @@ class PartitionAutoscaler:
                 f"hit rate settles for {_duration(settled + spec.cooldown_s - now)} more"
             )
             return self._decide(sample, "hold", current, "Cooldown", why)
-        if s.change is not None:
+        change = s.change
+        if change is not None:
             s = self._learn(s, now)
+            narrowed = change.to_partitions < change.from_partitions
+            after = change.after_total / change.after_count if change.after_count else None
+            if narrowed and after is not None and after < spec.target_hit_rate:
+                # a narrow whose settled hit rate is below the target is undone at once: the second
+                # half of its cooldown is the sustained evidence a widen window would wait for
+                back = change.from_partitions
+                undo = StepChange(current, back, after)
+                self.state = replace(s, pending=back, below=None, above=None, change=undo)
+                why = (
+                    f"narrowing from {back} to {current} partitions left the hit rate at {after:.3f}, below "
+                    f"the target {spec.target_hit_rate:g}: back to {back}; that step is now known to cost "
+                    f"{change.before - after:.3f}"
+                )
+                return self._decide(sample, "widen", back, "NarrowFellShort", why)
         if gap:
             s = replace(s, below=None, above=None)
         if sample.hit_rate is None or s.smoothed is None:
@@ -997,12 +1017,12 @@ class PartitionAutoscaler:
         if learned is not None:
             step, source = learned.gain, "as measured"
         else:
-            wider = [g for g in s.gains if g.partitions > current and sample.time - g.at <= spec.gain_ttl_s]
-            bound = max(wider, key=lambda g: g.gain, default=None)
-            if bound is not None and bound.gain > spec.margin / 2:
-                step, source = bound.gain, f"at least the step to {bound.partitions}, as measured"
-            else:
-                step, source = spec.margin / 2, "assumed, not yet measured"
+            step, source = spec.margin / 2, "assumed, not yet measured"
+            for g in s.gains:
+                if g.partitions > current and sample.time - g.at <= spec.gain_ttl_s:
+                    scaled = g.gain * (g.partitions - 0.5) / (current - 0.5)
+                    if scaled > step:
+                        step, source = scaled, f"scaled from the step to {g.partitions}, as measured"
         predicted = hit - step
         if predicted < spec.target_hit_rate + spec.margin / 2:
             return False, "NarrowWouldMissTarget", (
