@@ -21,9 +21,12 @@ table split over GPUs is a set of shards, each a hash-uniform sample ``q`` of th
 the agents give it (``split_budget`` of ``memoryPerGPU`` over the GPU's shards, as ``build_l1`` does), and
 a sample's LRU behaves like the whole table's with ``C / q`` slots. The sums run over Zipf ranks binned
 geometrically (exact for the first 2,048). ``validation`` in the JSON (and
-``tests/operator/test_elasticity.py``) checks Che against an exact LRU simulation of a sampled trace.
-The agents' caches are 32-way set-associative LRU, close to, but not exactly, a fully associative LRU;
-and they count distinct keys per batch, which weighs the tail more than this per-lookup hit rate does.
+``tests/operator/test_elasticity.py``) checks Che against an exact LRU simulation of a sampled trace
+and against the agents' own 32-way set-associative L1 admitting every miss (HPS's LRU). The agents'
+default L1 admits a miss only when TinyLFU counts it more often asked than its victim, which does
+better than LRU (and no better than holding the hottest keys, the ``staticTopC`` figure): the hit rates
+here are the pessimistic side of the agents'. The agents also count distinct keys per batch, which
+weighs the tail more than this per-lookup hit rate does.
 
 Traffic (assumptions, all seeded): QPS is lookup RPCs of 64 samples (26 x 64 keys each); a diurnal
 shape with its trough at 04:30 and an evening peak, multiplicative noise of 3 % per 15 s, and a flash

@@ -82,6 +82,19 @@ def test_one_pod_per_replica_asks_total_load_over_target_for_any_partition_count
             assert wrong == replicas * partitions
 
 
+def test_a_rollout_of_partition_0_does_not_change_the_count() -> None:
+    """While a rollout runs partition 0's old and new agent sets side by side, the selector matches
+    two pods per replica: the new ones serve nothing yet, so they report 0 (or nothing before their
+    first rate), and the proposal stays what the old pods alone ask for."""
+    old = pods(30_000, 30_000, 30_000)  # 90k RPC/s over 3 replicas: 5 wanted
+    new_serving_nothing = [PodMetric(f"new-{i}", 0.0) for i in range(3)]
+    new_without_a_rate = [PodMetric(f"new-{i}", None) for i in range(3)]
+    assert pods_metric_replicas(3, old, TARGET).replicas == 5
+    assert pods_metric_replicas(3, [*old, *new_serving_nothing], TARGET).replicas == 5
+    # without their rate yet, the new pods count against the direction of change: the count stays
+    assert pods_metric_replicas(3, [*old, *new_without_a_rate], TARGET).replicas == 3
+
+
 def test_a_missing_sample_counts_at_the_target_when_scaling_down() -> None:
     # two pods at half the target, one without a sample (Prometheus has no rate for it yet)
     calc = pods_metric_replicas(3, pods(10_000, 10_000, None), TARGET)
