@@ -83,6 +83,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                            help="seconds to wait for the new agents to serve (default 120)")  # fmt: skip
     rebalance.set_defaults(func=run_rebalance)
 
+    from hps_operator.cli import local_autoscale
+
+    autoscale = verbs.add_parser(
+        "autoscale",
+        help="widen or narrow the running stack's partitions with its L1 hit rate",
+        description=local_autoscale.__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    local_autoscale.add_arguments(autoscale, state_help)
+    autoscale.set_defaults(func=local_autoscale.run)
+
     restart = verbs.add_parser(
         "restart",
         help="restart one agent, or Redis, of the running stack",
