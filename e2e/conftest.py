@@ -132,6 +132,8 @@ class OperatorProcess:
         argv = [sys.executable, "-m", "hps_operator", "operator", "run", "--all-namespaces", "--standalone",
                 "--resync-seconds", str(RESYNC_S), "--drain-seconds", str(SWITCH_S),
                 "--leader-elect", f"--leader-election-id={LEASE_NAME}", f"--lease-seconds={LEASE_S}",
+                # the partition autoscaler at test pace: seconds, not the production minutes
+                "--partition-widen-after=4", "--partition-cooldown=4", "--partition-min-lookups=1",
                 *self.extra_args]  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
                "POD_NAME": self.identity, "POD_NAMESPACE": OPERATOR_NAMESPACE}  # fmt: skip

@@ -30,6 +30,8 @@ from e2e.control_plane import ControlPlane, free_port
 
 GROUP_VERSION = "custom.metrics.k8s.io/v1beta2"
 METRIC = "hps_lookup_requests_per_second"
+#: the L1 rates the operator's partition autoscaler reads, as the adapter serves them
+HIT_METRICS = ("hps_l1_hits_per_second", "hps_l1_misses_per_second")
 SERVICE = "hps-test-custom-metrics"
 
 
@@ -39,12 +41,18 @@ class CustomMetrics:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
         self.loads: dict[tuple[str, str], float] = {}
+        self.hit_rates: dict[tuple[str, str], tuple[float, float]] = {}
         self.requests = 0
         self._lock = threading.Lock()
 
     def set_load(self, namespace: str, model: str, per_second: float) -> None:
         with self._lock:
             self.loads[(namespace, model)] = per_second
+
+    def set_l1(self, namespace: str, model: str, hits_per_s: float, misses_per_s: float) -> None:
+        """The model's L1 hits and misses per second, summed over its agent pods."""
+        with self._lock:
+            self.hit_rates[(namespace, model)] = (hits_per_s, misses_per_s)
 
     def load(self, namespace: str, model: str) -> float:
         with self._lock:
@@ -57,19 +65,19 @@ class CustomMetrics:
         if parts == ["apis", *GROUP_VERSION.split("/")]:
             return 200, {
                 "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": GROUP_VERSION,
-                "resources": [{"name": f"pods/{METRIC}", "singularName": "", "namespaced": True,
-                               "kind": "MetricValueList", "verbs": ["get"]}],
+                "resources": [{"name": f"pods/{m}", "singularName": "", "namespaced": True,
+                               "kind": "MetricValueList", "verbs": ["get"]} for m in (METRIC, *HIT_METRICS)],
             }  # fmt: skip
         # /apis/custom.metrics.k8s.io/v1beta2/namespaces/NS/pods/NAME|*/METRIC
-        if len(parts) == 8 and parts[3] == "namespaces" and parts[5] == "pods" and parts[7] == METRIC:
+        if len(parts) == 8 and parts[3] == "namespaces" and parts[5] == "pods" and parts[7] in (METRIC, *HIT_METRICS):
             self.requests += 1
             namespace, name = parts[4], parts[6]
             selector = (query.get("labelSelector") or [""])[0]
-            return 200, self._values(namespace, name, selector)
+            return 200, self._values(namespace, name, selector, parts[7])
         return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
                      "message": f"no metric at {path}"}  # fmt: skip
 
-    def _values(self, namespace: str, name: str, selector: str) -> dict[str, Any]:
+    def _values(self, namespace: str, name: str, selector: str, metric: str = METRIC) -> dict[str, Any]:
         query = urllib.parse.urlencode({"labelSelector": selector}) if selector else ""
         pods = (self.plane.request("GET", f"/api/v1/namespaces/{namespace}/pods?{query}") or {}).get("items", [])
         if name != "*":
@@ -83,15 +91,21 @@ class CustomMetrics:
                 ready_by_partition[key] = ready_by_partition.get(key, 0) + 1
         now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         items = []
-        for pod in pods:
-            if not _ready(pod):
-                continue
+        ready_pods = [pod for pod in pods if _ready(pod)]
+        for pod in ready_pods:
             model, _ = key = _partition(pod)
-            rate = self.load(namespace, model) / max(1, ready_by_partition.get(key, 1))
+            if metric == METRIC:
+                rate = self.load(namespace, model) / max(1, ready_by_partition.get(key, 1))
+            else:  # the model's L1 rates, spread evenly over the pods asked about
+                with self._lock:
+                    pair = self.hit_rates.get((namespace, model))
+                if pair is None:
+                    continue
+                rate = pair[HIT_METRICS.index(metric)] / len(ready_pods)
             items.append({
                 "describedObject": {"kind": "Pod", "namespace": namespace, "name": pod["metadata"]["name"],
                                     "apiVersion": "/v1"},
-                "metric": {"name": METRIC},
+                "metric": {"name": metric},
                 "timestamp": now,
                 "windowSeconds": 60,
                 "value": f"{round(rate * 1000)}m",

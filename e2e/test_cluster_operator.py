@@ -447,6 +447,28 @@ def test_the_hpa_scales_replicas_from_per_replica_load_whatever_the_partitions(k
         assert get_model(kube, namespace, "autoscaled")["status"]["placement"]["version"] == 1
 
 
+def test_a_model_whose_hit_rate_stays_low_is_widened_by_one_partition(kube: Kube, namespace: str) -> None:
+    """spec.autoscaling.partitions: the operator reads the agents' L1 hit and miss rates through the
+    custom metrics API, and a hit rate below the target for the widen window (seconds, at the e2e
+    operator's pace) makes a plan of one more partition, rolled out to the end; spec.partitions
+    stays as the user wrote it."""
+    kube.apply(model("widening", partitions=1, autoscaling={
+        "minReplicas": 1, "maxReplicas": 1, "targetQPSPerReplica": 100000,
+        "partitions": {"min": 1, "max": 2, "targetHitRate": 0.9}}), namespace=namespace)  # fmt: skip
+    ready(kube, namespace, "widening")
+    with CustomMetrics(kube.plane).serving() as metrics:
+        metrics.set_l1(namespace, "widening", hits_per_s=400, misses_per_s=600)
+        widened = wait_for("2 partitions", lambda: (
+            m if (m := ready(kube, namespace, "widening"))["status"]["placement"]["partitions"] == 2 else None),
+            within_s=90)  # fmt: skip
+    assert widened["status"]["autoscaling"]["partitions"] == 2
+    assert widened["status"]["autoscaling"]["hitRate"] == 0.4
+    assert widened["spec"]["partitions"] == 1
+    assert len(agent_sets(kube, namespace, "widening", 1)) == 1
+    events = [e["message"] for e in kube.get("events", namespace=namespace) if e["reason"] == "PartitionsWidened"]
+    assert events and events[0].startswith("to 2 partitions:")
+
+
 def test_agents_waiting_for_gpus_are_reported_and_join_when_a_node_comes(kube: Kube, namespace: str) -> None:
     """A node pool that is too small (a cluster autoscaler would add nodes): the pod that does not fit
     waits, the status says how many GPUs it asks for and how many are free, the model serves on its

@@ -90,6 +90,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--drain-seconds", type=float, default=DEFAULT_SWITCH_GRACE_S, metavar="S",
                      help="how long old shards keep serving after a rebalance switches routing, so clients "
                      f"re-read it (default {DEFAULT_SWITCH_GRACE_S:g})")  # fmt: skip
+    pace = run.add_argument_group("the partition autoscaler's pace (spec.autoscaling.partitions)")
+    pace.add_argument("--partition-widen-after", type=float, metavar="S",
+                      help="seconds the hit rate must stay below the target before widening (default 600)")  # fmt: skip
+    pace.add_argument("--partition-narrow-after", type=float, metavar="S",
+                      help="seconds it must stay well above before narrowing (default 1800)")  # fmt: skip
+    pace.add_argument("--partition-cooldown", type=float, metavar="S",
+                      help="seconds after a change before the next decision (default 900)")  # fmt: skip
+    pace.add_argument("--partition-min-lookups", type=int, metavar="N",
+                      help="keys a sample needs to count (default 10000)")  # fmt: skip
     run.add_argument("--leader-elect", action="store_true",
                      help="run several replicas: only the one holding the Lease reconciles, another takes "
                      "over within --lease-seconds when it dies")  # fmt: skip
@@ -107,9 +116,11 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
     from hps_operator.core.reconcile import Options
     from hps_operator.kopf_handlers.registry import OperatorConfig
 
-    options = Options(
-        image=args.image, drain_seconds=args.drain_seconds, image_pull_policy=args.image_pull_policy
-    )
+    tunables = {name: value for name, value in (
+        ("widen_after_s", args.partition_widen_after), ("narrow_after_s", args.partition_narrow_after),
+        ("cooldown_s", args.partition_cooldown), ("min_lookups", args.partition_min_lookups)) if value is not None}  # fmt: skip
+    options = Options(image=args.image, drain_seconds=args.drain_seconds, image_pull_policy=args.image_pull_policy,
+                      partition_tunables=tunables)  # fmt: skip
     return OperatorConfig(options, resync_seconds=args.resync_seconds, metrics_port=args.metrics_port,
                           metrics_address=args.metrics_address, user_agent=f"hps-operator ({_identity()})")  # fmt: skip
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hps_operator.core.live_diff import contains, needs_apply, with_hash
+from hps_operator.core.partition_scaling import HitRateReading, scale_partitions
 from hps_operator.core.planner import plan_placement
 from hps_operator.core.render import (
     MAX_CONFIGMAP_BYTES,
@@ -82,6 +83,8 @@ class Observed:
     agent_pods: Sequence[Mapping[str, Any]] = ()
     #: the cluster's running pods, read only while agent pods wait for GPUs (to count free GPUs)
     node_pods: Sequence[Mapping[str, Any]] | None = None
+    #: the agents' L1 hits and misses per second, for ``spec.autoscaling.partitions`` (None: unknown)
+    hit_rate: HitRateReading | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class Options:
     drain_seconds: float = DEFAULT_SWITCH_GRACE_S
     #: ``imagePullPolicy`` of the agent and loader containers; None leaves Kubernetes' default
     image_pull_policy: str | None = None
+    #: the partition autoscaler's windows, overridden (``elasticity.PartitionAutoscaling`` fields)
+    partition_tunables: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, order=True)
@@ -160,12 +165,21 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
     children = _index(observed.children)
     stored = _load_plans(_plan_configmap(model, observed.children))
     previous = stored.get(PLAN_KEY)
+    scaling = scale_partitions(
+        model, routed_partitions=previous.partitions if previous is not None else max(1, model.partitions),
+        reading=observed.hit_rate, now=_parse_time(observed.now).timestamp(), previous_status=old_status,
+        may_decide=rollout.phase is Phase.IDLE and previous is not None, tunables=options.partition_tunables,
+    )  # fmt: skip
+    if scaling is not None:
+        # the operator's count, not the spec's (see partition_scaling)
+        model = dataclasses.replace(model, partitions=scaling.partitions)
     try:
         planned = _plan(model, observed.nodes, previous)
     except InsufficientGPUMemoryError as exc:
         # the running deployment keeps serving: no child is touched, the plan stays
         status = _status(observed, old_status, model=model, plan=previous, rollout=rollout, error=exc,
                          active_plan=_plan_of(stored, rollout.active_version))  # fmt: skip
+        _keep_autoscaling(status, old_status)
         return Decision((), (), status, tuple(_condition_events(old_status, status)), INSUFFICIENT_GPU_MEMORY)
 
     if previous is None:
@@ -216,6 +230,7 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         )
         status = _status(observed, old_status, model=model, plan=previous, rollout=rollout, error=error,
                          active_plan=_plan_of(stored, rollout.active_version))  # fmt: skip
+        _keep_autoscaling(status, old_status)
         return Decision((), (), status, tuple(_condition_events(old_status, status)), OBJECT_TOO_LARGE)
     desired_refs = {_ref(m) for m in desired}
     create = tuple(m for m in desired if m["kind"] == "Secret")
@@ -225,7 +240,12 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
     status = _status(observed, old_status, model=model, plan=target, rollout=advanced, active_plan=active,
                      desired=desired)  # fmt: skip
 
+    if scaling is not None:
+        status["autoscaling"] = scaling.status
     events = [_action_event(action, rollout, advanced, target) for action in actions]
+    if scaling is not None and scaling.changed:
+        reason = "PartitionsWidened" if scaling.action == "widen" else "PartitionsNarrowed"
+        events.insert(0, EventNote("Normal", reason, f"to {scaling.partitions} partitions: {scaling.reason}"))
     steady = not actions and old_status.get("observedGeneration") == status.get("observedGeneration")
     if steady and (apply or delete):
         # the spec and the plan did not move: what differs was changed or deleted behind our back
@@ -245,6 +265,12 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         events.append(EventNote("Normal", "Applied", "; ".join(summary)))
     events += _condition_events(old_status, status)
     return Decision(apply, delete, status, tuple(events), create=create, replace=replace)
+
+
+def _keep_autoscaling(status: dict[str, Any], old_status: Mapping[str, Any]) -> None:
+    """A round that plans nothing keeps what the partition autoscaler knew."""
+    if "autoscaling" in old_status:
+        status["autoscaling"] = old_status["autoscaling"]
 
 
 def _immutable_fields_change(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:

@@ -17,11 +17,14 @@ from typing import Any, cast
 
 import kopf
 from hps_operator.core import reconcile as core
+from hps_operator.core.live_diff import quantity_value
+from hps_operator.core.partition_scaling import HitRateReading
 from hps_operator.core.render.meta import MANAGED_BY
 from hps_operator.core.status import APPLY_FAILED, COMPONENT_LABEL, with_apply_failures
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
 from hps_operator.metrics import OperatorMetrics
 
+from node_agent.errors import UnavailableError
 from node_agent.spec import API_GROUP, API_VERSION, KIND
 
 MODEL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
@@ -33,6 +36,8 @@ CHILD_KINDS = tuple(
     for key, info in KINDS.items()
     if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret", "Lease", "Pod")
 )
+#: the custom metrics the partition autoscaler reads (the rates of the agents' hps_l1_{hits,misses}_total)
+HIT_METRICS = ("hps_l1_hits_per_second", "hps_l1_misses_per_second")
 #: how long a replaced StatefulSet may take to go (the garbage collector orphans its pods first)
 REPLACE_TIMEOUT_S = 30.0
 
@@ -77,7 +82,29 @@ def observe(api: KubeApi, model: Mapping[str, Any]) -> core.Observed:
         now=now_rfc3339(),
         agent_pods=agent_pods,
         node_pods=node_pods,
+        hit_rate=_hit_rate(api, model, f"{selector},{COMPONENT_LABEL}=agent"),
     )
+
+
+def _hit_rate(api: KubeApi, model: Mapping[str, Any], selector: str) -> HitRateReading | None:
+    """The model's L1 hits and misses per second from the custom metrics API (prometheus-adapter
+    serves the agents' counters as rates), only for a model that autoscales its partitions; None
+    when the API does not serve them (the autoscaler then decides nothing)."""
+    if not ((model.get("spec") or {}).get("autoscaling") or {}).get("partitions"):
+        return None
+    namespace = model["metadata"]["namespace"]
+    rates: list[float] = []
+    for metric in HIT_METRICS:
+        try:
+            found = api.get_raw(f"/apis/custom.metrics.k8s.io/v1beta2/namespaces/{namespace}/pods/*/{metric}",
+                                query={"labelSelector": selector})  # fmt: skip
+        except (KubeApiError, UnavailableError):
+            return None
+        items = (found or {}).get("items") or []
+        if not items:
+            return None
+        rates.append(sum(float(quantity_value(i.get("value")) or 0) for i in items))
+    return HitRateReading(hits_per_s=rates[0], misses_per_s=rates[1])
 
 
 def _unschedulable(pod: Mapping[str, Any]) -> bool:

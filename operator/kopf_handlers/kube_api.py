@@ -155,6 +155,15 @@ class KubeApi:
             raise
         return result
 
+    def get_raw(self, path: str, *, query: Mapping[str, str] | None = None) -> Any:
+        """A GET of any path (an aggregated API's, such as custom metrics); None on 404."""
+        try:
+            return self._request("GET", path, query=query)
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def list(self, api_version: str, kind: str, namespace: str | None = None, *,
              label_selector: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
         query = {key: value for key, value in (("labelSelector", label_selector), ("fieldSelector", field_selector))

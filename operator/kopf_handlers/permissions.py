@@ -37,6 +37,9 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("batch", "jobs", ("list", "watch", "create", "patch", "delete")),
     ("policy", "poddisruptionbudgets", ("list", "watch", "create", "patch", "delete")),
     ("autoscaling", "horizontalpodautoscalers", ("list", "watch", "create", "patch", "delete")),
+    # the agents' L1 hit and miss rates, for models that autoscale their partitions
+    ("custom.metrics.k8s.io", "pods/hps_l1_hits_per_second", ("get",)),
+    ("custom.metrics.k8s.io", "pods/hps_l1_misses_per_second", ("get",)),
     # who may reach a model's Redis and agents (spec.network)
     ("networking.k8s.io", "networkpolicies", ("list", "watch", "create", "patch", "delete")),
 )

@@ -528,14 +528,17 @@ def test_monitoring_reads_only_metrics_the_agents_and_operator_export(helm: str,
     assert alerts == {"HpsModelDegraded", "HpsAgentDegraded", "HpsLowL1HitRate", "HpsUpdateLag"}
 
 
-def test_the_adapter_rule_serves_the_metric_the_hpa_asks_for() -> None:
+def test_the_adapter_rule_serves_the_metrics_the_hpa_and_the_operator_ask_for() -> None:
     import re
 
     from hps_operator.core.render import QPS_METRIC
+    from hps_operator.kopf_handlers.embedding_model import HIT_METRICS
 
     values = yaml.safe_load((ROOT / "charts" / "hps-operator" / "monitoring" / "prometheus-adapter-values.yaml").read_text())
     (rule,) = values["rules"]["custom"]
-    series = re.search(r"^(\w+)\{", rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
-    assert series in exported_metric_names()
-    renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series)
-    assert renamed == QPS_METRIC
+    pattern = re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
+    exported = exported_metric_names()
+    series = sorted(n for n in exported if re.fullmatch(pattern, n))
+    assert series == ["hps_l1_hits_total", "hps_l1_misses_total", "hps_lookup_requests_total"]
+    renamed = {re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), n) for n in series}
+    assert renamed == {QPS_METRIC, *HIT_METRICS}

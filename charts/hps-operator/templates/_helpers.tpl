@@ -99,6 +99,10 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# the agents' L1 hit and miss rates (prometheus-adapter), for models that autoscale their partitions
+- apiGroups: ["custom.metrics.k8s.io"]
+  resources: ["pods/hps_l1_hits_per_second", "pods/hps_l1_misses_per_second"]
+  verbs: ["get"]
 # the NetworkPolicies of a model (spec.network): who may reach its Redis and its agents
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
