@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -77,6 +78,9 @@ class AgentOptions:
     max_batch_keys: int | None = None
     #: also serve lookups to clients on this node on this Unix socket (:mod:`node_agent.same_node`)
     same_node_socket: Path | None = None
+    #: on SIGTERM, answer health checks NOT_SERVING this long while still serving lookups: the pod
+    #: fails its readiness probe and leaves the Service's endpoints before it stops answering
+    drain_s: float = 0.0
 
 
 class Agent:
@@ -376,6 +380,10 @@ def run_agent(options: AgentOptions) -> int:
         agent.start()
         while not stopping.wait(1.0):
             pass
+        if options.drain_s > 0 and agent.server is not None:
+            log.info("draining: NOT_SERVING for %.0f s while lookups are still answered", options.drain_s)
+            agent.server.set_serving(False)
+            time.sleep(options.drain_s)
     finally:
         agent.stop()
         for s, handler in previous.items():

@@ -39,6 +39,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--same-node-socket", type=Path, metavar="PATH",
                    help="also serve lookups to clients on this node on this Unix socket, vectors through "
                    "shared memory (node_agent.same_node.SameNodeClient)")
+    p.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
+                   help="on SIGTERM, answer health checks NOT_SERVING but keep serving lookups for S seconds "
+                   "first, so the pod leaves routing before it stops (default 0)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -71,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
         max_batch_keys=args.max_batch_keys,
         metrics_port=args.metrics_port,
         same_node_socket=args.same_node_socket,
+        drain_s=args.drain_seconds,
     )
     return run_agent(options)

@@ -92,6 +92,46 @@ def test_agent_process_serves_and_stops_cleanly_on_sigterm(
     assert b"serving on" in process.stderr.read()  # type: ignore[union-attr]
 
 
+def test_a_draining_agent_leaves_routing_before_it_stops_answering(
+    tmp_path: Path, rocksdb_model: tuple[Path, Path, dict[str, TableData]]
+) -> None:
+    """Scale-down: on SIGTERM with --drain-seconds the agent's health check says NOT_SERVING (its pod
+    fails readiness and leaves the Service) while lookups still succeed, and it stops afterwards."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    path, db, data = rocksdb_model
+    ready_file = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hps_operator", "agent", "-f", str(path), "--port", "0", "--rocksdb", str(db),
+         "--device", "cpu", "--ready-file", str(ready_file), "--drain-seconds", "3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ready = wait_for_file(ready_file, process)
+        endpoint = str(ready["endpoint"])
+        with grpc.insecure_channel(endpoint) as channel, Client(endpoint) as client:
+            health = health_pb2_grpc.HealthStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == serving
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                if status != serving:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            keys = [1, 4, 5]
+            np.testing.assert_array_equal(client.lookup("demo", "user", keys), data["user"].expected(keys))
+            assert process.poll() is None  # still answering while draining
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 def test_lookup_and_update_commands(
     agent_process: tuple[subprocess.Popen[bytes], dict[str, object], Path],
     rocksdb_model: tuple[Path, Path, dict[str, TableData]],

@@ -156,7 +156,7 @@ def test_agent_statefulset_whole() -> None:
                         "args": [
                             "agent", "-f", "/etc/hps/model.yaml", "--plan", f"/etc/hps/p1-{h}.json",
                             "--partition", "1", "--host", "0.0.0.0", "--port", "50051",
-                            "--agent-id", "$(POD_NAME)", "--metrics-port", "9464",
+                            "--agent-id", "$(POD_NAME)", "--metrics-port", "9464", "--drain-seconds", "15",
                             "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
                             "--redis-password-env", "REDIS_PASSWORD",
                             "--rocksdb", "/var/lib/hps/rocksdb", "--load",

@@ -70,6 +70,10 @@ NODE_AUTOSCALER_ANNOTATIONS = {
 }
 
 
+#: how long a stopping agent keeps answering after it reports NOT_SERVING (see ``agent_args``)
+AGENT_DRAIN_S = 15
+
+
 def agent_loads_tables(model: ModelSpec) -> bool:
     """Agents fill what is theirs alone: the in-process hash map and their own RocksDB volume. Redis,
     shared by all, is filled once by the loader Job."""
@@ -124,6 +128,10 @@ def agent_args(model: ModelSpec, partition: int, plan_key: str) -> list[str]:
         "$(POD_NAME)",
         "--metrics-port",
         str(model.agent.metrics_port),
+        # on a scale-down or a rollout's drain the pod fails readiness first (the readiness probe's
+        # 2 x 5 s) and leaves the Service's endpoints while it still answers, then stops
+        "--drain-seconds",
+        str(AGENT_DRAIN_S),
         *redis_args(model),
     ]
     if model.persistent_store.type == "rocksdb":
@@ -185,7 +193,8 @@ def render_agent_statefulset(
         "containers": [container],
         "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
         "securityContext": pod_security(AGENT_UID),
-        "terminationGracePeriodSeconds": 30,
+        # the drain, then calls in flight
+        "terminationGracePeriodSeconds": AGENT_DRAIN_S + 15,
     }
     add_scratch_volume(pod_spec, "1Gi")
     if model.agent.node_selector:
