@@ -264,6 +264,12 @@ def render_agent_statefulset(
     }
 
 
+def _partition_metadata(model: ModelSpec, partition: int, owner: Mapping[str, Any]) -> dict[str, Any]:
+    """``<model>-agent-p<N>``, labelled with its partition: the partition's Service and PDB."""
+    return object_metadata(model, agent_name(model, partition), "agent", owner,
+                           extra_labels={PARTITION_LABEL: str(partition)})  # fmt: skip
+
+
 def _grpc_port(model: ModelSpec) -> list[dict[str, Any]]:
     port = model.agent.port
     return [{"name": "grpc", "port": port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
@@ -275,13 +281,7 @@ def render_agent_service(model: ModelSpec, partition: int, *, owner: Mapping[str
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": object_metadata(
-            model,
-            agent_name(model, partition),
-            "agent",
-            owner,
-            extra_labels={PARTITION_LABEL: str(partition)},
-        ),
+        "metadata": _partition_metadata(model, partition, owner),
         "spec": {
             "clusterIP": "None",
             "selector": selector_labels(model, "agent", **{PARTITION_LABEL: str(partition)}),
@@ -309,13 +309,7 @@ def render_agent_pdb(model: ModelSpec, partition: int, *, owner: Mapping[str, An
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": object_metadata(
-            model,
-            agent_name(model, partition),
-            "agent",
-            owner,
-            extra_labels={PARTITION_LABEL: str(partition)},
-        ),
+        "metadata": _partition_metadata(model, partition, owner),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(model, "agent", **{PARTITION_LABEL: str(partition)})},
