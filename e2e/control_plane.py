@@ -204,6 +204,12 @@ class ControlPlane:
         except (OSError, ValueError):
             return None
         try:
+            # reap it if it is our child and has exited (a zombie still answers signal 0)
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return None
+        except ChildProcessError:
+            pass  # started by another process (scripts/cluster.sh up): signal 0 tells
+        try:
             os.kill(pid, 0)
         except OSError:
             return None
@@ -239,15 +245,16 @@ class ControlPlane:
             raise
         return self.kubeconfig
 
-    def down(self, *, keep_state: bool = False) -> None:
-        """Stops every component (SIGTERM, then SIGKILL after 10 s) and removes the state directory
-        unless ``keep_state`` (logs to read after a failed start)."""
+    def down(self, *, keep_state: bool = False, grace_s: float = 3.0) -> None:
+        """Stops every component (SIGTERM, then SIGKILL after ``grace_s``) and removes the state
+        directory unless ``keep_state`` (logs to read after a failed start). A test cluster's data is
+        thrown away, so there is nothing a longer graceful shutdown would save."""
         for component in reversed(COMPONENTS):
             pid = self._alive_pid(component)
             if pid is not None:
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + grace_s
         for component in reversed(COMPONENTS):
             while self._alive_pid(component) is not None and time.monotonic() < deadline:
                 time.sleep(0.1)
