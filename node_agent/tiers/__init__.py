@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from node_agent.redis_access import RedisAccess
 from node_agent.tiers.base import TableLayout, Tier
 from node_agent.tiers.hashmap import HashMapTier
 from node_agent.tiers.redis_tier import RedisTier
@@ -18,7 +19,7 @@ def open_tiers(
     *,
     model: str = "",
     redis_addresses: Sequence[str] = (),
-    redis_password: str | None = None,
+    redis_access: RedisAccess | None = None,
     redis_cluster: bool = False,
     redis_partitions: int = 64,
     in_process: bool = False,
@@ -35,7 +36,7 @@ def open_tiers(
                 RedisTier(
                     layouts,
                     addresses=redis_addresses,
-                    password=redis_password,
+                    access=redis_access,
                     cluster=redis_cluster,
                     partitions=redis_partitions,
                     model=model,
