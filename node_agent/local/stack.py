@@ -923,9 +923,10 @@ class LocalStack:
         env = self._agent_environment(bool(state.options.get("useRedis")))
         launched = []
         for record in agents:
-            if not record.command:
-                raise InvalidArgumentError(f"agent {record.address} was started by an older hps local that did not "
-                                           "record how: restart the whole stack with hps local down and up")  # fmt: skip
+            if not record.command or "--auth-token-file" not in record.command:
+                raise InvalidArgumentError(f"agent {record.address} was started by an older hps local (it did not "
+                                           "record how, or its agents took no credential): restart the whole stack "
+                                           "with hps local down and up")  # fmt: skip
             command = _with_option(record.command, "--port", str(record.port))
             ready = Path(_option(command, "--ready-file"))
             ready.unlink(missing_ok=True)
@@ -1248,8 +1249,11 @@ def fingerprints(model_file: Path, *, agents: int, redis_cluster: int, port: int
                  plan: Plan | None, same_node: bool = False, tls: bool = False) -> tuple[str, str]:  # fmt: skip
     """What ``up`` compares with the running stack: the fingerprint of everything (same: already up),
     and of what only a restart can change (same: a rebalance will do)."""
-    # absent when off: older stacks keep their fingerprint
-    extra: dict[str, bool] = {name: True for name, on in (("same_node", same_node), ("tls", tls)) if on}
+    # absent when off: older stacks keep their fingerprint. `credentials` is always there: a stack started
+    # before its agents checked a token, and its processes used their own Redis users, is restarted by
+    # the next up rather than left taking updates from anyone
+    extra: dict[str, object] = {name: True for name, on in (("same_node", same_node), ("tls", tls)) if on}
+    extra["credentials"] = 1
     base = _fingerprint(model_file, redis_cluster=redis_cluster, port=port, use_redis=use_redis, device=device,
                         **extra)  # fmt: skip
     plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16] if plan is not None else None
