@@ -43,6 +43,7 @@ from redis.retry import Retry
 
 from node_agent import wire
 from node_agent.errors import (
+    FailedPreconditionError,
     HpsError,
     InvalidArgumentError,
     NotFoundError,
@@ -734,6 +735,11 @@ class UpdateConsumer:
             except NotPublishedError as exc:
                 raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
                                        "safe)") from None  # fmt: skip
+            except (UnauthenticatedError, PermissionDeniedError) as exc:
+                # Redis refused this agent's own user: the caller's credential is not the problem, the
+                # agent's set-up is (its RPC must not answer UNAUTHENTICATED for it)
+                raise FailedPreconditionError(f"update not applied: this agent cannot publish to the update "
+                                              f"stream: {exc}; nothing was changed") from None  # fmt: skip
             except UnavailableError as exc:
                 outcome = self._withdraw(uid, "", generation, cause=str(exc))
                 if outcome == "unknown":

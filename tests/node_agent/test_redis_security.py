@@ -20,7 +20,12 @@ from redis.retry import Retry
 from node_agent.agent import Agent, AgentOptions
 from node_agent.auth import AuthOptions
 from node_agent.client import Client
-from node_agent.errors import InvalidArgumentError, PermissionDeniedError, UnavailableError
+from node_agent.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from node_agent.local.certificates import LocalCertificates, ensure_local_certificates
 from node_agent.local.redis_servers import RedisProcess, RedisServerTLS, start_cluster, start_redis
 from node_agent.redis_access import RedisAccess, RedisTLS, parse_redis_addresses
@@ -249,3 +254,29 @@ def test_redis_addresses_take_a_tls_scheme_and_refuse_credentials_in_them() -> N
         parse_redis_addresses("rediss://user:pw@a:1")
     with pytest.raises(InvalidArgumentError, match="mix redis:// and rediss://"):
         parse_redis_addresses("redis://a:1,rediss://b:2")
+
+
+def test_an_agent_whose_redis_user_may_not_publish_answers_failed_precondition_not_unauthenticated(
+    tmp_path: Path,
+) -> None:
+    """The caller's token is fine: Redis refusing the agent's own user is the agent's set-up, and the
+    Update RPC must say so (and apply nothing), not blame the caller's credential."""
+    path, data = write_model(tmp_path, MODEL_YAML)
+    rules = [r for r in role_rules("agent", model="demo", stream=stream_name("demo")) if r != "+xadd"]
+    acl = tmp_path / "users.acl"
+    acl.write_text(f"user default on >{ADMIN} ~* &* +@all\nuser hps-agent on >{PASSWORDS['agent']} {' '.join(rules)}\n")
+    server = start_redis(tmp_path / "redis", password=ADMIN, acl_file=acl)
+    agent = Agent(AgentOptions(model_file=path, port=0, redis=(server.address,), load=True, device="cpu",
+                               redis_access=RedisAccess(username="hps-agent", password=PASSWORDS["agent"]),
+                               agent_id="a0", auth=AuthOptions(token=TOKEN)))  # fmt: skip
+    agent.start()
+    try:
+        assert agent.server is not None
+        with Client(agent.server.endpoint, token=TOKEN, retries=0) as client:
+            with pytest.raises(FailedPreconditionError, match="this agent cannot publish to the update stream"):
+                client.update("demo", "user", [4], np.full((1, 8), 2.0, np.float32))
+            np.testing.assert_array_equal(client.lookup("demo", "user", [4]), data["user"].expected([4]))
+        assert server.client().xlen(stream_name("demo")) == 0
+    finally:
+        agent.stop()
+        server.stop(hard=True)
