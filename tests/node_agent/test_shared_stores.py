@@ -231,8 +231,9 @@ def test_a_redis_that_comes_back_empty_is_reported_repaired_and_loses_no_update(
             client.lookup("demo", "user", [4, 7])
         port = shared.redis.port
         shared.redis.stop(hard=True)
-        empty = make_redis(port=port, password=PASSWORD)  # same address, no data: as if its files were lost
-        assert empty.client().dbsize() == 0
+        # same address, no data: as if its files were lost. (Not checked with DBSIZE here: the agents probe
+        # every 0.2 s and may already have written to it; the log line below says they found it empty)
+        make_redis(port=port, password=PASSWORD)
         # both agents notice, drop their L1, and the writer repairs Redis (a new epoch naming the old)
         for client in clients:
             wait_until(lambda c=client: c.stats("demo")["tiers"]["repairs"] >= 1, 5.0, "the repair")  # type: ignore[misc]
