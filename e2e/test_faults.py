@@ -102,6 +102,11 @@ class Stack:
     def endpoints(self) -> list[str]:
         return [f"127.0.0.1:{self.port + i}" for i in range(self.agents)]
 
+    @property
+    def token_file(self) -> Path:
+        """The token ``hps local up`` made: a client sends it with every Update RPC."""
+        return self.state / "auth.token"
+
     def up(self) -> None:
         hps("local", "up", "-f", self.model_file, "--state-dir", self.state, "--agents", str(self.agents),
             "--port", str(self.port), "--device", "cpu")  # fmt: skip
@@ -201,7 +206,7 @@ class Traffic:
                 self._stop.wait(0.003)
 
     def _updates(self) -> None:
-        clients = [Client(e, timeout=3.0, retries=0) for e in self.stack.endpoints]
+        clients = [Client(e, timeout=3.0, retries=0, token_file=self.stack.token_file) for e in self.stack.endpoints]
         turn = 0
         try:
             while not self._stop.is_set():

@@ -107,10 +107,12 @@ def test_demo_flow_lookup_bench_status_down(demo: tuple[Path, Path, str]) -> Non
 
     bench = json.loads(hps("bench", "lookup", "--rows", "5000", "--dim", "16", "--batch", "256",
                            "--duration", "0.5", "--warmup", "0.2", "-o", "json").stdout)  # fmt: skip
-    for system in ("hps", "redis", "numpy"):
+    for system in ("hps", "hps_tls", "hps_inproc_tls", "redis", "numpy"):
         assert bench[system]["exact"] is True
         assert bench[system]["keys_per_s"] > 0 and bench[system]["p99_ms"] >= bench[system]["p50_ms"]
     assert set(bench["ratios"]) == {"hps/redis", "hps/numpy"}
+    # what TLS costs, the same keys through the same agent configuration with and without it
+    assert set(bench["tls"]) == {"hps", "hps_inproc"} and bench["tls"]["hps"]["tls/plaintext"] > 0
 
     report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
     assert report["state"] == "up" and report["endpoints"] == [endpoint]

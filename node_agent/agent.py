@@ -13,14 +13,16 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from node_agent.auth import AuthOptions
 from node_agent.errors import InvalidArgumentError, UnavailableError
 from node_agent.metrics import MetricsServer
 from node_agent.plan import Plan
+from node_agent.redis_access import RedisAccess
 from node_agent.same_node import SameNodeServer
 from node_agent.server import RunningServer, StatsSource, serve
 from node_agent.spec import ModelSpec, load_model_file
@@ -28,6 +30,7 @@ from node_agent.store_writer import RedisLeaseWriter, RocksDBLockWriter, SharedS
 from node_agent.tiers.base import TableLayout, Tier
 from node_agent.tiers.health import TierProbe
 from node_agent.tiers.shared import SharedTier
+from node_agent.tls import ServerTLS
 from node_agent.updates import (
     StreamPosition,
     UpdateConsumer,
@@ -56,7 +59,8 @@ class AgentOptions:
     port: int = 50051
     redis: tuple[str, ...] = ()
     redis_cluster: bool = False
-    redis_password: str | None = None
+    #: the agent's Redis user, password and TLS (``--redis-user``, ``--redis-password-env``, ``--redis-tls*``)
+    redis_access: RedisAccess | None = None
     rocksdb: Path | None = None
     rocksdb_read_only: bool = False
     #: the RocksDB directory is shared with other agents on this machine: the one holding its lock
@@ -81,6 +85,12 @@ class AgentOptions:
     #: on SIGTERM, answer health checks NOT_SERVING this long while still serving lookups: the pod
     #: fails its readiness probe and leaves the Service's endpoints before it stops answering
     drain_s: float = 0.0
+    #: serve gRPC over TLS with these files (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``)
+    tls: ServerTLS | None = None
+    #: who may call what (``--auth-*``); the default refuses every Update until a credential source is given
+    auth: AuthOptions = field(default_factory=AuthOptions)
+    #: serve gRPC server reflection (``--reflection``)
+    reflection: bool = False
 
 
 class Agent:
@@ -96,6 +106,11 @@ class Agent:
             raise InvalidArgumentError(f"--partition must not be negative, got {options.partition}")
         if options.rocksdb_shared and options.rocksdb_read_only:
             raise InvalidArgumentError("--rocksdb-shared and --rocksdb-read-only contradict each other: give one")
+        # checked before anything starts: a flag that contradicts another fails the start, not a call
+        self.guard = options.auth.guard()
+        if not self.guard.authenticators and not self.guard.open_writes:
+            log.warning("no credential can be checked (no --auth-token-file, --auth-token-env or "
+                        "--auth-tokenreview): every Update RPC will be refused")  # fmt: skip
         self.lookup: LookupPath | None = None
         self.consumer: UpdateConsumer | None = None
         self.server: RunningServer | None = None
@@ -126,7 +141,7 @@ class Agent:
         )  # fmt: skip
         self.probe = TierProbe(
             model=self.model.name, lookup=self.lookup, redis_addresses=list(opts.redis),
-            redis_password=opts.redis_password, redis_cluster=opts.redis_cluster, volatile=volatile,
+            redis_access=opts.redis_access, redis_cluster=opts.redis_cluster, volatile=volatile,
             persistent=self._rocksdb, shared=self.shared, interval_s=opts.probe_interval_s,
             poll_role=not stream,
         ).start()  # fmt: skip
@@ -143,6 +158,9 @@ class Agent:
             updates_stream=stream,
             extras=extras,
             update_refusal=self._update_refusal(stream),
+            tls=opts.tls,
+            guard=self.guard,
+            reflection=opts.reflection,
         )
         if opts.same_node_socket is not None:
             self.same_node = SameNodeServer(self.server.servicer, opts.same_node_socket).start()
@@ -188,7 +206,7 @@ class Agent:
     def _stream_position(self, stream: str) -> StreamPosition | None:
         opts = self.options
         try:
-            return stream_position(list(opts.redis), stream, password=opts.redis_password,
+            return stream_position(list(opts.redis), stream, access=opts.redis_access,
                                    cluster=opts.redis_cluster)  # fmt: skip
         except UnavailableError as exc:
             log.warning("update stream %s unreachable at start (%s): a new group replays its history", stream, exc)
@@ -212,7 +230,7 @@ class Agent:
         self.server.set_serving(False)
         self.consumer = UpdateConsumer(
             list(opts.redis), lookup=self.lookup, stream=stream, group=f"agent:{identity}",
-            consumer=identity, password=opts.redis_password, cluster=opts.redis_cluster,
+            consumer=identity, access=opts.redis_access, cluster=opts.redis_cluster,
             start_id=start_id, reset_group=opts.load, shared=self.shared,
             on_store_regression=self.probe.request_repair, epoch_key=self._epoch_key_beside(stream),
         ).start()  # fmt: skip
@@ -264,7 +282,7 @@ class Agent:
             identity = opts.agent_id or f"{self.model.name}-p{opts.partition}-{os.getpid()}-{id(self)}"
             redis_addresses = list(opts.redis)
             writer = RedisLeaseWriter(
-                lambda: connect_stream_redis(redis_addresses, password=opts.redis_password, cluster=opts.redis_cluster),
+                lambda: connect_stream_redis(redis_addresses, access=opts.redis_access, cluster=opts.redis_cluster),
                 key=coordination_key(stream or stream_name(self.model), "writer"), identity=identity,
             )  # fmt: skip
         own_rocksdb = self._rocksdb if self._rocksdb is not None and not opts.rocksdb_read_only else None
@@ -281,7 +299,7 @@ class Agent:
             from node_agent.tiers.redis_tier import RedisTier
 
             volatile = SharedTier(RedisTier(
-                layouts, addresses=list(opts.redis), password=opts.redis_password,
+                layouts, addresses=list(opts.redis), access=opts.redis_access,
                 cluster=opts.redis_cluster, model=self.model.name,
             ))  # fmt: skip
         elif self.model.volatile_store.type == "none" and opts.rocksdb is not None:
@@ -318,7 +336,7 @@ class Agent:
             targets.append(volatile)
         if self._rocksdb is not None and not (opts.rocksdb_read_only or opts.rocksdb_shared):
             targets.append(self._rocksdb)
-        clients = redis_clients(list(opts.redis), password=opts.redis_password, cluster=opts.redis_cluster,
+        clients = redis_clients(list(opts.redis), access=opts.redis_access, cluster=opts.redis_cluster,
                                 timeout=2.0) if isinstance(volatile, SharedTier) else []  # fmt: skip
         fresh_redis = False
         try:
@@ -358,6 +376,7 @@ class Agent:
             "pid": os.getpid(),
             "metricsPort": self.metrics.port if self.metrics is not None else None,
             "sameNodeSocket": str(self.same_node.path) if self.same_node is not None else None,
+            "tls": self.server.tls is not None,
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

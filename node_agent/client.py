@@ -10,30 +10,45 @@ Updates: with ``redis=`` the client publishes to the model's Redis Stream, which
 agent serving the model (the production path); without it, ``update`` calls the Update RPC of one
 agent, which publishes it there for every agent and answers once the stores hold it (an error means
 it is applied nowhere).
+
+Security: ``tls=`` (a CA file, or a :class:`~node_agent.tls.ClientTLS`) checks the agent's certificate;
+``token=`` or ``token_file=`` sends ``authorization: Bearer <token>`` with every call, which the Update
+RPC always asks for (and reads too on agents that restrict them). ``token_file`` is read again when it
+changes: a projected service-account token is rotated by the kubelet under a running client.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from node_agent import wire
+from node_agent.auth import authorization_metadata
 from node_agent.errors import (
     FailedPreconditionError,
     HpsError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
 from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
+from node_agent.redis_access import RedisAccess
+from node_agent.tls import ClientTLS, client_tls, tls_failure_hint
+
+log = logging.getLogger(__name__)
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _SERVICE: str = hps_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -46,6 +61,7 @@ _ERROR_OF_STATUS: dict[grpc.StatusCode, type[HpsError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 #: gRPC target schemes passed through as they are (no HOST:PORT to check)
@@ -148,7 +164,13 @@ class Client:
         redis: str | Sequence[str] | None = None,
         redis_password: str | None = None,
         redis_cluster: bool = False,
+        redis_access: RedisAccess | None = None,
+        tls: ClientTLS | str | os.PathLike[str] | bool | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``redis_access`` (a user, password and TLS for Redis) or ``redis_password`` (the ``default``
+        user's) when publishing updates with ``redis=``; ``tls``, ``token``, ``token_file``: see the module."""
         endpoints = [e.strip() for e in endpoint.split(",")] if isinstance(endpoint, str) else list(endpoint)
         endpoints = [check_endpoint(e) for e in endpoints if e]
         if not endpoints:
@@ -157,10 +179,24 @@ class Client:
             raise InvalidArgumentError(f"timeout must be positive, got {timeout}")
         if retries < 0:
             raise InvalidArgumentError(f"retries must not be negative, got {retries}")
+        if redis_access is not None and redis_password is not None:
+            raise InvalidArgumentError("redis_access carries the password: give it or redis_password, not both")
         self.endpoints = endpoints
         self.timeout = timeout
         self.retries = retries
-        self._channels = [grpc.insecure_channel(e, options=wire.GRPC_MESSAGE_OPTIONS) for e in endpoints]
+        self.tls = client_tls(tls)
+        self._bearer = _Bearer(token, Path(token_file) if token_file is not None else None)
+        if self._bearer.present and self.tls is None:
+            remote = [e for e in endpoints if not _is_loopback(e)]
+            if remote:
+                log.warning("sending a bearer token in plaintext to %s: give the agents' CA (tls=) so it cannot "
+                            "be read on the way", ", ".join(remote))  # fmt: skip
+        if self.tls is not None:
+            credentials = self.tls.channel_credentials()
+            options = [*wire.GRPC_MESSAGE_OPTIONS, *self.tls.channel_options()]
+            self._channels = [grpc.secure_channel(e, credentials, options=options) for e in endpoints]
+        else:
+            self._channels = [grpc.insecure_channel(e, options=wire.GRPC_MESSAGE_OPTIONS) for e in endpoints]
         self._stubs = [hps_pb2_grpc.EmbeddingServiceStub(c) for c in self._channels]
         # Lookup answers are read straight from the received bytes (no protobuf copy of the vectors)
         self._lookups = [
@@ -174,7 +210,7 @@ class Client:
         self._current = 0
         self._lock = threading.Lock()
         self._redis = redis
-        self._redis_password = redis_password
+        self._redis_access = redis_access if redis_access is not None else RedisAccess(password=redis_password)
         self._redis_cluster = redis_cluster
         self._publishers: dict[str, Any] = {}
         self._described: dict[str, ModelInfo] = {}
@@ -249,7 +285,7 @@ class Client:
                 assert self._redis is not None
                 publisher = UpdatePublisher(
                     self._redis,
-                    password=self._redis_password,
+                    access=self._redis_access,
                     cluster=self._redis_cluster,
                     stream=stream or stream_name(model),
                 )
@@ -302,23 +338,30 @@ class Client:
         with self._lock:
             index = self._current
         tried: list[str] = []
+        metadata = self._bearer.metadata()
         for attempt in range(self.retries + 1):
             endpoint = self.endpoints[index]
             call = self._lookups[index] if method == "Lookup" else getattr(self._stubs[index], method)
             try:
-                response = call(request, timeout=self.timeout)
+                response = call(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 code: grpc.StatusCode = exc.code()
                 details: str = exc.details() or code.name
                 tried.append(endpoint)
+                if code == grpc.StatusCode.UNAUTHENTICATED and metadata is None:
+                    details += " (this client sent none)"
                 if code in _RETRYABLE and attempt < self.retries:
                     index = (index + 1) % len(self.endpoints)
                     continue
                 if code in _RETRYABLE:
                     asked = list(dict.fromkeys(tried))
                     attempts = f", {len(tried)} attempts" if len(tried) > len(asked) else ""
+                    hint = tls_failure_hint(details) or (
+                        "if the agent serves TLS, give its CA (tls=, --tls-ca)"
+                        if self.tls is None and _looks_like_tls_refusal(details) else "")  # fmt: skip
                     raise UnavailableError(
                         f"no endpoint answered {method} ({', '.join(asked)}{attempts}): {code.name}: {details}"
+                        + (f" ({hint})" if hint else "")
                     ) from None
                 raise _ERROR_OF_STATUS.get(code, HpsError)(details if code in _ERROR_OF_STATUS else f"{code.name}: {details}") from None
             with self._lock:
@@ -338,6 +381,69 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Bearer:
+    """The token a client sends: a value, or a file read again when it changes (looked at no more than
+    once a second: a kubelet rotates a projected token well before it expires)."""
+
+    def __init__(self, token: str | None, file: Path | None) -> None:
+        if token is not None and file is not None:
+            raise InvalidArgumentError("give token or token_file, not both")
+        if token is not None and (not token or any(c.isspace() for c in token)):
+            raise InvalidArgumentError("the token is empty or holds spaces")
+        self._file = file
+        self._lock = threading.Lock()
+        self._signature: tuple[int, int, int] | None = None
+        self._looked_at = 0.0
+        self._metadata = authorization_metadata(token) if token is not None else None
+        if file is not None:
+            self._read(force=True)
+
+    @property
+    def present(self) -> bool:
+        return self._metadata is not None or self._file is not None
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if self._file is not None:
+            self._read(force=False)
+        return self._metadata
+
+    def _read(self, *, force: bool) -> None:
+        assert self._file is not None
+        now = time.monotonic()
+        if not force and now - self._looked_at < 1.0:
+            return
+        with self._lock:
+            self._looked_at = now
+            try:
+                st = os.stat(self._file)
+                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if signature == self._signature:
+                    return
+                token = self._file.read_text().strip()
+            except OSError as exc:
+                if force:
+                    raise InvalidArgumentError(f"token file {self._file}: {exc.strerror or exc}") from None
+                return  # keep the token read before; the agent says so if it no longer takes it
+            if not token or any(c.isspace() for c in token):
+                if force:
+                    raise InvalidArgumentError(f"token file {self._file} is empty or holds more than one token")
+                return
+            self._metadata, self._signature = authorization_metadata(token), signature
+
+
+def _is_loopback(endpoint: str) -> bool:
+    if endpoint.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = endpoint.rsplit(":", 1)[0].strip("[]") if not endpoint.startswith(("dns:", "ipv4:", "ipv6:")) else ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _looks_like_tls_refusal(details: str) -> bool:
+    """A plaintext client hung up on by a TLS server sees its connection closed or reset."""
+    text = details.lower()
+    return "socket closed" in text or "connection reset" in text or "ssl" in text
 
 
 def _message_dict(message: Any) -> dict[str, Any]:

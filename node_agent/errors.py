@@ -53,9 +53,17 @@ class FailedPreconditionError(HpsError):
 
 
 class UnauthenticatedError(HpsError):
-    """A store refused the credentials (none given where a password is required, or a wrong one)."""
+    """A credential was missing or refused: a store's password, or an RPC's bearer token (none sent
+    where one is required, or one that is not valid)."""
 
     exit_code = 9
+
+
+class PermissionDeniedError(HpsError):
+    """The caller is known (its credential is valid) but not allowed to do this, e.g. a service account
+    that is not among an agent's writers calling Update."""
+
+    exit_code = 10
 
 
 class TableSourceError(HpsError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -27,6 +28,7 @@ from node_agent import wire
 from node_agent.client import Client, ModelInfo
 from node_agent.errors import HpsError, InvalidArgumentError, UnavailableError
 from node_agent.plan import Plan, bucket_of, merge_bucket_ranges
+from node_agent.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +149,11 @@ class _Route:
     the route once and keeps it to its end, so a reroute never mixes two plans in one answer; a
     retired route's channels close when the last call using it returns."""
 
-    def __init__(self, plan: Plan, endpoints: dict[int, list[str]], *, timeout: float, retries: int) -> None:
+    def __init__(self, plan: Plan, endpoints: dict[int, list[str]], *, timeout: float, retries: int,
+                 security: Mapping[str, Any]) -> None:  # fmt: skip
         self.plan = plan
         self.endpoints = endpoints
-        self.clients = {p: Client(eps, timeout=timeout, retries=retries) for p, eps in endpoints.items()}
+        self.clients = {p: Client(eps, timeout=timeout, retries=retries, **security) for p, eps in endpoints.items()}
         self.order = list(self.clients)
         self.owners: dict[str, np.ndarray | None] = {}
         self.owners_lock = threading.Lock()
@@ -230,7 +233,9 @@ class RoutedClient:
 
     :meth:`reroute` swaps plan and endpoints while lookups run; a client built from a routing file
     (:meth:`from_routing_file`, :meth:`from_local_state`) follows the file by itself, so it moves with
-    a make-before-break rebalance without a failed lookup. Thread-safe."""
+    a make-before-break rebalance without a failed lookup. Thread-safe.
+
+    ``tls``, ``token``, ``token_file``: as :class:`~node_agent.client.Client` takes them, for every agent."""
 
     def __init__(
         self,
@@ -240,11 +245,16 @@ class RoutedClient:
         timeout: float = 5.0,
         retries: int = 2,
         cooloff_s: float = 1.0,
+        tls: ClientTLS | str | os.PathLike[str] | bool | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
         self.cooloff_s = cooloff_s
-        self._route = _Route(plan, _listed_endpoints(endpoints), timeout=timeout, retries=retries)
+        self._security: dict[str, Any] = {"tls": tls, "token": token, "token_file": token_file}
+        self._route = _Route(plan, _listed_endpoints(endpoints), timeout=timeout, retries=retries,
+                             security=self._security)  # fmt: skip
         self._route_lock = threading.Lock()
         self._routing_file: _RoutingFile | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -303,13 +313,14 @@ class RoutedClient:
     ) -> RoutedClient:
         """Routes by the plan of the ``hps local`` stack in ``state_dir`` (default: as ``hps local``),
         following its ``routing.json`` through rebalances (``follow``, ``poll_s``: as
-        :meth:`from_routing_file`)."""
+        :meth:`from_routing_file`), with the stack's credentials: its token, and its CA when it serves
+        TLS (``options`` may override them)."""
         from node_agent.local.stack import LocalStack
 
         stack = LocalStack(state_dir)
         watch = _RoutingFile(stack.routing_file, poll_s)
         plan, endpoints = stack.routing()
-        client = cls(plan, endpoints, **options)
+        client = cls(plan, endpoints, **{**stack.client_credentials(), **options})
         client._routing_file = watch if follow else None
         return client
 
@@ -324,7 +335,7 @@ class RoutedClient:
             old = self._route
             if old.plan == plan and old.endpoints == listed:
                 return False
-            self._route = _Route(plan, listed, timeout=self.timeout, retries=self.retries)
+            self._route = _Route(plan, listed, timeout=self.timeout, retries=self.retries, security=self._security)
             old.retired = True
             idle = old.users == 0
         with self._stats_lock:
@@ -530,7 +541,8 @@ class RoutedClient:
 
     def _describe_one(self, model: str, endpoint: str) -> ModelInfo | None:
         try:
-            with Client(endpoint, timeout=min(self.timeout, _PLAN_CHECK_TIMEOUT_S), retries=0) as client:
+            with Client(endpoint, timeout=min(self.timeout, _PLAN_CHECK_TIMEOUT_S), retries=0,
+                        **self._security) as client:  # fmt: skip
                 return client.describe(model)
         except HpsError as exc:
             log.debug("plan check: %s did not describe model %s: %s", endpoint, model, exc)

@@ -1,9 +1,14 @@
 """Serves one model's :class:`~node_agent.lookup.LookupPath` over gRPC (``hps.v1.EmbeddingService``),
-with the standard health service and server reflection beside it.
+with the standard health service beside it (and server reflection, when asked).
 
 This is the data plane's edge: typed errors from the core become gRPC status codes here and only
 here. The hot path does no per-key Python work: a keys buffer is viewed in place as ``int64``, the
 lookup path answers the whole batch, and the vectors go back as one packed buffer.
+
+Security: the port serves TLS when given a certificate (:mod:`node_agent.tls`, re-read on rotation),
+and an :class:`~node_agent.auth.RpcGuard` decides each RPC before its request is looked at (Update
+always needs a credential; reads when restricted). The health service stays open: kubelet's gRPC
+probes send no credential, and it tells nothing about the model.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from node_agent import wire
 from node_agent.errors import (
@@ -30,12 +35,16 @@ from node_agent.errors import (
     HpsError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
+from node_agent.tls import CertificateReloader, ServerTLS
 
 if TYPE_CHECKING:
+    from node_agent.auth import RpcGuard
     from node_agent.lookup import LookupPath
     from node_agent.plan import Plan
 
@@ -52,7 +61,8 @@ DEFAULT_MAX_BATCH_KEYS = 1 << 20
 MAX_NAME_LENGTH = 253
 #: an error message is cut to this many characters for the same reason
 MAX_ERROR_MESSAGE = 1024
-#: at most one log line per this many seconds about requests that could not be decoded
+#: at most one log line per this many seconds about requests that could not be decoded, and one about
+#: calls refused for their credential (a client retrying without one must not fill the log)
 UNDECODABLE_LOG_INTERVAL_S = 10.0
 
 #: what the Update RPC calls when the agent consumes an update stream: ``(table, keys, vectors,
@@ -68,6 +78,8 @@ _STATUS_OF_ERROR: tuple[tuple[type[HpsError], grpc.StatusCode], ...] = (
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 
@@ -104,6 +116,7 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         extras: dict[str, StatsSource] | None = None,
         updater: Updater | None = None,
         update_refusal: str = "",
+        guard: RpcGuard | None = None,
     ) -> None:
         self._lookup = lookup
         self._model = model
@@ -118,7 +131,11 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         self._update_refusal = update_refusal
         self._counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
-        self._undecodable = _RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S)
+        self._undecodable = _RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S, "undecodable request answered INVALID_ARGUMENT")
+        self._refusals = _RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S, "call refused")
+        self._guard = guard
+        # read on every Lookup: one attribute test when reads are open (the default)
+        self._guard_reads = guard is not None and guard.reads_restricted
 
     def set_updater(self, updater: Updater | None, *, refusal: str = "") -> None:
         """Where Update RPCs go from now on: ``updater`` (through the update stream), else this agent's
@@ -136,6 +153,8 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         """Answers with a :class:`~node_agent.wire.PackedLookupResponse`, which serialises to the same
         bytes as the ``LookupResponse`` it stands for (see :func:`add_embedding_service`)."""
         with self._edge("Lookup", context):
+            if self._guard_reads:
+                self._authorize("Lookup", context)
             _check_decoded(request)
             self._check_model(request.model)
             total = sum(wire.count_keys(t.keys) for t in request.tables)
@@ -169,6 +188,7 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
 
     def Update(self, request: hps_pb2.UpdateRequest, context: grpc.ServicerContext) -> hps_pb2.UpdateResponse:
         with self._edge("Update", context):
+            self._authorize("Update", context)
             _check_decoded(request)
             self._check_model(request.model)
             tables = self._lookup.tables()
@@ -206,6 +226,8 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
         self, request: hps_pb2.DescribeRequest, context: grpc.ServicerContext
     ) -> hps_pb2.DescribeResponse:
         with self._edge("Describe", context):
+            if self._guard_reads:
+                self._authorize("Describe", context)
             _check_decoded(request)
             self._check_model(request.model)
             response = hps_pb2.DescribeResponse(
@@ -233,6 +255,8 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
 
     def Stats(self, request: hps_pb2.StatsRequest, context: grpc.ServicerContext) -> hps_pb2.StatsResponse:
         with self._edge("Stats", context):
+            if self._guard_reads:
+                self._authorize("Stats", context)
             _check_decoded(request)
             self._check_model(request.model)
             stats = self.snapshot()
@@ -293,9 +317,18 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
             self._count(**{f"errors.{code.name.lower()}": 1})
             if isinstance(exc, _Undecodable):
                 self._undecodable.note(method, str(exc))
+            elif isinstance(exc, UnauthenticatedError | PermissionDeniedError):
+                self._refusals.note(method, f"{code.name}: {exc} (from {context.peer()})")
             else:
                 log.debug("%s -> %s: %s", method, code.name, exc)
             _abort(context, code, _bounded(str(exc)))
+
+    def _authorize(self, method: str, context: grpc.ServicerContext) -> None:
+        """Lets the call on or raises the typed error the guard found. Without a guard nothing is
+        checked (a lookup path served inside a test, or a process that checks its callers itself); an
+        RPC that writes is then open, which :func:`serve`'s caller decided."""
+        if self._guard is not None:
+            self._guard.check(method, context.invocation_metadata(), model=self._model)
 
     def _check_model(self, model: str) -> None:
         if not model:
@@ -385,11 +418,12 @@ def lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], 
 
 
 class _RateLimitedLog:
-    """One warning per ``interval_s`` about undecodable requests, counting the ones in between: a
-    client sending garbage must not fill the log (nor slow the agent writing it)."""
+    """One warning per ``interval_s`` about requests of one kind (undecodable, refused), counting the
+    ones in between: a client sending garbage must not fill the log (nor slow the agent writing it)."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, what: str) -> None:
         self._interval_s = interval_s
+        self._what = what
         self._lock = threading.Lock()
         self._next = 0.0
         self._suppressed = 0
@@ -403,7 +437,7 @@ class _RateLimitedLog:
             suppressed, self._suppressed = self._suppressed, 0
             self._next = now + self._interval_s
         more = f" (and {suppressed} more since the last such line)" if suppressed else ""
-        log.warning("%s: undecodable request answered INVALID_ARGUMENT: %s%s", method, _bounded(error)[:300], more)
+        log.warning("%s: %s: %s%s", method, self._what, _bounded(error)[:300], more)
 
 
 def _consumer_status(stats: Mapping[str, Any]) -> hps_pb2.UpdateConsumerStatus:
@@ -458,6 +492,8 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     servicer: EmbeddingServicer
+    #: the certificate served, re-read on rotation (``None``: plaintext)
+    tls: CertificateReloader | None = None
 
     @property
     def endpoint(self) -> str:
@@ -495,15 +531,24 @@ def serve(
     extras: dict[str, StatsSource] | None = None,
     updater: Updater | None = None,
     update_refusal: str = "",
+    tls: ServerTLS | None = None,
+    guard: RpcGuard | None = None,
+    reflection: bool = False,
 ) -> RunningServer:
     """Starts serving ``lookup`` as ``model`` on ``host:port`` (``0`` picks a free port) and returns at
     once; the health service answers SERVING from then on.
 
+    ``tls``: serve TLS with these files (re-read when they change); ``guard``: who may call what (without
+    one every RPC is open, Update included: ``hps agent`` always passes one); ``reflection``: also serve
+    gRPC server reflection, which lists the services to anyone who asks (off unless asked).
+
     A small pool is enough: the work per RPC is NumPy on whole batches, which releases the GIL.
-    Raises :class:`UnavailableError` when the address cannot be bound.
+    Raises :class:`UnavailableError` when the address cannot be bound, :class:`InvalidArgumentError`
+    when the TLS files are not a matching certificate and key.
     """
     if max_batch_keys < 1:
         raise InvalidArgumentError(f"max_batch_keys must be at least 1, got {max_batch_keys}")
+    reloader = CertificateReloader(tls) if tls is not None else None  # a bad pair fails here, before binding
     servicer = EmbeddingServicer(
         lookup,
         model=model,
@@ -515,27 +560,36 @@ def serve(
         extras=extras,
         updater=updater,
         update_refusal=update_refusal,
+        guard=guard,
     )
+    if reloader is not None:
+        servicer.add_stats_source("tls", reloader)
+    if guard is not None:
+        servicer.add_stats_source("auth", guard)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hps-grpc")
     server = grpc.server(pool, options=wire.GRPC_MESSAGE_OPTIONS)
     add_embedding_service(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    if reflection:
+        services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    grpc_reflection.SERVICE_NAME)  # fmt: skip
+        grpc_reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if reloader is not None:
+            bound = server.add_secure_port(address, reloader.credentials())
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise UnavailableError(f"cannot listen on {address}: {exc}") from None
     if not bound:
         raise UnavailableError(f"cannot listen on {address}")
     server.start()
-    running = RunningServer(server, host, bound, health_servicer, servicer)
+    running = RunningServer(server, host, bound, health_servicer, servicer, reloader)
     running.set_serving(True)
-    log.info("serving model %s on %s (device %s)", model, running.endpoint, servicer.device)
+    log.info("serving model %s on %s (%s; device %s)", model, running.endpoint,
+             "TLS" if reloader is not None else "plaintext", servicer.device)  # fmt: skip
     return running
 
 

@@ -43,12 +43,15 @@ from redis.retry import Retry
 
 from node_agent import wire
 from node_agent.errors import (
+    FailedPreconditionError,
     HpsError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     UnauthenticatedError,
     UnavailableError,
 )
+from node_agent.redis_access import RedisAccess, access_of
 
 if TYPE_CHECKING:
     from node_agent.lookup import LookupPath
@@ -106,20 +109,33 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def unauthenticated(addresses: str | Sequence[str], exc: Exception) -> UnauthenticatedError:
+def unauthenticated(addresses: str | Sequence[str], exc: Exception,
+                    access: RedisAccess | None = None) -> UnauthenticatedError:  # fmt: skip
     """Redis's own words for a missing or refused password ("HELLO must be called...", "invalid
     username-password pair") say little to someone running a command: say which it is."""
     where = addresses if isinstance(addresses, str) else ",".join(addresses)
     text = str(exc).lower()
     if "hello must be called" in text or "noauth" in text or "authentication required" in text:
         return UnauthenticatedError(f"Redis at {where} requires a password and none was given")
-    return UnauthenticatedError(f"Redis at {where} refused the password ({exc})")
+    user = access.username if access is not None and access.username else "default"
+    return UnauthenticatedError(f"Redis at {where} refused user {user} and its password ({exc})")
+
+
+def permission_denied(addresses: str | Sequence[str], exc: Exception, access: RedisAccess | None,
+                      what: str) -> PermissionDeniedError:  # fmt: skip
+    """Redis's ``NOPERM`` (its ACL refused the command or the key) as a typed error naming the user."""
+    where = addresses if isinstance(addresses, str) else ",".join(addresses)
+    user = access.username if access is not None and access.username else "default"
+    # a pipeline's error quotes the whole command (an update's bytes): Redis's own words are enough
+    reason = str(exc).rsplit("caused error: ", 1)[-1]
+    return PermissionDeniedError(f"Redis at {where}: user {user} may not {what} ({reason}); each role has its "
+                                 "own ACL user (docs/security.md)")
 
 
 def connect_stream_redis(
     addresses: str | Sequence[str],
     *,
-    password: str | None = None,
+    access: RedisAccess | None = None,
     cluster: bool = False,
     timeout: float = 2.0,
 ) -> redis.Redis | redis.RedisCluster:
@@ -135,7 +151,7 @@ def connect_stream_redis(
     nodes = [_split_address(a) for a in addresses]
     retry = Retry(NoBackoff(), 1, (redis.ConnectionError, redis.TimeoutError))
     common: dict[str, Any] = {
-        "password": password,
+        **access_of(access).client_options(),
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": retry,
@@ -205,13 +221,13 @@ def stream_position(
     addresses: str | Sequence[str],
     stream: str,
     *,
-    password: str | None = None,
+    access: RedisAccess | None = None,
     cluster: bool = False,
     timeout: float = 2.0,
 ) -> StreamPosition:
     """:func:`read_stream_position` over a connection of its own; :class:`UnavailableError` when the
     stream's Redis cannot be reached (the caller then falls back to ``start_id="0"``)."""
-    client = connect_stream_redis(addresses, password=password, cluster=cluster, timeout=timeout)
+    client = connect_stream_redis(addresses, access=access, cluster=cluster, timeout=timeout)
     try:
         return read_stream_position(client, stream)
     except redis.RedisError as exc:
@@ -281,12 +297,16 @@ class UpdatePublisher:
 
     ``publish`` returns the stream entry id once Redis holds the entry (and, with ``wait_replicas``,
     once that many replicas have it), and raises :class:`UnavailableError` when it cannot say so: the
-    caller decides whether to retry, nothing is dropped behind its back."""
+    caller decides whether to retry, nothing is dropped behind its back.
+
+    ``access``: the Redis user (a producer's: it may append to the stream and nothing else), password and
+    TLS; ``password`` alone is the ``default`` user's, over plaintext."""
 
     def __init__(
         self,
         addresses: str | Sequence[str],
         *,
+        access: RedisAccess | None = None,
         password: str | None = None,
         cluster: bool = False,
         stream: str | None = None,
@@ -296,11 +316,15 @@ class UpdatePublisher:
     ) -> None:
         if stream is None and model is None:
             raise InvalidArgumentError("UpdatePublisher needs a stream name or a model name")
+        if access is not None and password is not None:
+            raise InvalidArgumentError("access carries the password: give it or password, not both")
+        if password is not None:
+            access = RedisAccess(password=password)
         self.stream = stream or stream_name(str(model))
         self.maxlen = maxlen
         self.retries = 0
         self._addresses = addresses
-        self._password = password
+        self._access = access
         self._cluster = cluster
         self._timeout = timeout
         self._redis: redis.Redis | redis.RedisCluster | None = None
@@ -353,7 +377,9 @@ class UpdatePublisher:
         try:
             entry, replicas = self._send(fields, wait_replicas, wait_timeout_ms)
         except redis.AuthenticationError as exc:
-            raise unauthenticated(self._addresses, exc) from None
+            raise unauthenticated(self._addresses, exc, self._access) from None
+        except redis.exceptions.NoPermissionError as exc:
+            raise permission_denied(self._addresses, exc, self._access, f"publish to {self.stream}") from None
         except _PUBLISH_RETRYABLE as first:
             self.retries += 1
             # a connection never made is the caller's to hear about (Redis down: one line per publish
@@ -387,7 +413,7 @@ class UpdatePublisher:
     def _client(self) -> redis.Redis | redis.RedisCluster:
         if self._redis is None:
             self._redis = connect_stream_redis(
-                self._addresses, password=self._password, cluster=self._cluster, timeout=self._timeout
+                self._addresses, access=self._access, cluster=self._cluster, timeout=self._timeout
             )
         return self._redis
 
@@ -580,7 +606,7 @@ class UpdateConsumer:
         stream: str,
         group: str,
         consumer: str | None = None,
-        password: str | None = None,
+        access: RedisAccess | None = None,
         cluster: bool = False,
         start_id: str | StreamPosition = "0",
         reset_group: bool = False,
@@ -600,7 +626,7 @@ class UpdateConsumer:
         self.consumer = consumer or group
         self._lookup = lookup
         self._addresses = addresses
-        self._password = password
+        self._access = access
         self._cluster = cluster
         self._start = start_id
         self._reset_pending = reset_group
@@ -701,7 +727,7 @@ class UpdateConsumer:
             generation = self._generation()
             if self._publisher is None:
                 # short socket timeouts: the caller's deadline bounds the whole call, retry included
-                self._publisher = UpdatePublisher(self._addresses, password=self._password, cluster=self._cluster,
+                self._publisher = UpdatePublisher(self._addresses, access=self._access, cluster=self._cluster,
                                                   stream=self.stream, timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
             publisher = self._publisher
             try:
@@ -709,6 +735,11 @@ class UpdateConsumer:
             except NotPublishedError as exc:
                 raise UnavailableError(f"update not applied: {exc}; nothing was changed (sending it again is "
                                        "safe)") from None  # fmt: skip
+            except (UnauthenticatedError, PermissionDeniedError) as exc:
+                # Redis refused this agent's own user: the caller's credential is not the problem, the
+                # agent's set-up is (its RPC must not answer UNAUTHENTICATED for it)
+                raise FailedPreconditionError(f"update not applied: this agent cannot publish to the update "
+                                              f"stream: {exc}; nothing was changed") from None  # fmt: skip
             except UnavailableError as exc:
                 outcome = self._withdraw(uid, "", generation, cause=str(exc))
                 if outcome == "unknown":
@@ -736,7 +767,7 @@ class UpdateConsumer:
 
     def _commit_client(self) -> redis.Redis | redis.RedisCluster:
         if self._commit_redis is None:
-            self._commit_redis = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster,
+            self._commit_redis = connect_stream_redis(self._addresses, access=self._access, cluster=self._cluster,
                                                       timeout=COMMIT_REDIS_TIMEOUT_S)  # fmt: skip
         return self._commit_redis
 
@@ -839,7 +870,7 @@ class UpdateConsumer:
         while not self._stopping.is_set():
             try:
                 if self._redis is None:
-                    self._redis = connect_stream_redis(self._addresses, password=self._password, cluster=self._cluster)
+                    self._redis = connect_stream_redis(self._addresses, access=self._access, cluster=self._cluster)
                 self._poll_role()
                 if not group_ready:
                     self._ensure_group()

@@ -11,10 +11,14 @@ cache's default TinyLFU admission) and differ in their L2 tier and in how the ca
   (:class:`~node_agent.same_node.SameNodeClient`: Unix socket, rows through shared memory);
 * ``hps_inproc``: L2 is the agent's in-process hash map, loaded at agent start — HPS's own default
   volatile database, where Redis is optional — asked over TCP gRPC;
-* ``hps_inproc_same_node``: that agent through its same-node socket.
+* ``hps_inproc_same_node``: that agent through its same-node socket;
+* ``hps_tls``: ``hps`` with TLS everywhere (``hps local up --tls``: the client to the agent over gRPC
+  TLS, the agent to Redis over TLS as its ACL user), on a stack of its own;
+* ``hps_inproc_tls``: ``hps_inproc`` over gRPC TLS (its L2 is in process: the cost of gRPC's TLS alone).
 
-Every system's answers are checked against the table before its warm-up and again after its measured
-span (when its cache is warm): ``exact`` is both.
+What TLS costs is reported side by side (``tls``: each TLS system's keys/s over its plaintext twin's,
+the median of each run's own ratio). Every system's answers are checked against the table before its
+warm-up and again after its measured span (when its cache is warm): ``exact`` is both.
 """
 
 from __future__ import annotations
@@ -43,15 +47,21 @@ SYSTEMS: dict[str, str] = {
     "hps_same_node": "the same agent over its same-node socket (Unix socket, rows via shared memory)",
     "hps_inproc": "agent over TCP gRPC, L1 + L2 in-process hash map",
     "hps_inproc_same_node": "the in-process agent over its same-node socket",
+    "hps_tls": "hps with TLS: gRPC TLS to the agent, the agent to Redis over TLS",
+    "hps_inproc_tls": "hps_inproc over gRPC TLS",
     "redis": "plain Redis, pipelined HMGET",
     "redis_mget": "plain Redis, a string key per row, one MGET per batch (the other layout; not run by default)",
     "numpy": "NumPy gather from the dense table",
 }
 #: what runs unless asked otherwise
-DEFAULT_SYSTEMS = ("hps", "hps_same_node", "hps_inproc", "hps_inproc_same_node", "redis", "numpy")
+DEFAULT_SYSTEMS = ("hps", "hps_same_node", "hps_inproc", "hps_inproc_same_node", "hps_tls", "hps_inproc_tls",
+                   "redis", "numpy")  # fmt: skip
 #: the agent systems, and the key their ratios are reported under
 AGENT_RATIOS = {"hps": "ratios", "hps_same_node": "ratios_same_node", "hps_inproc": "ratios_inproc",
-                "hps_inproc_same_node": "ratios_inproc_same_node"}
+                "hps_inproc_same_node": "ratios_inproc_same_node", "hps_tls": "ratios_tls",
+                "hps_inproc_tls": "ratios_inproc_tls"}
+#: each TLS system and its plaintext twin: the same agent configuration, the same keys
+TLS_TWINS = {"hps_tls": "hps", "hps_inproc_tls": "hps_inproc"}
 
 Fetch = Callable[[np.ndarray], np.ndarray]
 
@@ -302,7 +312,8 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
             if "hps" in config.systems or "hps_same_node" in config.systems:
                 from node_agent.client import Client
 
-                client = running.enter_context(Client(state.endpoints[0], timeout=30.0))
+                client = running.enter_context(Client(state.endpoints[0], timeout=30.0,
+                                                      **stack.client_credentials()))  # fmt: skip
                 stats_of["hps"] = stats_of["hps_same_node"] = _stats_of(client)
                 if "hps" in config.systems:
                     measures["hps"] = _measurer(_lookup_of(client), batches, config, timing)
@@ -314,8 +325,8 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
                     measures["hps_same_node"] = _measurer(_lookup_of(near), batches, config, timing)
             if "redis" in config.systems:
                 host, port = state.redis_addresses[0].rsplit(":", 1)
-                pool = redis.ConnectionPool(host=host, port=int(port), password=stack.redis_password(),
-                                            socket_timeout=30)  # fmt: skip
+                pool = redis.ConnectionPool(host=host, port=int(port), socket_timeout=30,
+                                            **stack.redis_access("admin").pool_options())  # fmt: skip
                 running.callback(pool.disconnect)
                 baseline = RedisHashBaseline(redis.Redis(connection_pool=pool), dim=config.dim,
                                              hashes=config.redis_hashes)  # fmt: skip
@@ -324,8 +335,8 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
                 measures["redis"] = _measurer(baseline.fetch, batches, config, timing)
             if "redis_mget" in config.systems:
                 host, port = state.redis_addresses[0].rsplit(":", 1)
-                strings_pool = redis.ConnectionPool(host=host, port=int(port), password=stack.redis_password(),
-                                                    socket_timeout=30)  # fmt: skip
+                strings_pool = redis.ConnectionPool(host=host, port=int(port), socket_timeout=30,
+                                                    **stack.redis_access("admin").pool_options())  # fmt: skip
                 running.callback(strings_pool.disconnect)
                 strings = RedisStringBaseline(redis.Redis(connection_pool=strings_pool), dim=config.dim)
                 say(f"redis_mget: loading {config.rows} rows as string keys ...")
@@ -342,7 +353,8 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
             say(f"  up in {time.perf_counter() - t0:.1f} s at {state_inproc.endpoints[0]}")
             from node_agent.client import Client
 
-            inproc = running.enter_context(Client(state_inproc.endpoints[0], timeout=30.0))
+            inproc = running.enter_context(Client(state_inproc.endpoints[0], timeout=30.0,
+                                                  **stack_inproc.client_credentials()))  # fmt: skip
             stats_of["hps_inproc"] = stats_of["hps_inproc_same_node"] = _stats_of(inproc)
             if "hps_inproc" in config.systems:
                 measures["hps_inproc"] = _measurer(_lookup_of(inproc), batches, config, timing)
@@ -352,6 +364,23 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
                 near_inproc = running.enter_context(SameNodeClient(stack_inproc.state_dir / "logs" / "agent-0.sock",
                                                                    timeout=30.0))  # fmt: skip
                 measures["hps_inproc_same_node"] = _measurer(_lookup_of(near_inproc), batches, config, timing)
+
+        for name, twin, folder, no_redis in (("hps_tls", "hps", "state-tls", False),
+                                             ("hps_inproc_tls", "hps_inproc", "state-inproc-tls", True)):  # fmt: skip
+            if name not in config.systems:
+                continue
+            from node_agent.client import Client
+
+            stack_tls = LocalStack(root / folder)
+            say(f"starting {name}: {twin} with TLS (a throwaway CA) ...")
+            t0 = time.perf_counter()
+            state_tls = stack_tls.up(model_file, agents=1, device=config.device, no_redis=no_redis, tls=True).state
+            running.callback(stack_tls.down, purge=True)
+            say(f"  up in {time.perf_counter() - t0:.1f} s at {state_tls.endpoints[0]}")
+            secure = running.enter_context(Client(state_tls.endpoints[0], timeout=30.0,
+                                                  **stack_tls.client_credentials()))  # fmt: skip
+            stats_of[name] = _stats_of(secure)
+            measures[name] = _measurer(_lookup_of(secure), batches, config, timing)
 
         if "numpy" in config.systems:
             measures["numpy"] = lambda: measure(lambda k: table[k], batches, **timing)
@@ -377,6 +406,9 @@ def _run(config: LookupBenchConfig, root: Path, say: Callable[[str], None]) -> d
             out[key], out[key.replace("ratios", "targets")] = _ratios(agent, results, runs)
         out[f"{agent}_agent_stats"] = agent_stats.get(agent)
     out["l1_hit_rate"] = {agent: _l1_hit_rate(stats) for agent, stats in agent_stats.items()}
+    tls = tls_cost(results, runs)
+    if tls:
+        out["tls"] = tls
     out["environment"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "machine": platform.machine()}  # fmt: skip
     return out
@@ -429,6 +461,26 @@ def _ratios(name: str, results: dict[str, SystemResult],
             met["hps_over_numpy"] = ratios["hps/numpy"] >= TARGETS["hps_over_numpy"]
         met["hps_p99_ms"] = agent.p99_ms <= TARGETS["hps_p99_ms"]
     return ratios, {**TARGETS, "met": met}
+
+
+def tls_cost(results: dict[str, SystemResult], runs: dict[str, list[SystemResult]]) -> dict[str, Any]:
+    """Each TLS system beside its plaintext twin run in the same turns: both keys/s and p99, and
+    ``tls/plaintext``, the median of each run's own ratio (the pair side by side in time), each run's
+    listed beside it."""
+    out: dict[str, Any] = {}
+    for secure, plain in TLS_TWINS.items():
+        if secure not in results or plain not in results:
+            continue
+        each = [a.keys_per_s / b.keys_per_s for a, b in zip(runs[secure], runs[plain], strict=True)]
+        out[plain] = {
+            "plaintext_keys_per_s": round(results[plain].keys_per_s, 1),
+            "tls_keys_per_s": round(results[secure].keys_per_s, 1),
+            "plaintext_p99_ms": round(results[plain].p99_ms, 4),
+            "tls_p99_ms": round(results[secure].p99_ms, 4),
+            "tls/plaintext": round(statistics.median(each), 3),
+            "tls/plaintext each run": [round(r, 3) for r in each],
+        }
+    return out
 
 
 def _write_model(root: Path, table: np.ndarray, config: LookupBenchConfig) -> Path:
@@ -496,6 +548,11 @@ def format_table(result: dict[str, Any]) -> str:
         if hit_rates.get(name) is not None:
             parts.append(f"L1 hit rate {hit_rates[name]:.3f}")
         lines.append(f"{name}: " + "   ".join(parts))
+    for plain, cost in sorted((result.get("tls") or {}).items()):
+        each = cost.get("tls/plaintext each run")
+        runs_note = f", runs {'/'.join(f'{r:.2f}' for r in each)}" if each and len(each) > 1 else ""
+        lines.append(f"TLS on {plain}: {cost['tls_keys_per_s']:,.0f} keys/s against "
+                     f"{cost['plaintext_keys_per_s']:,.0f} in plaintext: x{cost['tls/plaintext']:.2f}{runs_note}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -546,8 +603,8 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
         try:
             import redis
 
-            tier = RedisTier([TableLayout.of(spec)], addresses=[server.address], password="sweep", model="sweep",
-                             socket_timeout=30.0)  # fmt: skip
+            tier = RedisTier([TableLayout.of(spec)], addresses=[server.address], access=server.access,
+                             model="sweep", socket_timeout=30.0)  # fmt: skip
             say(f"loading {config.rows} rows into redis (the agent's layout and the baseline's) ...")
             tier.insert("emb", np.arange(config.rows, dtype=np.int64), table)
             client = redis.Redis(host=server.host, port=server.port, password="sweep", socket_timeout=30)

@@ -1,5 +1,9 @@
 """Starts and stops real ``redis-server`` processes on free loopback ports: one standalone server, or a
-Redis Cluster of several masters. Used by ``hps local up`` and by the tests' fixtures alike."""
+Redis Cluster of several masters. Used by ``hps local up`` and by the tests' fixtures alike.
+
+A server may serve TLS only (``tls``: its plaintext port closed, the cluster bus over TLS too) and take
+its users from an ACL file (``acl_file``: the ``default`` user and one per role, see
+:mod:`node_agent.redis_acl`; a restarted server reads them again)."""
 
 from __future__ import annotations
 
@@ -17,11 +21,35 @@ from typing import TYPE_CHECKING
 import redis
 
 from node_agent.errors import UnavailableError
+from node_agent.redis_access import RedisAccess, RedisTLS
 
 if TYPE_CHECKING:
     from node_agent.spec import RedisPersistenceSpec
 
 _START_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class RedisServerTLS:
+    """What a TLS-only redis-server serves: its certificate and key, and the CA clients' (and cluster
+    peers') certificates chain to. Clients need no certificate of their own (``tls-auth-clients
+    optional``): the ACL users' passwords authenticate them; one presented is checked."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    def args(self, port: int, *, cluster: bool) -> list[str]:
+        out = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert_file),
+               "--tls-key-file", str(self.key_file), "--tls-ca-cert-file", str(self.ca_file),
+               "--tls-auth-clients", "optional", "--tls-replication", "yes"]  # fmt: skip
+        if cluster:
+            out += ["--tls-cluster", "yes"]
+        return out
+
+    def client(self) -> RedisTLS:
+        """How a client of this machine checks it."""
+        return RedisTLS(ca_file=self.ca_file)
 
 
 #: a cluster node also listens on port + 10000 (its bus), so cluster ports must stay at or below this
@@ -59,6 +87,8 @@ class RedisProcess:
     password: str | None
     pid: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: how clients check it, when it serves TLS only
+    tls: RedisTLS | None = None
 
     @property
     def address(self) -> str:
@@ -67,10 +97,17 @@ class RedisProcess:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/0"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=5)
+    @property
+    def access(self) -> RedisAccess:
+        """The administrator's way in: the ``default`` user, over TLS when the server serves it."""
+        return RedisAccess(password=self.password, tls=self.tls)
+
+    def client(self, access: RedisAccess | None = None) -> redis.Redis:
+        """A client as ``access`` (default: the administrator)."""
+        options = (access or self.access).client_options()
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=5, **options)
 
     def alive(self) -> bool:
         try:
@@ -105,9 +142,14 @@ def start_redis(
     host: str = "127.0.0.1",
     detach: bool = False,
     persistence: RedisPersistenceSpec | None = None,
+    tls: RedisServerTLS | None = None,
+    acl_file: Path | None = None,
 ) -> RedisProcess:
     """Starts ``redis-server`` bound to ``host`` and waits until it answers PING (and, with an
     append-only file to replay, until it has loaded it).
+
+    ``tls``: TLS only, on ``port``. ``acl_file``: its users (``password`` is then the ``default``
+    user's in that file, used here to see it answer); without one, ``password`` is ``requirepass``.
 
     ``detach`` puts it in its own session so it outlives the caller (``hps local up`` returns while
     the stack keeps running); otherwise it is the caller's child. ``persistence`` (the model's
@@ -123,11 +165,18 @@ def start_redis(
     for _ in range(5):
         chosen = port or free_port(host, max_port=CLUSTER_MAX_PORT if cluster else 65535)
         kept = persistence.redis_args() if persistence is not None else ["--save", "", "--appendonly", "no"]
+        listen = tls.args(chosen, cluster=cluster) if tls is not None else ["--port", str(chosen)]
+        # protected mode stays on: it only refuses clients from other hosts when no password is set,
+        # and this server listens on `host` alone
         args = [
-            binary, "--bind", host, "--port", str(chosen), "--dir", str(wd), *kept, "--protected-mode", "no",
+            binary, "--bind", host, *listen, "--dir", str(wd), *kept, "--protected-mode", "yes",
             "--logfile", str(wd / f"redis-{chosen}.log"), "--daemonize", "no",
         ]  # fmt: skip
-        if password:
+        if acl_file is not None:
+            args += ["--aclfile", str(Path(acl_file).resolve())]
+            if password:
+                args += ["--masteruser", "default", "--masterauth", password]
+        elif password:
             args += ["--requirepass", password, "--masterauth", password]
         if cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(wd / f"nodes-{chosen}.conf"),
@@ -138,7 +187,7 @@ def start_redis(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=detach,
         )  # fmt: skip
-        server = RedisProcess(host, chosen, wd, password, proc.pid, proc)
+        server = RedisProcess(host, chosen, wd, password, proc.pid, proc, tls.client() if tls is not None else None)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -171,9 +220,14 @@ class RedisCluster:
     def addresses(self) -> list[str]:
         return [n.address for n in self.nodes]
 
-    def client(self) -> redis.RedisCluster:
+    @property
+    def access(self) -> RedisAccess:
+        return self.nodes[0].access
+
+    def client(self, access: RedisAccess | None = None) -> redis.RedisCluster:
         first = self.nodes[0]
-        return redis.RedisCluster(host=first.host, port=first.port, password=self.password, socket_timeout=5)
+        options = (access or self.access).client_options()
+        return redis.RedisCluster(host=first.host, port=first.port, socket_timeout=5, **options)
 
     def stop(self, *, hard: bool = False) -> None:
         for node in self.nodes:
@@ -188,6 +242,8 @@ def start_cluster(
     host: str = "127.0.0.1",
     detach: bool = False,
     persistence: RedisPersistenceSpec | None = None,
+    tls: RedisServerTLS | None = None,
+    acl_file: Path | None = None,
 ) -> RedisCluster:
     """Starts ``masters`` cluster-enabled servers, splits the slots evenly with ``CLUSTER ADDSLOTSRANGE``,
     joins them with ``CLUSTER MEET`` and waits for ``cluster_state:ok`` on every node."""
@@ -199,7 +255,7 @@ def start_cluster(
         for i in range(masters):
             nodes.append(
                 start_redis(wd / f"node-{i}", password=password, cluster=True, host=host, detach=detach,
-                            persistence=persistence)
+                            persistence=persistence, tls=tls, acl_file=acl_file)
             )
         clients = [n.client() for n in nodes]
         per = 16384 // masters

@@ -14,7 +14,12 @@ The state directory holds everything the stack owns::
     plan-v<N>.json    the plan version N the agents of that generation were started with
     data.json         what the stores hold: the tables loaded (and their shapes), how Redis is laid
                       out (servers, ports); kept by ``down``, so the next ``up`` loads nothing it holds
-    redis.password    the generated Redis AUTH password (mode 0600)
+    redis.password    the generated password of Redis's ``default`` user, which ``hps local`` itself uses
+                      (mode 0600)
+    redis-users.json  a generated password for each role's Redis ACL user (agent, loader, producer), and
+    redis-users.acl   the ACL file every redis-server starts with (passwords as SHA-256 only; both 0600)
+    auth.token        the token every Update RPC must carry (``authorization: Bearer``; mode 0600)
+    tls/              with ``--tls``: a throwaway CA and the certificate the agents and Redis serve
     redis/            redis-server working directories, their append-only files and logs
     rocksdb/          the persistent tier
     logs/             agent-<i>.log and agent-<i>.ready (i counts every agent the stack started)
@@ -33,6 +38,12 @@ is no RocksDB are the tables loaded into it again, said in a warning. ``down --p
 
 With a plan, ``up`` starts ``agents`` agents for each of the plan's partitions, each caching only the
 buckets its partition owns; :class:`node_agent.routing.RoutedClient` routes lookups by the same plan.
+
+Secure by default, as a cluster is: every Update RPC must carry the stack's token (clients built from
+the state directory send it: :meth:`LocalStack.client_credentials`), and each process reaches Redis as
+its role's ACL user (agents, the loader, producers). ``--tls`` also puts gRPC and Redis behind TLS with
+a throwaway CA whose certificate clients are given (``tls/ca.crt``); off by default, as everything
+listens on loopback.
 """
 
 from __future__ import annotations
@@ -59,7 +70,10 @@ from node_agent.plan import Plan, whole_table_plan
 from node_agent.spec import ModelSpec, load_model_file
 
 if TYPE_CHECKING:
+    from node_agent.local.certificates import LocalCertificates
     from node_agent.local.rebalance import PhaseChange, RebalanceResult
+    from node_agent.local.redis_servers import RedisServerTLS
+    from node_agent.redis_access import RedisAccess
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,12 @@ ROUTING_FILE = "routing.json"
 PASSWORD_FILE = "redis.password"
 #: environment variable the agents read the Redis password from (never on a command line)
 PASSWORD_ENV = "HPS_REDIS_PASSWORD"
+#: each role's Redis password, and the ACL file made of them
+REDIS_USERS_FILE = "redis-users.json"
+REDIS_ACL_FILE = "redis-users.acl"
+#: the token Update RPCs carry, and the folder of the throwaway CA
+TOKEN_FILE = "auth.token"
+TLS_DIR = "tls"
 STATE_FORMAT = "hps.dev/local-stack/v1"
 
 _STOP_TIMEOUT_S = 10.0
@@ -332,6 +352,25 @@ class LocalStack:
         return self.state_dir / PASSWORD_FILE
 
     @property
+    def token_file(self) -> Path:
+        return self.state_dir / TOKEN_FILE
+
+    @property
+    def redis_users_file(self) -> Path:
+        return self.state_dir / REDIS_USERS_FILE
+
+    @property
+    def redis_acl_file(self) -> Path:
+        return self.state_dir / REDIS_ACL_FILE
+
+    @property
+    def certificates(self) -> LocalCertificates:
+        """The throwaway CA's files (they exist once a stack ran with ``--tls``)."""
+        from node_agent.local.certificates import LocalCertificates
+
+        return LocalCertificates(self.state_dir / TLS_DIR)
+
+    @property
     def rocksdb_dir(self) -> Path:
         return self.state_dir / "rocksdb"
 
@@ -409,6 +448,94 @@ class LocalStack:
         except FileNotFoundError:
             return None
 
+    # -- credentials ------------------------------------------------------------------------------
+
+    def runs_tls(self) -> bool:
+        """Whether the stack serves TLS: as it was started, or (stopped) whether it ever made its CA."""
+        current = self.read_state()
+        if current is not None:
+            return bool(current.options.get("tls"))
+        return self.certificates.exist()
+
+    def client_credentials(self) -> dict[str, Any]:
+        """What a :class:`~node_agent.client.Client` of this stack is given: its token file and, when it
+        serves TLS, its CA (``tls``). An error saying so when the stack never made a token."""
+        if not self.token_file.exists():
+            raise NotFoundError(f"no token in {self.state_dir}: start the stack with hps local up --state-dir "
+                                f"{self.state_dir}")  # fmt: skip
+        return {"token_file": self.token_file, "tls": self.certificates.ca_file if self.runs_tls() else None}
+
+    def redis_access(self, role: str) -> RedisAccess:
+        """How ``role`` (``agent``, ``loader``, ``producer``; ``admin`` for ``hps local`` itself) reaches
+        this stack's Redis: its ACL user and password, and TLS when the stack serves it."""
+        from node_agent.redis_access import RedisAccess, RedisTLS
+
+        tls = RedisTLS(ca_file=self.certificates.ca_file) if self.runs_tls() else None
+        if role == "admin":
+            return RedisAccess(password=self.redis_password(), tls=tls)
+        from node_agent.redis_acl import USERS
+
+        if role not in USERS:
+            raise InvalidArgumentError(f"no Redis role {role!r}; roles: admin, {', '.join(USERS)}")
+        password = self._redis_passwords().get(role)
+        if password is None:
+            raise NotFoundError(f"no password for Redis role {role} in {self.redis_users_file}: start the stack "
+                                f"with hps local up --state-dir {self.state_dir}")  # fmt: skip
+        return RedisAccess(username=USERS[role], password=password, tls=tls)
+
+    def _redis_passwords(self) -> dict[str, str]:
+        try:
+            raw = json.loads(self.redis_users_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{self.redis_users_file} is not JSON ({exc}): delete it and run hps local "
+                                       "up again (new passwords are made)") from None  # fmt: skip
+        return {str(k): str(v) for k, v in dict(raw).items()}
+
+    def _ensure_credentials(self, model: ModelSpec, *, use_redis: bool, tls: bool) -> None:
+        """Makes what the stack's processes authenticate with, keeping what exists (a client holding
+        the token keeps working across down/up): the Update token, each Redis role's password and the
+        ACL file of them, and with ``tls`` the CA and the servers' certificate."""
+        if not self.token_file.exists():
+            _write_private(self.token_file, secrets.token_urlsafe(32) + "\n")
+        if tls:
+            from node_agent.local.certificates import ensure_local_certificates
+
+            ensure_local_certificates(self.certificates.directory)
+        if not use_redis:
+            return
+        from node_agent.redis_acl import ROLES, acl_file
+        from node_agent.updates import stream_name
+
+        admin = self.redis_password()
+        if admin is None:
+            admin = secrets.token_urlsafe(24)
+            _write_private(self.password_file, admin + "\n")
+        passwords = self._redis_passwords()
+        if set(passwords) != set(ROLES):
+            passwords = {role: passwords.get(role) or secrets.token_urlsafe(24) for role in ROLES}
+            _write_private(self.redis_users_file, json.dumps(passwords, indent=2, sort_keys=True) + "\n")
+        # written every time: the model's stream name (its keys) may have changed
+        _write_private(self.redis_acl_file, acl_file(model=model.name, stream=stream_name(model),
+                                                     passwords=passwords, admin_password=admin))  # fmt: skip
+
+    def _credential_files(self, state: StackState) -> dict[str, str | None]:
+        """Where a client of the stack finds what it needs (``status`` shows it)."""
+        return {
+            "token": str(self.token_file) if self.token_file.exists() else None,
+            "ca": str(self.certificates.ca_file) if state.options.get("tls") else None,
+            "redisUsers": str(self.redis_users_file) if state.redis_addresses else None,
+        }
+
+    def _server_tls(self, tls: bool) -> RedisServerTLS | None:
+        from node_agent.local.redis_servers import RedisServerTLS
+
+        if not tls:
+            return None
+        certs = self.certificates
+        return RedisServerTLS(cert_file=certs.cert_file, key_file=certs.key_file, ca_file=certs.ca_file)
+
     def write_routing(self, plan: Plan | None, partitions: Mapping[int, Sequence[str]], *,
                       model: ModelSpec) -> None:  # fmt: skip
         """Replaces ``routing.json`` atomically: a client re-reading it sees the old routing or the new
@@ -466,6 +593,7 @@ class LocalStack:
         grace_s: float | None = None,
         on_phase: Callable[[PhaseChange], None] | None = None,
         same_node: bool = False,
+        tls: bool = False,
     ) -> UpResult:
         """Starts Redis, loads the tables, starts ``agents`` agents per partition of ``plan`` (one
         partition without a plan) and waits until each answers gRPC health SERVING. On any failure
@@ -474,7 +602,10 @@ class LocalStack:
 
         On a live stack of the same model file and options where only the plan or ``agents`` changed,
         it rebalances instead (:func:`node_agent.local.rebalance.rebalance_locked`: ``grace_s`` and
-        ``on_phase`` go to it) and the stack never stops serving."""
+        ``on_phase`` go to it) and the stack never stops serving.
+
+        ``tls``: the agents serve gRPC and Redis serves its clients over TLS, with certificates of a
+        throwaway CA made in ``tls/`` (clients trust ``tls/ca.crt``)."""
         if agents < 1:
             raise InvalidArgumentError(f"--agents must be at least 1, got {agents}")
         if redis_cluster and redis_cluster < 3:
@@ -490,7 +621,7 @@ class LocalStack:
             redis_cluster = max(3, model.volatile_store.redis.shards)  # the model asks for a Redis Cluster
         fingerprint, base_fingerprint = fingerprints(path, agents=agents, redis_cluster=redis_cluster, port=port,
                                                      use_redis=use_redis, device=device, plan=plan,
-                                                     same_node=same_node)  # fmt: skip
+                                                     same_node=same_node, tls=tls)  # fmt: skip
         with self.locked():
             restarted = False
             current = self.read_state()
@@ -516,11 +647,13 @@ class LocalStack:
                 restarted = True
             options = {"agents": agents, "port": port, "device": device, "useRedis": use_redis,
                        "redisCluster": redis_cluster,
-                       "useRocksdb": model.persistent_store.type == "rocksdb", "sameNode": same_node}  # fmt: skip
+                       "useRocksdb": model.persistent_store.type == "rocksdb", "sameNode": same_node,
+                       "tls": tls}  # fmt: skip
             state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster),
                                plan=plan_summary(plan) if plan is not None else None, options=options,
                                base_fingerprint=base_fingerprint)  # fmt: skip
             had_data = self.data_file.exists()
+            self._ensure_credentials(model, use_redis=use_redis, tls=tls)
             try:
                 self._start(state, model, path, agents=agents, plan=plan, redis_cluster=redis_cluster,
                             use_redis=use_redis, ready_timeout=ready_timeout)  # fmt: skip
@@ -546,23 +679,19 @@ class LocalStack:
             self._discard_unrecorded_data()  # an earlier up that never finished loading
         new_tables = self._tables_to_load(model, stored)
         layout = redis_layout(use_redis=use_redis, redis_cluster=redis_cluster, shards=model.volatile_store.redis.shards)
-        password: str | None = None
         redis_tables: list[str] = []
+        tls = bool(state.options.get("tls"))
         if use_redis:
-            password = self.redis_password()
-            if password is None:
-                password = secrets.token_urlsafe(24)
-                _write_private(self.password_file, password + "\n")
             kept = stored is not None and stored.redis_layout == layout
             if not kept and (self.state_dir / "redis").exists():
                 log.info("the Redis layout changed (%s -> %s): starting Redis afresh; its rows come back from %s",
                          stored.redis_layout if stored else "none", layout,
                          "RocksDB" if use_rocksdb else "the sources")  # fmt: skip
                 shutil.rmtree(self.state_dir / "redis", ignore_errors=True)
-            self._start_redis_servers(state, model, redis_cluster, password,
+            self._start_redis_servers(state, model, redis_cluster, tls=tls,
                                       ports=stored.redis_ports if kept and stored is not None else [])  # fmt: skip
             redis_tables = list(new_tables)
-            if not self._redis_holds_data(state, model.name, password) and not use_rocksdb:
+            if not self._redis_holds_data(state, model.name) and not use_rocksdb:
                 if stored is not None and stored.tables:
                     log.warning("Redis came back without its data and model %s has no persistent tier: loading "
                                 "its tables from their sources again; online updates applied since %s are lost",
@@ -571,9 +700,9 @@ class LocalStack:
         rocksdb_tables = list(new_tables) if use_rocksdb else []
         if redis_tables or rocksdb_tables:
             self._load(model, model_file, redis_tables=redis_tables, rocksdb_tables=rocksdb_tables,
-                       redis=state.redis_addresses, password=password, cluster=bool(redis_cluster))  # fmt: skip
+                       redis=state.redis_addresses, cluster=bool(redis_cluster))  # fmt: skip
         if use_redis:
-            self._mark_redis_loaded(state, model.name, password)
+            self._mark_redis_loaded(state, model.name)
         self.write_data(StoredData(
             model.name, {t.name: _table_shape(t) for t in model.tables}, redis_layout=layout,
             redis_ports=[p.port for p in state.redis()],
@@ -623,20 +752,23 @@ class LocalStack:
                 log.info("removing %s: no load into it was ever completed", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _start_redis_servers(self, state: StackState, model: ModelSpec, redis_cluster: int, password: str,
-                             *, ports: Sequence[int]) -> None:  # fmt: skip
+    def _start_redis_servers(self, state: StackState, model: ModelSpec, redis_cluster: int, *, tls: bool,
+                             ports: Sequence[int]) -> None:  # fmt: skip
         """Starts the stack's Redis servers, on ``ports`` when given (their append-only files and, for a
-        Cluster, their nodes.conf name them) else on free ones; each is recorded as soon as it runs."""
+        Cluster, their nodes.conf name them) else on free ones; each is recorded as soon as it runs. Each
+        reads its users from the stack's ACL file, and serves TLS only with ``tls``."""
         from node_agent.local.redis_servers import start_cluster, start_redis
 
         redis_dir = self.state_dir / "redis"
         persistence = model.volatile_store.redis.persistence
+        password = self.redis_password()
+        secure: dict[str, Any] = {"tls": self._server_tls(tls), "acl_file": self.redis_acl_file}
         if redis_cluster and ports and len(ports) == redis_cluster and (redis_dir / "node-0").exists():
             servers = []
             try:
                 for i, node_port in enumerate(ports):
                     servers.append(start_redis(redis_dir / f"node-{i}", port=node_port, password=password, cluster=True,
-                                               detach=True, persistence=persistence))  # fmt: skip
+                                               detach=True, persistence=persistence, **secure))  # fmt: skip
             except UnavailableError as exc:
                 for server in servers:
                     server.stop()
@@ -648,7 +780,7 @@ class LocalStack:
             _wait_cluster_ok(servers)
         elif redis_cluster:
             servers = start_cluster(redis_dir, masters=redis_cluster, password=password, detach=True,
-                                    persistence=persistence).nodes  # fmt: skip
+                                    persistence=persistence, **secure).nodes  # fmt: skip
         else:
             # spec.volatileStore.redis.shards standalone servers, sharded by the client (RedisTier):
             # one redis-server is single-threaded, so loading and misses scale with shards
@@ -659,12 +791,13 @@ class LocalStack:
                 shard_port = ports[i] if i < len(ports) else None
                 try:
                     servers.append(start_redis(workdir, port=shard_port, password=password, detach=True,
-                                               persistence=persistence))  # fmt: skip
+                                               persistence=persistence, **secure))  # fmt: skip
                 except UnavailableError:
                     if shard_port is None:
                         raise
                     # its old port is taken: any other will do (the data is in its directory)
-                    servers.append(start_redis(workdir, password=password, detach=True, persistence=persistence))
+                    servers.append(start_redis(workdir, password=password, detach=True, persistence=persistence,
+                                               **secure))  # fmt: skip
         for server in servers:
             state.processes.append(ProcessRecord.of(
                 "redis", server.pid, address=server.address, log=str(server.workdir / f"redis-{server.port}.log"),
@@ -674,28 +807,30 @@ class LocalStack:
         self.write_state(state)  # from here a crash of this process leaves something `down` can stop
         log.info("redis: %s%s", ",".join(state.redis_addresses), " (cluster)" if redis_cluster else "")
 
-    def _redis_clients(self, state: StackState, password: str | None) -> list[tuple[str, Any]]:
+    def _redis_clients(self, state: StackState) -> list[tuple[str, Any]]:
+        """Clients of the stack's Redis as the loader, which reads and writes the data epoch."""
         from node_agent.tiers.health import redis_clients
 
-        return redis_clients(state.redis_addresses, password=password, cluster=state.redis_cluster, timeout=5.0)
+        return redis_clients(state.redis_addresses, access=self.redis_access("loader"), cluster=state.redis_cluster,
+                             timeout=5.0)  # fmt: skip
 
-    def _redis_holds_data(self, state: StackState, model: str, password: str | None) -> bool:
+    def _redis_holds_data(self, state: StackState, model: str) -> bool:
         """Every Redis server holds a data generation of the model (its epoch key): it kept its data."""
         from node_agent.tiers.health import read_epoch
 
-        clients = self._redis_clients(state, password)
+        clients = self._redis_clients(state)
         try:
             return all(read_epoch(client, model) is not None for _, client in clients)
         finally:
             for _, client in clients:
                 client.close()
 
-    def _mark_redis_loaded(self, state: StackState, model: str, password: str | None) -> None:
+    def _mark_redis_loaded(self, state: StackState, model: str) -> None:
         """Gives each Redis server without one a data generation (an epoch key), as ``hps load`` does:
         the agents tell by it a server that comes back without its data."""
         from node_agent.tiers.health import write_epoch
 
-        clients = self._redis_clients(state, password)
+        clients = self._redis_clients(state)
         try:
             for _, client in clients:
                 write_epoch(client, model, only_if_absent=True)
@@ -759,10 +894,12 @@ class LocalStack:
 
         password = self.redis_password()
         persistence = model.volatile_store.redis.persistence
+        tls = self._server_tls(bool(state.options.get("tls")))
         for record in servers:
             try:
                 server = start_redis(record.workdir or self.state_dir / "redis", port=record.port, password=password,
-                                     cluster=record.cluster_node, detach=True, persistence=persistence)  # fmt: skip
+                                     cluster=record.cluster_node, detach=True, persistence=persistence, tls=tls,
+                                     acl_file=self.redis_acl_file)  # fmt: skip
             except UnavailableError as exc:
                 raise UnavailableError(f"Redis {record.address} of the stack in {self.state_dir} did not come back "
                                        f"on its port: {exc}") from None  # fmt: skip
@@ -771,26 +908,25 @@ class LocalStack:
         if any(r.cluster_node for r in servers):
             from node_agent.local.redis_servers import RedisProcess
 
-            _wait_cluster_ok([RedisProcess(r.address.rsplit(":", 1)[0], r.port, Path(r.workdir), password, r.pid)
+            _wait_cluster_ok([RedisProcess(r.address.rsplit(":", 1)[0], r.port, Path(r.workdir), password, r.pid,
+                                           tls=tls.client() if tls is not None else None)
                               for r in state.redis()])  # fmt: skip
-        if model.persistent_store.type != "rocksdb" and not self._redis_holds_data(state, model.name, password):
+        if model.persistent_store.type != "rocksdb" and not self._redis_holds_data(state, model.name):
             log.warning("Redis came back without its data and model %s has no persistent tier: loading its tables "
                         "from their sources again; online updates applied since the last load are lost", model.name)  # fmt: skip
             self._load(model, Path(state.model_file), redis_tables=[t.name for t in model.tables if t.source],
-                       rocksdb_tables=[], redis=state.redis_addresses, password=password, cluster=state.redis_cluster)  # fmt: skip
-            self._mark_redis_loaded(state, model.name, password)
+                       rocksdb_tables=[], redis=state.redis_addresses, cluster=state.redis_cluster)  # fmt: skip
+            self._mark_redis_loaded(state, model.name)
 
     def _restart_agents(self, state: StackState, agents: Sequence[ProcessRecord], *, ready_timeout: float) -> None:
         """Starts ``agents`` again with the command they were started with, on the port they had."""
-        env = dict(os.environ)
-        password = self.redis_password()
-        if password:
-            env[PASSWORD_ENV] = password
+        env = self._agent_environment(bool(state.options.get("useRedis")))
         launched = []
         for record in agents:
-            if not record.command:
-                raise InvalidArgumentError(f"agent {record.address} was started by an older hps local that did not "
-                                           "record how: restart the whole stack with hps local down and up")  # fmt: skip
+            if not record.command or "--auth-token-file" not in record.command:
+                raise InvalidArgumentError(f"agent {record.address} was started by an older hps local (it did not "
+                                           "record how, or its agents took no credential): restart the whole stack "
+                                           "with hps local down and up")  # fmt: skip
             command = _with_option(record.command, "--port", str(record.port))
             ready = Path(_option(command, "--ready-file"))
             ready.unlink(missing_ok=True)
@@ -802,7 +938,21 @@ class LocalStack:
             launched.append((record, proc, ready))
         deadline = time.monotonic() + ready_timeout
         for record, proc, ready in launched:
-            record.address = _wait_serving(Path(record.log).stem, proc, ready, Path(record.log), deadline=deadline)
+            record.address = _wait_serving(Path(record.log).stem, proc, ready, Path(record.log), deadline=deadline,
+                                           ca_file=self._ca_of(state))  # fmt: skip
+
+    def _agent_environment(self, use_redis: bool) -> dict[str, str]:
+        """The agents' environment: the agent role's Redis password, never on a command line."""
+        env = dict(os.environ)
+        env.pop(PASSWORD_ENV, None)
+        if use_redis:
+            password = self.redis_access("agent").password
+            if password:
+                env[PASSWORD_ENV] = password
+        return env
+
+    def _ca_of(self, state: StackState) -> Path | None:
+        return self.certificates.ca_file if state.options.get("tls") else None
 
     def launch_agents(self, state: StackState, plan: Plan | None, *, agents: int, read_only: bool,
                       ready_timeout: float, busy_ports: Sequence[int] = ()) -> list[ProcessRecord]:  # fmt: skip
@@ -817,7 +967,8 @@ class LocalStack:
         use_rocksdb = bool(options.get("useRocksdb"))
         port = int(options.get("port") or 0)
         device = str(options.get("device") or "auto")
-        password = self.redis_password() if use_redis else None
+        tls = bool(options.get("tls"))
+        env = self._agent_environment(use_redis)
         partitions = plan.partitions if plan is not None else 1
         plan_file = self.write_plan(plan) if plan is not None else None
         total = partitions * agents
@@ -839,13 +990,22 @@ class LocalStack:
             agent_id = f"{state.model}-a{index}"
             cmd = [sys.executable, "-m", "hps_operator", "agent", "-f", str(model_file),
                    "--host", "127.0.0.1", "--port", str(ports[i]), "--agent-id", agent_id,
-                   "--device", device, "--ready-file", str(ready)]  # fmt: skip
+                   "--device", device, "--ready-file", str(ready),
+                   "--auth-token-file", str(self.token_file)]  # fmt: skip
+            if tls:
+                certs = self.certificates
+                cmd += ["--tls-cert", str(certs.cert_file), "--tls-key", str(certs.key_file)]
             if plan_file is not None:
                 cmd += ["--plan", str(plan_file), "--partition", str(partition)]
             if use_redis:
-                cmd += ["--redis", ",".join(state.redis_addresses), "--redis-password-env", PASSWORD_ENV]
+                from node_agent.redis_acl import USERS
+
+                cmd += ["--redis", ",".join(state.redis_addresses), "--redis-user", USERS["agent"],
+                        "--redis-password-env", PASSWORD_ENV]  # fmt: skip
                 if state.redis_cluster:
                     cmd.append("--redis-cluster")
+                if tls:
+                    cmd += ["--redis-tls-ca", str(self.certificates.ca_file)]
             if use_rocksdb:
                 cmd += ["--rocksdb", str(self.rocksdb_dir)]
                 if rocksdb_shared:
@@ -854,9 +1014,6 @@ class LocalStack:
                 cmd += ["--same-node-socket", str(logs / f"agent-{index}.sock")]
             if not use_redis and not use_rocksdb:
                 cmd.append("--load")  # only the agent itself can fill its in-process hash map
-            env = dict(os.environ)
-            if password:
-                env[PASSWORD_ENV] = password
             with open(agent_log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)  # fmt: skip
@@ -870,15 +1027,17 @@ class LocalStack:
 
         deadline = time.monotonic() + ready_timeout
         for record, proc, ready in launched:
-            record.address = _wait_serving(Path(record.log).stem, proc, ready, Path(record.log), deadline=deadline)
+            record.address = _wait_serving(Path(record.log).stem, proc, ready, Path(record.log), deadline=deadline,
+                                           ca_file=self.certificates.ca_file if tls else None)  # fmt: skip
         self.write_state(state)
         return [record for record, _, _ in launched]
 
     def _load(self, model: ModelSpec, model_file: Path, *, redis_tables: Sequence[str], rocksdb_tables: Sequence[str],
-              redis: Sequence[str], password: str | None, cluster: bool) -> None:  # fmt: skip
-        """``hps load`` semantics, in this process: ``redis_tables`` into Redis, ``rocksdb_tables`` into
-        RocksDB. Every source is opened and checked against the model before a store is opened, so a bad
-        file (or a spec that does not match it) leaves the stores untouched."""
+              redis: Sequence[str], cluster: bool) -> None:  # fmt: skip
+        """``hps load`` semantics, in this process, as the loader's Redis user: ``redis_tables`` into
+        Redis, ``rocksdb_tables`` into RocksDB. Every source is opened and checked against the model
+        before a store is opened, so a bad file (or a spec that does not match it) leaves the stores
+        untouched."""
         from node_agent.loader import load_model, open_source
         from node_agent.tiers.base import TableLayout, Tier
 
@@ -892,8 +1051,8 @@ class LocalStack:
             if redis_tables:
                 from node_agent.tiers.redis_tier import RedisTier
 
-                redis_tier = RedisTier(layouts, addresses=list(redis), password=password, cluster=cluster,
-                                       model=model.name)  # fmt: skip
+                redis_tier = RedisTier(layouts, addresses=list(redis), access=self.redis_access("loader"),
+                                       cluster=cluster, model=model.name)  # fmt: skip
             if rocksdb_tables:
                 from node_agent.tiers.rocksdb_tier import RocksDBTier
 
@@ -932,13 +1091,14 @@ class LocalStack:
         partition_of = {e: p for p, eps in partitions.items() for e in eps}
         # agents still warming (or draining) answer too: list them, marked as not routed to
         others = [a for a in current.agents() if a.address and a.address not in partition_of]
+        credentials = self.client_credentials() if self.token_file.exists() else {}
         agents = [
-            {**_agent_summary(current.model, e, timeout=timeout), "partition": partition_of.get(e, 0),
-             "routed": True}
+            {**_agent_summary(current.model, e, timeout=timeout, credentials=credentials),
+             "partition": partition_of.get(e, 0), "routed": True}
             for e in current.endpoints
         ] + [
-            {**_agent_summary(current.model, a.address, timeout=timeout), "partition": a.partition or 0,
-             "routed": False}
+            {**_agent_summary(current.model, a.address, timeout=timeout, credentials=credentials),
+             "partition": a.partition or 0, "routed": False}
             for a in others
         ]  # fmt: skip
         answering = [a for a in agents if a.get("answering") and a["routed"]]
@@ -961,6 +1121,8 @@ class LocalStack:
             "planVersion": current.plan_version(),
             "rebalance": current.rebalance,
             "redis": {"addresses": current.redis_addresses, "cluster": current.redis_cluster},
+            "tls": bool(current.options.get("tls")),
+            "credentials": self._credential_files(current),
             "processes": processes,
             "agents": agents,
         }
@@ -987,7 +1149,9 @@ class LocalStack:
             if purge:
                 for owned in ("redis", "rocksdb", "logs"):
                     shutil.rmtree(self.state_dir / owned, ignore_errors=True)
-                self.password_file.unlink(missing_ok=True)
+                for secret in (self.password_file, self.token_file, self.redis_users_file, self.redis_acl_file):
+                    secret.unlink(missing_ok=True)
+                shutil.rmtree(self.certificates.directory, ignore_errors=True)
                 self.plan_file.unlink(missing_ok=True)
                 self.data_file.unlink(missing_ok=True)
         if purge:
@@ -1082,10 +1246,14 @@ def _wait_cluster_ok(servers: Sequence[Any], timeout: float = 30.0) -> None:
 
 
 def fingerprints(model_file: Path, *, agents: int, redis_cluster: int, port: int, use_redis: bool, device: str,
-                 plan: Plan | None, same_node: bool = False) -> tuple[str, str]:  # fmt: skip
+                 plan: Plan | None, same_node: bool = False, tls: bool = False) -> tuple[str, str]:  # fmt: skip
     """What ``up`` compares with the running stack: the fingerprint of everything (same: already up),
     and of what only a restart can change (same: a rebalance will do)."""
-    extra = {"same_node": True} if same_node else {}  # absent when off: older stacks keep their fingerprint
+    # absent when off: older stacks keep their fingerprint. `credentials` is always there: a stack started
+    # before its agents checked a token, and its processes used their own Redis users, is restarted by
+    # the next up rather than left taking updates from anyone
+    extra: dict[str, object] = {name: True for name, on in (("same_node", same_node), ("tls", tls)) if on}
+    extra["credentials"] = 1
     base = _fingerprint(model_file, redis_cluster=redis_cluster, port=port, use_redis=use_redis, device=device,
                         **extra)  # fmt: skip
     plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16] if plan is not None else None
@@ -1143,11 +1311,16 @@ def log_tail(path: str | Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 
 def _wait_serving(name: str, proc: subprocess.Popen[bytes], ready: Path, agent_log: Path, *,
-                  deadline: float) -> str:  # fmt: skip
-    """Waits for the agent's ready file, then for gRPC health SERVING on the port it names; returns
-    the endpoint. Fails early when the agent exits, and at ``deadline`` otherwise."""
+                  deadline: float, ca_file: Path | None = None) -> str:  # fmt: skip
+    """Waits for the agent's ready file, then for gRPC health SERVING on the port it names (over TLS,
+    checked against ``ca_file``, when given); returns the endpoint. Fails early when the agent exits,
+    and at ``deadline`` otherwise."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from node_agent.tls import ClientTLS
+
+    credentials = ClientTLS(ca_file=ca_file).channel_credentials() if ca_file is not None else None
 
     endpoint = ""
     last = "no ready file yet"
@@ -1164,7 +1337,9 @@ def _wait_serving(name: str, proc: subprocess.Popen[bytes], ready: Path, agent_l
                 endpoint = f"{info.get('host') or '127.0.0.1'}:{int(info['port'])}"
         if endpoint:
             try:
-                with grpc.insecure_channel(endpoint) as channel:
+                channel = (grpc.secure_channel(endpoint, credentials) if credentials is not None
+                           else grpc.insecure_channel(endpoint))  # fmt: skip
+                with channel:
                     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return endpoint
@@ -1177,14 +1352,14 @@ def _wait_serving(name: str, proc: subprocess.Popen[bytes], ready: Path, agent_l
     )
 
 
-def _agent_summary(model: str, endpoint: str, *, timeout: float) -> dict[str, Any]:
+def _agent_summary(model: str, endpoint: str, *, timeout: float, credentials: Mapping[str, Any]) -> dict[str, Any]:
     """What one agent says of itself through Describe and Stats; ``answering: False`` with the
     reason when it does not answer."""
     from node_agent.client import Client
 
     summary: dict[str, Any] = {"endpoint": endpoint}
     try:
-        with Client(endpoint, timeout=timeout, retries=0) as client:
+        with Client(endpoint, timeout=timeout, retries=0, **credentials) as client:
             described = _as_dict(client.describe(model))
             stats = _as_dict(client.stats(model))
     except HpsError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from node_agent.errors import InvalidArgumentError
+from node_agent.redis_access import RedisAccess
 from node_agent.tiers.base import TableLayout, Tier
 from node_agent.tiers.hashmap import HashMapTier
 from node_agent.tiers.redis_tier import RedisTier
@@ -18,6 +20,7 @@ def open_tiers(
     *,
     model: str = "",
     redis_addresses: Sequence[str] = (),
+    redis_access: RedisAccess | None = None,
     redis_password: str | None = None,
     redis_cluster: bool = False,
     redis_partitions: int = 64,
@@ -26,7 +29,12 @@ def open_tiers(
     rocksdb_read_only: bool = False,
 ) -> list[Tier]:
     """The tiers asked for, L2 before L3: Redis when addresses are given, else the in-process hash
-    map when ``in_process``; then RocksDB when a path is given. Closes what it opened if one fails."""
+    map when ``in_process``; then RocksDB when a path is given. Closes what it opened if one fails.
+    ``redis_access`` is the Redis user, password and TLS; ``redis_password`` alone the default user's."""
+    if redis_access is not None and redis_password is not None:
+        raise InvalidArgumentError("redis_access carries the password: give it or redis_password, not both")
+    if redis_password is not None:
+        redis_access = RedisAccess(password=redis_password)
     layouts = list(layouts)
     tiers: list[Tier] = []
     try:
@@ -35,7 +43,7 @@ def open_tiers(
                 RedisTier(
                     layouts,
                     addresses=redis_addresses,
-                    password=redis_password,
+                    access=redis_access,
                     cluster=redis_cluster,
                     partitions=redis_partitions,
                     model=model,

@@ -39,6 +39,7 @@ from redis.cluster import ClusterNode
 from redis.retry import Retry
 
 from node_agent.errors import InvalidArgumentError, UnavailableError
+from node_agent.redis_access import RedisAccess, access_of
 
 if TYPE_CHECKING:
     from node_agent.lookup import LookupPath
@@ -117,10 +118,10 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def redis_clients(addresses: Sequence[str], *, password: str | None, cluster: bool,
+def redis_clients(addresses: Sequence[str], *, access: RedisAccess | None, cluster: bool,
                   timeout: float) -> list[tuple[str, redis.Redis | redis.RedisCluster]]:  # fmt: skip
     """One client per standalone address (each shard holds its own epoch), or one for a Cluster."""
-    options: dict[str, Any] = {"password": password, "socket_timeout": timeout,
+    options: dict[str, Any] = {**access_of(access).client_options(), "socket_timeout": timeout,
                                "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}  # fmt: skip
     if cluster:
         nodes = [ClusterNode(*split_address(a)) for a in addresses]
@@ -182,7 +183,7 @@ class TierProbe:
         model: str,
         lookup: LookupPath,
         redis_addresses: Sequence[str] = (),
-        redis_password: str | None = None,
+        redis_access: RedisAccess | None = None,
         redis_cluster: bool = False,
         volatile: Tier | None = None,
         persistent: RocksDBTier | None = None,
@@ -198,7 +199,7 @@ class TierProbe:
         self._shared = shared
         self._poll_role = poll_role
         self._interval_s = interval_s
-        clients = redis_clients(redis_addresses, password=redis_password, cluster=redis_cluster,
+        clients = redis_clients(redis_addresses, access=redis_access, cluster=redis_cluster,
                                 timeout=timeout_s) if redis_addresses else []  # fmt: skip
         self._targets = [_Target(label, client) for label, client in clients]
         self._rocksdb_error = ""

@@ -36,6 +36,7 @@ from redis.retry import Retry
 
 from node_agent.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from node_agent.plan import bucket_of
+from node_agent.redis_access import RedisAccess, access_of
 from node_agent.tiers.arguments import as_keys, as_values
 from node_agent.tiers.base import TableLayout
 
@@ -117,7 +118,7 @@ class RedisTier:
         layouts: Iterable[TableLayout],
         *,
         addresses: Sequence[str],
-        password: str | None = None,
+        access: RedisAccess | None = None,
         cluster: bool = False,
         partitions: int = 64,
         chunk_keys: int = 4096,
@@ -149,7 +150,6 @@ class RedisTier:
         hosts = [_split_address(a) for a in addresses]
         # no retries: a dead shard must surface as UnavailableError within the socket timeout
         connection_options: dict[str, Any] = {
-            "password": password,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
             "retry": Retry(NoBackoff(), 0),
@@ -160,11 +160,12 @@ class RedisTier:
             try:
                 # RedisCluster takes the retry policy itself and gives its nodes none
                 self._cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts],
-                                             **connection_options)  # fmt: skip
+                                             **connection_options, **access_of(access).client_options())  # fmt: skip
             except (redis.RedisError, OSError) as exc:
                 raise UnavailableError(f"Redis Cluster at {','.join(addresses)}: {exc}") from None
         else:
-            self._pools = [redis.ConnectionPool(host=h, port=p, **connection_options) for h, p in hosts]
+            pool_options = {**connection_options, **access_of(access).pool_options()}
+            self._pools = [redis.ConnectionPool(host=h, port=p, **pool_options) for h, p in hosts]
 
     # -- Tier ----------------------------------------------------------------------------------
 

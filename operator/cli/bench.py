@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+#: as node_agent.local.lookup_bench.DEFAULT_SYSTEMS (not imported: `hps --help` must not load NumPy)
+DEFAULT_SYSTEMS = ("hps", "hps_same_node", "hps_inproc", "hps_inproc_same_node", "hps_tls", "hps_inproc_tls",
+                   "redis", "numpy")  # fmt: skip
 DEFAULT_RESULT_FILE = Path("bench/results/lookup.json")
 DEFAULT_SWEEP_FILE = Path("bench/results/lookup-sweep.json")
 
@@ -20,8 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Measures, for --duration seconds each on the same seeded Zipf keys: hps (an agent over "
         "TCP gRPC whose L1 holds --cache-ratio of the rows, L2 a local redis-server), hps_same_node (the same "
         "agent through its same-node socket, rows via shared memory), hps_inproc (an agent with its in-process "
-        "hash map as L2, HPS's default) and hps_inproc_same_node (it through its same-node socket), plain Redis "
-        "with pipelined HMGET, and a NumPy gather.",
+        "hash map as L2, HPS's default) and hps_inproc_same_node (it through its same-node socket), hps_tls and "
+        "hps_inproc_tls (hps and hps_inproc with TLS: the JSON's tls field is what it costs), plain Redis with "
+        "pipelined HMGET, and a NumPy gather.",
     )
     add_lookup_arguments(lookup)
     lookup.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -71,9 +75,9 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
                         help="callers issuing batches at once, for the agents and redis alike")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of every system, in turn; the result reports each system's medians")  # fmt: skip
-    parser.add_argument("--systems", default="hps,hps_same_node,hps_inproc,hps_inproc_same_node,redis,numpy",
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help="comma-separated systems to run, of hps,hps_same_node,hps_inproc,hps_inproc_same_node,"
-                        "redis,redis_mget,numpy")  # fmt: skip
+                        "hps_tls,hps_inproc_tls,redis,redis_mget,numpy")  # fmt: skip
 
 
 def run_lookup(args: argparse.Namespace) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from hps_operator.cli.security_flags import add_redis_arguments, redis_access
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--redis",
         metavar="HOST:PORT[,HOST:PORT]",
-        help="Redis address(es): several standalone servers are sharded client-side",
+        help="Redis address(es): several standalone servers are sharded client-side (rediss://... for TLS)",
     )
     parser.add_argument(
         "--redis-cluster", action="store_true", help="the --redis address is a Redis Cluster node"
     )
-    parser.add_argument(
-        "--redis-password-env", metavar="VAR", help="environment variable holding the Redis AUTH password"
-    )
+    add_redis_arguments(parser)
     parser.add_argument(
         "--redis-partitions",
         type=int,
@@ -95,25 +94,18 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             "nothing to load into: give --redis HOST:PORT and/or --rocksdb DIR (or --check)"
         )
-    password = None
-    if args.redis_password_env:
-        password = os.environ.get(args.redis_password_env)
-        if password is None:
-            raise InvalidArgumentError(
-                f"--redis-password-env: environment variable {args.redis_password_env} is not set"
-            )
-    addresses = [a for a in (args.redis or "").split(",") if a.strip()]
+    addresses, access = redis_access(args)
     tiers = open_tiers(
         [TableLayout.of(t) for t in model.tables],
         model=model.name,
         redis_addresses=addresses,
-        redis_password=password,
+        redis_access=access,
         redis_cluster=args.redis_cluster,
         redis_partitions=args.redis_partitions,
         rocksdb_path=args.rocksdb,
     )
     tables = [t.name for t in select_tables(model, args.tables)]
-    marks = _LoadedMarks(model.name, addresses, password=password, cluster=args.redis_cluster) if addresses else None
+    marks = _LoadedMarks(model.name, addresses, access=access, cluster=args.redis_cluster) if addresses else None
     if marks is not None and not args.force:
         # A re-run (a loader Job renamed by a spec change, a retried command) must not write the
         # source's rows over online updates applied since: tables loaded from this very source stay.
@@ -134,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if marks is not None and reports:
         marks.record({r.table: open_source(model.table(r.table), base_dir=base_dir).fingerprint(model.table(r.table))
                       for r in reports})  # fmt: skip
-        _mark_new_generation(model.name, addresses, password=password, cluster=args.redis_cluster)
+        _mark_new_generation(model.name, addresses, access=access, cluster=args.redis_cluster)
     rows = [
         {
             **r.to_dict(),
@@ -152,11 +144,11 @@ class _LoadedMarks:
     """Which source each table of the model was loaded from, kept in every Redis shard loaded (so a
     shard that comes back empty has no mark, and its tables load again)."""
 
-    def __init__(self, model: str, addresses: list[str], *, password: str | None, cluster: bool) -> None:
+    def __init__(self, model: str, addresses: list[str], *, access: Any, cluster: bool) -> None:
         from node_agent.tiers.health import loaded_key, redis_clients
 
         self._key = loaded_key(model)
-        self._clients = [c for _, c in redis_clients(addresses, password=password, cluster=cluster, timeout=5.0)]
+        self._clients = [c for _, c in redis_clients(addresses, access=access, cluster=cluster, timeout=5.0)]
 
     def matching(self, fingerprints: dict[str, str]) -> set[str]:
         """The tables every shard records as loaded from the given fingerprint."""
@@ -173,12 +165,12 @@ class _LoadedMarks:
             client.hset(self._key, mapping=dict(fingerprints))  # type: ignore[arg-type]
 
 
-def _mark_new_generation(model: str, addresses: list[str], *, password: str | None, cluster: bool) -> None:
+def _mark_new_generation(model: str, addresses: list[str], *, access: Any, cluster: bool) -> None:
     """A new epoch on every Redis loaded: running agents drop their L1 (it holds rows from before the
     load), and any agent can later tell a Redis that came back without this data."""
     from node_agent.tiers.health import redis_clients, write_epoch
 
-    for _, client in redis_clients(addresses, password=password, cluster=cluster, timeout=5.0):
+    for _, client in redis_clients(addresses, access=access, cluster=cluster, timeout=5.0):
         try:
             write_epoch(client, model)
         finally:

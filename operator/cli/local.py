@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--no-redis", action="store_true",
                     help="no Redis: agents keep the volatile tier in process (RocksDB still holds the tables)")  # fmt: skip
     up.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the agents' L1 cache device")
+    up.add_argument("--tls", action="store_true",
+                    help="serve gRPC and Redis over TLS with certificates of a throwaway CA made in STATE_DIR/tls "
+                    "(clients trust STATE_DIR/tls/ca.crt); Update RPCs need the stack's token either way")  # fmt: skip
     up.add_argument("--timeout", type=float, default=120.0, metavar="S",
                     help="seconds to wait for the agents to serve (default 120)")  # fmt: skip
     up.add_argument("--grace", type=float, default=None, metavar="S",
@@ -157,10 +160,12 @@ def run_up(args: argparse.Namespace) -> int:
         ready_timeout=args.timeout,
         grace_s=args.grace,
         on_phase=print_phase,
+        tls=args.tls,
     )
     state = result.state
     for endpoint in state.endpoints:
         print(f"endpoint: {endpoint}")
+    print_credentials(stack, tls=bool(state.options.get("tls")), redis=bool(state.redis_addresses))
     if state.plan is not None:
         print(plan_line(state.plan))
         for partition, endpoints in sorted(state.partitions.items()):
@@ -234,6 +239,20 @@ def run_restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_credentials(stack: Any, *, tls: bool, redis: bool) -> None:
+    """What a client of the stack needs, said once at ``up``: where the token and the CA are, and how
+    the commands take them."""
+    where = stack.state_dir
+    print(f"token: {stack.token_file} (Update RPCs carry it as 'authorization: Bearer <token>'; "
+          f"hps lookup/update --state-dir {where} send it, as RoutedClient.from_local_state does)")  # fmt: skip
+    if tls:
+        print(f"tls ca: {stack.certificates.ca_file} (the agents and Redis serve TLS: hps lookup --tls-ca FILE, "
+              "Client(..., tls=FILE))")  # fmt: skip
+    if redis:
+        print(f"redis users: hps-agent, hps-loader, hps-producer (passwords in {stack.redis_users_file}; "
+              f"hps update --redis ADDRESS --state-dir {where} publishes as hps-producer)")  # fmt: skip
+
+
 def print_phase(change: PhaseChange) -> None:
     print(change.line(), flush=True)
 
@@ -287,6 +306,10 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"no stack in {report['stateDir']}")
         return
     print(f"model {report['model']}: {report['state']} (state in {report['stateDir']})")
+    credentials = report.get("credentials") or {}
+    if credentials.get("token"):
+        transport = f"TLS, CA {credentials['ca']}" if credentials.get("ca") else "plaintext on loopback"
+        print(f"  {transport}; Update token {credentials['token']}")
     if report.get("plan"):
         print(f"  {plan_line(report['plan'])}")
     rebalance = report.get("rebalance")
@@ -348,7 +371,7 @@ def run_down(args: argparse.Namespace) -> int:
     else:
         print(f"nothing running in {stack.state_dir}")
     if args.purge:
-        print("data, logs and password removed")
+        print("data, logs, passwords, the token and the certificates removed")
     elif stack.data_file.exists():
         print(f"the tables and their updates stay in {stack.state_dir}: hps local up serves them again "
               "(--purge deletes them)")  # fmt: skip

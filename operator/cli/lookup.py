@@ -7,17 +7,21 @@ import json
 import sys
 from typing import Any
 
+from hps_operator.cli.security_flags import TOKEN_HINT, add_client_arguments, client_security, endpoints_of
+
 
 def add_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "lookup", help="look up embedding vectors", description="Asks a node agent for the vectors of some keys."
     )
-    p.add_argument("--endpoint", required=True, help="agent HOST:PORT (several: comma-separated)")
+    p.add_argument("--endpoint", help="agent HOST:PORT (several: comma-separated; default: the agents of the "
+                   "stack in --state-dir)")  # fmt: skip
     p.add_argument("--model", required=True)
     p.add_argument("--table", required=True)
     p.add_argument("--keys", required=True, help="comma-separated integer keys, e.g. 1,2,3")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt")
+    add_client_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -42,10 +46,21 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from node_agent.client import Client
+    from node_agent.errors import InvalidArgumentError, UnauthenticatedError
 
     keys = parse_keys_argument(args.keys)
-    with Client(args.endpoint, timeout=args.timeout) as client:
-        vectors = client.lookup(args.model, args.table, keys)
+    endpoint = endpoints_of(args)
+    if endpoint is None:
+        raise InvalidArgumentError("give --endpoint HOST:PORT (or --state-dir DIR of a stack started with "
+                                   "hps local up)")  # fmt: skip
+    security = client_security(args)
+    try:
+        with Client(endpoint, timeout=args.timeout, **security) as client:
+            vectors = client.lookup(args.model, args.table, keys)
+    except UnauthenticatedError as exc:
+        if "token" in security or "token_file" in security:
+            raise
+        raise UnauthenticatedError(f"{exc}; these agents restrict reads: {TOKEN_HINT}") from None
     if args.output == "json":
         out = {"model": args.model, "table": args.table, "keys": keys.tolist(),
                "vectors": vectors.astype(np.float64).tolist()}  # fmt: skip

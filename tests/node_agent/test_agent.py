@@ -24,6 +24,7 @@ from node_agent.agent import Agent, AgentOptions
 from node_agent.client import Client
 from node_agent.errors import NotFoundError
 from node_agent.local.redis_servers import RedisProcess
+from node_agent.redis_access import RedisAccess
 from node_agent.spec import load_model_file
 from node_agent.tiers.redis_tier import RedisTier
 from node_agent.tiers.rocksdb_tier import RocksDBTier
@@ -31,6 +32,10 @@ from node_agent.updates import UpdatePublisher
 from tests.node_agent.test_grpc import TableData, fill, layouts, write_model
 
 PASSWORD = "test-secret"
+#: the default user with that password, as the data plane\'s clients take it
+ACCESS = RedisAccess(password=PASSWORD)
+#: the token the agents take for Update RPCs (what hps local up generates)
+TOKEN = "test-update-token"
 
 
 def wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout: float = 60.0) -> dict[str, object]:
@@ -61,9 +66,10 @@ def agent_process(tmp_path: Path, rocksdb_model: tuple[Path, Path, dict[str, Tab
         tuple[subprocess.Popen[bytes], dict[str, object], Path]]:  # fmt: skip
     path, db, _ = rocksdb_model
     ready_file = tmp_path / "ready.json"
+    (tmp_path / "token").write_text(TOKEN + "\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "hps_operator", "agent", "-f", str(path), "--port", "0", "--rocksdb", str(db),
-         "--device", "cpu", "--ready-file", str(ready_file)],
+         "--device", "cpu", "--ready-file", str(ready_file), "--auth-token-file", str(tmp_path / "token")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -152,8 +158,12 @@ def test_lookup_and_update_commands(
 
     vectors = tmp_path / "v.npy"
     np.save(vectors, np.full((2, 8), 1.5, np.float32))
-    assert hps(["update", "--endpoint", endpoint, "--model", "demo", "--table", "user", "--keys", "1,777",
-                "--vectors-file", str(vectors)]) == 0  # fmt: skip
+    update = ["update", "--endpoint", endpoint, "--model", "demo", "--table", "user", "--keys", "1,777",
+              "--vectors-file", str(vectors)]  # fmt: skip
+    assert hps(update) == 9  # no token: refused, saying where a token comes from
+    refused = capsys.readouterr().err
+    assert "Update needs a credential" in refused and "--token-file" in refused and "auth.token" in refused
+    assert hps([*update, "--token-file", str(tmp_path / "token")]) == 0
     assert "2 rows" in capsys.readouterr().out
     with Client(endpoint) as client:
         np.testing.assert_array_equal(client.lookup("demo", "user", [777, 1]), np.full((2, 8), 1.5, np.float32))
@@ -170,10 +180,10 @@ def redis_agent(
     """An in-process agent on its own Redis (L2, and the update stream) and RocksDB (L3)."""
     path, db, data = rocksdb_model
     server = make_redis(password=PASSWORD)
-    tier = RedisTier(layouts(load_model_file(path)), addresses=[server.address], password=PASSWORD, model="demo")
+    tier = RedisTier(layouts(load_model_file(path)), addresses=[server.address], access=ACCESS, model="demo")
     fill(tier, data)
     tier.close()
-    agent = Agent(AgentOptions(model_file=path, port=0, redis=(server.address,), redis_password=PASSWORD,
+    agent = Agent(AgentOptions(model_file=path, port=0, redis=(server.address,), redis_access=ACCESS,
                                rocksdb=db, device="cpu", agent_id="test-agent"))  # fmt: skip
     agent.start()
     yield agent, server, data
@@ -257,7 +267,7 @@ def test_restarted_agent_applies_updates_published_while_it_was_down(
     agent back to its own consumer group, so what was published while it was down is not lost."""
     path, db, _ = rocksdb_model
     server = make_redis(password=PASSWORD)
-    options = AgentOptions(model_file=path, port=0, redis=(server.address,), redis_password=PASSWORD,
+    options = AgentOptions(model_file=path, port=0, redis=(server.address,), redis_access=ACCESS,
                            rocksdb=db, device="cpu")  # fmt: skip
     first = Agent(options)
     first.start()
@@ -285,7 +295,7 @@ def test_agent_loading_its_sources_replays_updates_published_before_it_started(
     publisher = UpdatePublisher([server.address], password=PASSWORD, model="demo")
     publisher.publish("user", [1], np.full((1, 8), 9.0, np.float32))
     publisher.close()
-    agent = Agent(AgentOptions(model_file=path, port=0, redis=(server.address,), redis_password=PASSWORD,
+    agent = Agent(AgentOptions(model_file=path, port=0, redis=(server.address,), redis_access=ACCESS,
                                load=True, device="cpu", agent_id="loader-agent"))  # fmt: skip
     agent.start()
     try:

@@ -329,13 +329,21 @@ def test_health_service_answers_serving_until_stopped(served: Served) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_reflection_lists_the_embedding_service(served: Served) -> None:
-    with grpc.insecure_channel(served.endpoint) as channel:
-        database = ProtoReflectionDescriptorDatabase(channel)
-        assert "hps.v1.EmbeddingService" in set(database.get_services())
-        assert "grpc.health.v1.Health" in set(database.get_services())
-        service = database.FindFileContainingSymbol("hps.v1.EmbeddingService")
-        assert service.package == "hps.v1"
+def test_reflection_is_off_unless_asked_and_then_lists_the_embedding_service(served: Served) -> None:
+    # off: reflection would list every service to anyone who reaches the port
+    with grpc.insecure_channel(served.endpoint) as channel, pytest.raises(grpc.RpcError) as refused:
+        list(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    server = serve(served.lookup, model=served.model.name, reflection=True)
+    try:
+        with grpc.insecure_channel(server.endpoint) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            assert "hps.v1.EmbeddingService" in set(database.get_services())
+            assert "grpc.health.v1.Health" in set(database.get_services())
+            service = database.FindFileContainingSymbol("hps.v1.EmbeddingService")
+            assert service.package == "hps.v1"
+    finally:
+        server.stop(0)
 
 
 # -- the Lookup answer's wire bytes ------------------------------------------------------------

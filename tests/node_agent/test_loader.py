@@ -381,7 +381,7 @@ def test_cli_loads_into_redis_and_rocksdb(
     (report,) = json.loads(capsys.readouterr().out)
     assert (report["table"], report["rows"], report["format"]) == ("users", 200, "npy-dir")
     layout = [TableLayout("users", DIM, np.dtype(np.float32))]
-    redis_tier = RedisTier(layout, addresses=[redis_server.address], password="test-secret", model="dlrm")
+    redis_tier = RedisTier(layout, addresses=[redis_server.address], access=redis_server.access, model="dlrm")
     rocksdb = RocksDBTier(tmp_path / "db", layout, read_only=True)
     for tier in (redis_tier, rocksdb):
         _assert_holds(tier, "users", np.arange(200), rows)
@@ -404,7 +404,7 @@ def test_a_second_load_of_the_same_source_keeps_the_online_updates_applied_since
     args = ["load", "-f", str(model_file), "--redis", redis_server.address,
             "--redis-password-env", "HPS_TEST_REDIS_PASSWORD", "--no-progress", "-o", "json"]  # fmt: skip
     layout = [TableLayout("items", DIM, np.dtype(np.float32))]
-    tier = RedisTier(layout, addresses=[redis_server.address], password="test-secret", model="dlrm")
+    tier = RedisTier(layout, addresses=[redis_server.address], access=redis_server.access, model="dlrm")
     try:
         assert hps_main(args) == 0 and len(json.loads(capsys.readouterr().out)) == 1
         updated = np.full((1, DIM), 7.0, dtype=np.float32)

@@ -14,12 +14,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from node_agent.client import Client
+from node_agent.errors import UnavailableError
+from node_agent.redis_access import RedisAccess, RedisTLS
 
 CLI_TIMEOUT_S = 120
 
@@ -86,8 +91,8 @@ spec:
     return Model(file, users_keys, users, items)
 
 
-def assert_serves_exactly(endpoint: str, model_name: str, model: Model) -> None:
-    with Client(endpoint) as client:
+def assert_serves_exactly(endpoint: str, model_name: str, model: Model, **client_options: Any) -> None:
+    with Client(endpoint, **client_options) as client:
         got = client.lookup(model_name, "users", model.users_keys[::-1])
         np.testing.assert_array_equal(got, model.users[::-1])
         keys = np.array([0, 299, 17, 17, 300, 10**12], dtype=np.int64)  # 300 and 10**12 are not in the table
@@ -120,6 +125,76 @@ def test_state_dir_holds_pids_and_a_private_password(running: tuple[Model, Path,
     assert state["endpoints"] == endpoints and state["model"] == "recs"
     assert {p["role"] for p in state["processes"]} == {"redis", "agent"}
     assert (state_dir / "redis.password").stat().st_mode & 0o777 == 0o600
+
+
+def test_each_process_reaches_redis_as_its_role_and_updates_need_the_stacks_token(
+    running: tuple[Model, Path, list[str]], tmp_path: Path
+) -> None:
+    _, state_dir, endpoints = running
+    for secret in ("redis.password", "auth.token", "redis-users.json", "redis-users.acl"):
+        assert (state_dir / secret).stat().st_mode & 0o777 == 0o600, secret
+    passwords = json.loads((state_dir / "redis-users.json").read_text())
+    assert set(passwords) == {"agent", "loader", "producer"}
+    acl = (state_dir / "redis-users.acl").read_text()
+    assert "user hps-agent " in acl and all(p not in acl for p in passwords.values())  # hashes only
+    state = json.loads((state_dir / "state.json").read_text())
+    (agent,) = [p for p in state["processes"] if p["role"] == "agent"]
+    command = " ".join(agent["command"])
+    assert "--redis-user hps-agent" in command and "--auth-token-file" in command
+    assert all(p not in command for p in passwords.values())  # a password never on a command line
+    admin = redis_of(state_dir)
+    users = {c["user"] for c in admin.client_list()}
+    assert users == {"hps-agent", "default"}  # the agent's connections, and this one
+    key = 10**15  # not a row of the table: the other tests of this stack do not see it
+    vectors = tmp_path / "v.npy"
+    np.save(vectors, np.full((1, 8), 4.5, np.float32))
+    update = ["update", "--endpoint", endpoints[0], "--model", "recs", "--table", "users", "--keys", str(key),
+              "--vectors-file", vectors]  # fmt: skip
+    refused = hps(*update, check=False)
+    assert refused.returncode == 9 and "Update needs a credential" in refused.stderr
+    assert "--state-dir DIR (its token is DIR/auth.token" in refused.stderr
+    hps(*update, "--state-dir", state_dir)
+    with Client(endpoints[0]) as client:  # reads stay open in local mode
+        np.testing.assert_array_equal(client.lookup("recs", "users", [key]), np.full((1, 8), 4.5, np.float32))
+
+
+def test_up_with_tls_serves_grpc_and_redis_over_tls_only(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    state = tmp_path / "state"
+    try:
+        up = hps("local", "up", "-f", model.file, "--state-dir", state, "--tls")
+        ca = state / "tls" / "ca.crt"
+        assert f"tls ca: {ca}" in up.stdout and f"token: {state / 'auth.token'}" in up.stdout
+        (endpoint,) = endpoints_of(up.stdout)
+        assert_serves_exactly(endpoint, "recs", model, tls=ca)
+        with Client(endpoint, retries=0, timeout=2) as plain, pytest.raises(UnavailableError, match="give its CA"):
+            plain.lookup("recs", "users", [1])
+        looked_up = hps("lookup", "--state-dir", state, "--model", "recs", "--table", "users", "--keys",
+                        str(model.users_keys[0]), "-o", "json")  # fmt: skip
+        assert json.loads(looked_up.stdout)["vectors"][0] == pytest.approx(model.users[0].tolist())
+        # Redis: TLS only, and its users come back with it after a restart (its ACL file)
+        address = json.loads((state / "state.json").read_text())["redis"]["addresses"][0]
+        host, port = address.rsplit(":", 1)
+        plaintext = redis.Redis(host=host, port=int(port), password=(state / "redis.password").read_text().strip(),
+                                socket_timeout=2, retry=Retry(NoBackoff(), 0))  # fmt: skip
+        with pytest.raises(redis.ConnectionError):
+            plaintext.ping()
+        hps("local", "restart", "redis", "--state-dir", state)
+        producer = RedisAccess(username="hps-producer", tls=RedisTLS(ca_file=ca),
+                               password=json.loads((state / "redis-users.json").read_text())["producer"])  # fmt: skip
+        assert redis.Redis(host=host, port=int(port), **producer.client_options()).ping()
+        key = int(model.users_keys[5])
+        np.save(tmp_path / "v.npy", np.full((1, 8), 7.0, np.float32))
+        for how in (["--state-dir", state], ["--redis", f"rediss://{address}", "--state-dir", state]):
+            hps("update", "--model", "recs", "--table", "users", "--keys", str(key), "--vectors-file",
+                tmp_path / "v.npy", *how)  # fmt: skip
+        with Client(endpoint, tls=ca) as client:
+            np.testing.assert_array_equal(client.lookup("recs", "users", [key]), np.full((1, 8), 7.0, np.float32))
+        report = json.loads(hps("local", "status", "--state-dir", state, "-o", "json").stdout)
+        assert report["state"] == "up" and report["tls"] is True and report["credentials"]["ca"] == str(ca)
+    finally:
+        hps("local", "down", "--state-dir", state, "--purge", check=False)
+    assert not (state / "tls").exists() and not (state / "auth.token").exists()
 
 
 def test_status_reports_each_process_alive_and_the_agents_health(running: tuple[Model, Path, list[str]]) -> None:
@@ -402,10 +477,11 @@ def wait_for_row(endpoint: str, key: int, want: np.ndarray, within_s: float = 5.
 
 
 def update_rpc(endpoint: str, key: int, value: float, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``hps update`` of one agent, with the token of the stack in ``tmp_path/state`` as a user gives it."""
     vectors = tmp_path / f"v-{key}-{value}.npy"
     np.save(vectors, np.full((1, 8), value, np.float32))
     return hps("update", "--endpoint", endpoint, "--model", "recs", "--table", "users", "--keys", str(key),
-               "--vectors-file", vectors, check=False)  # fmt: skip
+               "--vectors-file", vectors, "--state-dir", tmp_path / "state", check=False)  # fmt: skip
 
 
 def test_two_agents_both_serve_an_update_of_a_row_they_cache_and_the_rpc_says_so(tmp_path: Path) -> None:
@@ -427,14 +503,14 @@ def test_two_agents_both_serve_an_update_of_a_row_they_cache_and_the_rpc_says_so
             assert "1 rows of recs/users" in done.stdout
             for other in endpoints:
                 wait_for_row(other, key, np.full((1, 8), 1.0 + i, np.float32))
-        # a training job publishing to the stream reaches both too
+        # a training job publishing to the stream reaches both too, as the producer's Redis user
         np.save(tmp_path / "v.npy", np.full((1, 8), 9.0, np.float32))
+        producer = json.loads((state / "redis-users.json").read_text())["producer"]
         published = subprocess.run(
             [sys.executable, "-m", "hps_operator", "update", "--redis", json.loads((state / "state.json").read_text())
-             ["redis"]["addresses"][0], "--redis-password-env", "PW", "--model", "recs", "--table", "users",
-             "--keys", str(key), "--vectors-file", str(tmp_path / "v.npy")],
-            capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
-            env={**os.environ, "PW": (state / "redis.password").read_text().strip()},
+             ["redis"]["addresses"][0], "--redis-user", "hps-producer", "--redis-password-env", "PW", "--model",
+             "recs", "--table", "users", "--keys", str(key), "--vectors-file", str(tmp_path / "v.npy")],
+            capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env={**os.environ, "PW": producer},
         )  # fmt: skip
         assert published.returncode == 0, published.stderr
         for endpoint in endpoints:

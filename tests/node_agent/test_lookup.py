@@ -270,7 +270,7 @@ def test_killed_redis_degrades_the_path_but_every_row_stays_exact(
 ) -> None:
     server = make_redis(password="test-secret")
     redis_tier = RedisTier([TableLayout.of(t) for t in TABLES], addresses=[server.address],
-                           password="test-secret", socket_timeout=0.5, model="lookup-test")  # fmt: skip
+                           access=server.access, socket_timeout=0.5, model="lookup-test")  # fmt: skip
     now = [0.0]
     path = LookupPath(TABLES, l1=l1_for(rows=16, ways=4), volatile=redis_tier, persistent=loaded_hashmap(),
                       hit_rate_threshold=1.0, clock=lambda: now[0])  # fmt: skip

@@ -15,9 +15,12 @@ import pytest
 
 from node_agent.errors import InvalidArgumentError, NotFoundError, TableSourceError, UnavailableError
 from node_agent.local.redis_servers import RedisCluster, RedisProcess, start_redis
+from node_agent.redis_access import RedisAccess
 from node_agent.tiers import HashMapTier, RedisTier, RocksDBTier, TableLayout, Tier, open_tiers
 
 PASSWORD = "test-secret"
+#: the default user with that password, as the data plane\'s clients take it
+ACCESS = RedisAccess(password=PASSWORD)
 LAYOUTS = [
     TableLayout("users", 16, np.dtype(np.float32)),
     TableLayout("items", 8, np.dtype(np.float16)),
@@ -54,15 +57,15 @@ def make_tier(
             tier = RocksDBTier(tmp_path / "rocksdb", layouts)
         elif request.param == "redis":
             tier = RedisTier(
-                layouts, addresses=[redis_server.address], password=PASSWORD, model=_model_name()
+                layouts, addresses=[redis_server.address], access=ACCESS, model=_model_name()
             )
         elif request.param == "redis-2-shards":
             second: RedisProcess = request.getfixturevalue("second_redis")
-            tier = RedisTier(layouts, addresses=[redis_server.address, second.address], password=PASSWORD,
+            tier = RedisTier(layouts, addresses=[redis_server.address, second.address], access=ACCESS,
                              model=_model_name(), partitions=8, chunk_keys=100)  # fmt: skip
         else:
             cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-            tier = RedisTier(layouts, addresses=cluster.addresses[:1], password=PASSWORD, cluster=True,
+            tier = RedisTier(layouts, addresses=cluster.addresses[:1], access=ACCESS, cluster=True,
                              model=_model_name(), chunk_keys=64)  # fmt: skip
         opened.append(tier)
         return tier
@@ -255,8 +258,8 @@ def test_redis_rows_spread_over_both_shards_and_all_cluster_nodes(
     keys = np.arange(2000, dtype=np.int64)
     rows = np.ones((2000, 16), np.float32)
     sharded = RedisTier([layout], addresses=[redis_server.address, second_redis.address],
-                        password=PASSWORD, model=_model_name(), partitions=16)  # fmt: skip
-    clustered = RedisTier([layout], addresses=[redis_cluster.addresses[0]], password=PASSWORD,
+                        access=ACCESS, model=_model_name(), partitions=16)  # fmt: skip
+    clustered = RedisTier([layout], addresses=[redis_cluster.addresses[0]], access=ACCESS,
                           cluster=True, model=_model_name(), partitions=16)  # fmt: skip
     try:
         sharded.insert("users", keys, rows)
@@ -276,7 +279,7 @@ def test_redis_rows_spread_over_both_shards_and_all_cluster_nodes(
 def test_redis_value_of_the_wrong_length_is_missing_and_an_error(redis_server: RedisProcess) -> None:
     layout = LAYOUTS[0]
     model = _model_name()
-    tier = RedisTier([layout], addresses=[redis_server.address], password=PASSWORD, model=model, partitions=1)
+    tier = RedisTier([layout], addresses=[redis_server.address], access=ACCESS, model=model, partitions=1)
     try:
         tier.insert("users", np.array([1, 2], dtype=np.int64), np.ones((2, 16), np.float32))
         # a foreign writer stores 60 bytes where a row is 64
@@ -295,11 +298,11 @@ def test_redis_whole_table_evict_finds_hashes_of_any_partition_count(redis_serve
     model = _model_name()
     keys = np.arange(500, dtype=np.int64)
     for partitions in (4, 32):
-        writer = RedisTier([layout], addresses=[redis_server.address], password=PASSWORD, model=model,
+        writer = RedisTier([layout], addresses=[redis_server.address], access=ACCESS, model=model,
                            partitions=partitions)  # fmt: skip
         writer.insert("users", keys, np.ones((500, 16), np.float32))
         writer.close()
-    tier = RedisTier([layout], addresses=[redis_server.address], password=PASSWORD, model=model, partitions=4)
+    tier = RedisTier([layout], addresses=[redis_server.address], access=ACCESS, model=model, partitions=4)
     tier.evict("users")
     tier.close()
     assert not redis_server.client().keys(f"hps:{{{model}:*")
@@ -308,7 +311,7 @@ def test_redis_whole_table_evict_finds_hashes_of_any_partition_count(redis_serve
 def test_redis_killed_mid_run_raises_unavailable_quickly(make_redis: Callable[..., RedisProcess]) -> None:
     server = make_redis(password=PASSWORD)
     layout = LAYOUTS[0]
-    tier = RedisTier([layout], addresses=[server.address], password=PASSWORD, socket_timeout=0.5)
+    tier = RedisTier([layout], addresses=[server.address], access=ACCESS, socket_timeout=0.5)
     keys = np.arange(100, dtype=np.int64)
     tier.insert("users", keys, np.ones((100, 16), np.float32))
     assert tier.fetch("users", keys)[1].all()
@@ -328,7 +331,7 @@ def test_redis_that_stops_answering_times_out_instead_of_hanging(
     make_redis: Callable[..., RedisProcess],
 ) -> None:
     server = make_redis(password=PASSWORD)
-    tier = RedisTier([LAYOUTS[0]], addresses=[server.address], password=PASSWORD, socket_timeout=0.3)
+    tier = RedisTier([LAYOUTS[0]], addresses=[server.address], access=ACCESS, socket_timeout=0.3)
     keys = np.arange(10, dtype=np.int64)
     tier.insert("users", keys, np.ones((10, 16), np.float32))
     os.kill(server.pid, signal.SIGSTOP)  # alive, port open, never replies
@@ -345,7 +348,7 @@ def test_redis_that_stops_answering_times_out_instead_of_hanging(
 
 
 def test_redis_wrong_password_is_unavailable(redis_server: RedisProcess) -> None:
-    tier = RedisTier([LAYOUTS[0]], addresses=[redis_server.address], password="wrong")
+    tier = RedisTier([LAYOUTS[0]], addresses=[redis_server.address], access=RedisAccess(password="wrong"))
     with pytest.raises(UnavailableError):
         tier.fetch("users", np.arange(3, dtype=np.int64))
     tier.close()
@@ -410,7 +413,7 @@ def test_rocksdb_read_only_without_a_database_is_unavailable(tmp_path: Path) -> 
 
 def test_open_tiers_orders_l2_before_l3(tmp_path: Path, redis_server: RedisProcess) -> None:
     tiers = open_tiers(LAYOUTS, model=_model_name(), redis_addresses=[redis_server.address],
-                       redis_password=PASSWORD, rocksdb_path=tmp_path / "db")  # fmt: skip
+                       redis_access=ACCESS, rocksdb_path=tmp_path / "db")  # fmt: skip
     assert [t.name for t in tiers] == ["redis", "rocksdb"]
     for tier in tiers:
         tier.close()

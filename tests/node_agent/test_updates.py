@@ -16,6 +16,7 @@ import pytest
 from node_agent.errors import UnavailableError
 from node_agent.local.redis_servers import RedisCluster, RedisProcess, free_port
 from node_agent.lookup import LookupPath, build_lookup_path
+from node_agent.redis_access import RedisAccess
 from node_agent.spec import load_model_file
 from node_agent.tiers.hashmap import HashMapTier
 from node_agent.tiers.redis_tier import RedisTier
@@ -29,6 +30,8 @@ from node_agent.updates import (
 from tests.node_agent.test_grpc import TableData, fill, layouts, write_model
 
 PASSWORD = "test-secret"
+#: the default user with that password, as the data plane\'s clients take it
+ACCESS = RedisAccess(password=PASSWORD)
 VISIBLE_WITHIN_S = 2.0
 UPDATES_MEASURED = 60
 
@@ -64,7 +67,7 @@ def wait_until(check: Callable[[], bool], timeout: float) -> float:
 
 def consumer_for(redis_server: RedisProcess, lookup: LookupPath, stream: str, **kwargs: Any) -> UpdateConsumer:
     options: dict[str, Any] = {"group": "agent:a", "block_ms": 50, "retry_delay_s": 0.05, **kwargs}
-    return UpdateConsumer([redis_server.address], lookup=lookup, stream=stream, password=PASSWORD, **options)
+    return UpdateConsumer([redis_server.address], lookup=lookup, stream=stream, access=ACCESS, **options)
 
 
 def test_stream_name_defaults_to_the_models_hash_tag(tmp_path: Path) -> None:
@@ -213,7 +216,7 @@ def test_each_agent_group_sees_every_update_on_a_redis_cluster(
         lookups.append(build_lookup_path(model, volatile=tier, persistent=None, device="cpu"))
     name = f"hps:{{cluster-{time.monotonic_ns()}}}:updates"
     consumers = [
-        UpdateConsumer(redis_cluster.addresses, lookup=lk, stream=name, group=f"agent:{i}", password=PASSWORD,
+        UpdateConsumer(redis_cluster.addresses, lookup=lk, stream=name, group=f"agent:{i}", access=ACCESS,
                        cluster=True, block_ms=50, start_id="0").start()
         for i, lk in enumerate(lookups)
     ]  # fmt: skip
@@ -257,7 +260,7 @@ def test_update_published_while_the_table_loads_is_applied_from_the_snapshot_pos
     lookup, data = demo
     publisher = UpdatePublisher([redis_server.address], password=PASSWORD, stream=stream)
     publisher.publish("user", [1], np.full((1, 8), 5.0, np.float32))  # in the snapshot already
-    position = stream_position([redis_server.address], stream, password=PASSWORD)
+    position = stream_position([redis_server.address], stream, access=ACCESS)
     publisher.publish("user", [4], np.full((1, 8), 6.0, np.float32))  # during the load
     consumer = consumer_for(redis_server, lookup, stream, start_id=position).start()
     try:
@@ -279,7 +282,7 @@ def test_consumer_without_a_start_point_replays_what_was_published_before_it_exi
     with UpdatePublisher([redis_server.address], password=PASSWORD, stream=stream) as publisher:
         publisher.publish("user", [7], np.full((1, 8), 2.0, np.float32))
     consumer = UpdateConsumer([redis_server.address], lookup=lookup, stream=stream, group="agent:new",
-                              password=PASSWORD, block_ms=50).start()  # fmt: skip
+                              access=ACCESS, block_ms=50).start()  # fmt: skip
     try:
         assert consumer.wait_caught_up(VISIBLE_WITHIN_S)
         np.testing.assert_array_equal(lookup.lookup("user", [7]), np.full((1, 8), 2.0, np.float32))
@@ -525,7 +528,7 @@ def test_a_tier_that_comes_back_is_written_again_while_updates_keep_coming(
     path, data = write_model(tmp_path)
     model = load_model_file(path)
     server = make_redis(password=PASSWORD)
-    l2 = RedisTier(layouts(model), addresses=[server.address], password=PASSWORD, model="demo")
+    l2 = RedisTier(layouts(model), addresses=[server.address], access=ACCESS, model="demo")
     l3 = HashMapTier(layouts(model))
     fill(l3, data)
     lookup = build_lookup_path(model, volatile=l2, persistent=l3, device="cpu", probe_interval_s=0.2)
@@ -546,7 +549,7 @@ def test_a_tier_that_comes_back_is_written_again_while_updates_keep_coming(
                 value += 1
                 lookup.update("user", np.array([1]), np.full((1, 8), value, np.float32))
                 time.sleep(0.01)
-            got, found = RedisTier(layouts(model), addresses=[back.address], password=PASSWORD,
+            got, found = RedisTier(layouts(model), addresses=[back.address], access=ACCESS,
                                    model="demo").fetch("user", np.array([1]))  # fmt: skip
             assert found.all() and got[0, 0] == value
         finally:

@@ -100,5 +100,5 @@ def test_update_without_the_redis_password_says_where_it_goes_once(
     assert proc.returncode == 9
     line = one_line(proc.stderr)
     assert f"Redis at {redis_server.address} requires a password and none was given" in line
-    assert "--redis-password-env VAR" in line and "redis.password" in line
+    assert "--redis-password-env VAR" in line and "--state-dir DIR" in line
     assert "HELLO" not in proc.stderr

@@ -18,6 +18,7 @@ from node_agent.local.lookup_bench import (
     _ratios,
     format_table,
     measure,
+    tls_cost,
     zipf_batches,
 )
 from node_agent.local.redis_servers import RedisProcess
@@ -91,3 +92,21 @@ def test_ratios_over_several_runs_are_the_median_of_each_runs_own() -> None:
     assert ratios["hps/redis"] == 2.0 and ratios["hps/redis each run"] == [2.0, 1.0, 5.0]
     assert ratios["hps/numpy"] == 0.2 and targets["met"] == {"hps_over_redis": False, "hps_over_numpy": False,
                                                             "hps_p99_ms": True}  # fmt: skip
+
+
+def test_the_cost_of_tls_is_each_runs_ratio_to_its_plaintext_twin_and_is_reported() -> None:
+    def run(keys_per_s: float, p99: float = 2.0) -> SystemResult:
+        return SystemResult(keys_per_s=keys_per_s, p50_ms=1.0, p99_ms=p99, batches=10, seconds=1.0, exact=True)
+
+    runs = {"hps": [run(1000.0), run(500.0), run(800.0)], "hps_tls": [run(900.0), run(500.0), run(400.0, 4.0)],
+            "hps_inproc": [run(2000.0)] * 3}  # fmt: skip
+    results = {name: SystemResult.median(r) for name, r in runs.items()}
+    cost = tls_cost(results, runs)
+    assert set(cost) == {"hps"}  # hps_inproc_tls did not run: no ratio for it
+    assert cost["hps"]["tls/plaintext each run"] == [0.9, 1.0, 0.5]
+    assert cost["hps"]["tls/plaintext"] == 0.9  # the median of each run's own ratio
+    assert cost["hps"]["plaintext_keys_per_s"] == 800.0 and cost["hps"]["tls_keys_per_s"] == 500.0
+    config = LookupBenchConfig(rows=10, dim=2, batch=4, duration=1.0, repeat=3)
+    text = format_table({**{n: r.to_dict() for n, r in results.items()}, "tls": cost, "environment": {"cpus": 2},
+                         "config": {**config.__dict__, "systems": list(config.systems)}})  # fmt: skip
+    assert "TLS on hps: 500 keys/s against 800 in plaintext: x0.90, runs 0.90/1.00/0.50" in text
