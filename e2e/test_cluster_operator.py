@@ -218,6 +218,8 @@ CEL_CASES: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {
         None, {"spec": {"volatileStore": {"redis": {"cluster": True, "shards": 2}}}}),
     "maxReplicas must be at least minReplicas": (
         None, {"spec": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}),
+    "set exactly one of secretName or issuerRef": (
+        None, {"spec": {"security": {"tls": {"mutual": True}}}}),
     "partitions max must be at least min": (
         None, {"spec": {"autoscaling": {"partitions": {"min": 5, "max": 2}}}}),
     # transition rules: the first change creates the model, the second is refused

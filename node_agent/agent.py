@@ -167,8 +167,9 @@ class Agent:
         if stream:
             self._start_consumer(stream, position)
         if opts.metrics_port is not None:
+            server = self.server
             self.metrics = MetricsServer(self.server.servicer, partition=opts.partition, host=opts.host,
-                                         port=opts.metrics_port)  # fmt: skip
+                                         port=opts.metrics_port, healthy=lambda: server.serving)  # fmt: skip
         log.info(
             "agent for model %s partition %d serving on %s; L1 on %s; L2 %s; L3 %s; updates %s",
             self.model.name, opts.partition, self.server.endpoint, self.server.servicer.device,

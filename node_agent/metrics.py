@@ -8,12 +8,13 @@ the lookup path does no extra work for them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 
@@ -85,15 +86,32 @@ class AgentCollector(Collector):
         yield from (hits, misses, rows, capacity)
 
 
-class MetricsServer:
-    """``/metrics`` over HTTP on its own thread; :meth:`stop` ends it."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
-    def __init__(self, source: StatsSnapshot, *, partition: int, host: str, port: int) -> None:
+
+class MetricsServer:
+    """``/metrics`` over HTTP on its own thread, and ``/healthz`` (200 while ``healthy()`` says so,
+    else 503): what a pod's probes read when its gRPC port speaks TLS, which the kubelet's gRPC probe
+    cannot. :meth:`stop` ends it."""
+
+    def __init__(self, source: StatsSnapshot, *, partition: int, host: str, port: int,
+                 healthy: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(source, partition=partition))
-        self._server: WSGIServer
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok = healthy() if healthy is not None else True
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"serving\n" if ok else b"not serving\n"]
+            return metrics(environ, start_response)
+
+        self._server: WSGIServer = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="agent-metrics", daemon=True)
+        self._thread.start()
 
     @property
     def port(self) -> int:

@@ -494,6 +494,9 @@ class RunningServer:
     servicer: EmbeddingServicer
     #: the certificate served, re-read on rotation (``None``: plaintext)
     tls: CertificateReloader | None = None
+    #: what the health service answers now (the metrics port's ``/healthz`` says the same, for probes
+    #: that cannot speak TLS)
+    serving: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -505,9 +508,11 @@ class RunningServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
+        self.serving = serving
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Answers NOT_SERVING, lets RPCs in flight finish for ``grace`` seconds, then closes."""
+        self.serving = False
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait(timeout=(grace or 0) + 5)
 

@@ -192,6 +192,52 @@ class AutoscalingSpec:
 
 
 @dataclass(frozen=True)
+class TLSSpec:
+    """gRPC over TLS on the agents: a Secret of ``tls.crt``/``tls.key`` (and ``ca.crt`` with mutual
+    TLS), either the user's (``secret_name``) or one cert-manager issues into ``<model>-agent-tls``
+    (``issuer``: ``{name, kind, group}`` of an Issuer or ClusterIssuer)."""
+
+    secret_name: str | None = None
+    issuer: Mapping[str, str] | None = None
+    #: require client certificates signed by the Secret's ``ca.crt``
+    mutual: bool = False
+
+
+@dataclass(frozen=True)
+class AuthSpec:
+    """Who may call the agents: Kubernetes service accounts (``system:serviceaccount:NS:NAME``) or
+    groups (``group:NAME``), verified with TokenReview. No writers: every Update is refused."""
+
+    writers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+    #: Lookup, Describe and Stats need a credential too (the writers' or the readers')
+    restrict_reads: bool = False
+    #: a token must be for one of these audiences (empty: the API server's own)
+    audiences: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.writers or self.readers or self.restrict_reads)
+
+
+@dataclass(frozen=True)
+class RedisSecuritySpec:
+    #: ACL users per role (agent, loader, producer), each with its own password, least privilege
+    acl: bool = True
+    #: serve Redis over TLS with this Secret (``tls.crt``, ``tls.key``, ``ca.crt``)
+    tls_secret_name: str | None = None
+
+
+@dataclass(frozen=True)
+class SecuritySpec:
+    tls: TLSSpec | None = None
+    auth: AuthSpec = field(default_factory=AuthSpec)
+    redis: RedisSecuritySpec = field(default_factory=RedisSecuritySpec)
+    #: serve gRPC server reflection (it lists the services to anyone who asks)
+    reflection: bool = False
+
+
+@dataclass(frozen=True)
 class NetworkSpec:
     """Who may reach what (rendered as NetworkPolicies). Peers are NetworkPolicy peers
     (``namespaceSelector``/``podSelector``/``ipBlock``), kept as given; the renderer's output is
@@ -296,6 +342,7 @@ class ModelSpec:
     agent: AgentSpec = field(default_factory=AgentSpec)
     model_store: ModelStoreSpec | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
+    security: SecuritySpec = field(default_factory=SecuritySpec)
 
     def table(self, name: str) -> TableSpec:
         for table in self.tables:
@@ -363,7 +410,7 @@ def unknown_field_message(key: str, known: Sequence[str]) -> str:
 #: the fields each object of the spec may carry (the CRD's properties, checked by a test)
 MANIFEST_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 SPEC_FIELDS = ("tables", "replicas", "gpusPerPod", "partitions", "cache", "volatileStore", "persistentStore",
-               "placement", "updates", "autoscaling", "agent", "modelStore", "network")  # fmt: skip
+               "placement", "updates", "autoscaling", "agent", "modelStore", "network", "security")  # fmt: skip
 TABLE_FIELDS = ("name", "rows", "dim", "dtype", "source", "hotness", "defaultValue")
 CACHE_FIELDS = ("memoryPerGPU", "policy", "hitRateThreshold", "cachedFraction", "associativity")
 VOLATILE_FIELDS = ("type", "redis")
@@ -375,6 +422,12 @@ UPDATES_FIELDS = ("enabled", "stream")
 AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "targetQPSPerReplica", "partitions")
 PARTITION_AUTOSCALING_FIELDS = ("min", "max", "targetHitRate")
 NETWORK_FIELDS = ("policy", "clients", "metricsFrom", "redisClients")
+SECURITY_FIELDS = ("tls", "auth", "redis", "reflection")
+TLS_FIELDS = ("secretName", "issuerRef", "mutual")
+ISSUER_FIELDS = ("name", "kind", "group")
+AUTH_FIELDS = ("writers", "readers", "restrictReads", "audiences")
+REDIS_SECURITY_FIELDS = ("acl", "tlsSecretName")
+_IDENTITY = re.compile(r"^(system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?|group:\S+)$")
 PEER_FIELDS = ("namespaceSelector", "podSelector", "ipBlock")
 SELECTOR_FIELDS = ("matchLabels", "matchExpressions")
 AGENT_FIELDS = ("image", "resources", "nodeSelector", "tolerations", "affinity", "gpuResourceName",
@@ -579,6 +632,61 @@ def _peers(raw: Any, field: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(peers)
 
 
+def _identities(raw: Any, field: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidSpecError(field, "expected a list such as [system:serviceaccount:ml:trainer, group:trainers]")
+    for i, value in enumerate(raw):
+        if not isinstance(value, str) or not _IDENTITY.match(value):
+            raise InvalidSpecError(f"{field}[{i}]", f"expected system:serviceaccount:NAMESPACE:NAME or group:NAME, "
+                                   f"got {value!r}")  # fmt: skip
+    return tuple(raw)
+
+
+def _security(raw: Any) -> SecuritySpec:
+    sec = _mapping(raw, "spec.security", SECURITY_FIELDS)
+    tls = None
+    if sec.get("tls") is not None:
+        t = _mapping(sec.get("tls"), "spec.security.tls", TLS_FIELDS)
+        secret = t.get("secretName")
+        issuer = t.get("issuerRef")
+        if (secret is None) == (issuer is None):
+            raise InvalidSpecError("spec.security.tls", "set exactly one of secretName (your Secret) or issuerRef "
+                                   "(cert-manager issues one)")  # fmt: skip
+        issuer_ref = None
+        if issuer is not None:
+            i = _mapping(issuer, "spec.security.tls.issuerRef", ISSUER_FIELDS)
+            if not isinstance(i.get("name"), str) or not i.get("name"):
+                raise InvalidSpecError("spec.security.tls.issuerRef.name", "is required: the Issuer's name")
+            issuer_ref = {"name": str(i["name"]), "kind": str(i.get("kind", "Issuer")),
+                          "group": str(i.get("group", "cert-manager.io"))}  # fmt: skip
+        tls = TLSSpec(
+            secret_name=_string(t, "secretName", "spec.security.tls", pattern=_DNS1123_SUBDOMAIN,
+                                what="a Secret name") if secret is not None else None,
+            issuer=issuer_ref,
+            mutual=_bool(t, "mutual", "spec.security.tls", False),
+        )  # fmt: skip
+    a = _mapping(sec.get("auth"), "spec.security.auth", AUTH_FIELDS)
+    audiences = a.get("audiences") or []
+    if not isinstance(audiences, list) or not all(isinstance(x, str) and x for x in audiences):
+        raise InvalidSpecError("spec.security.auth.audiences", "expected a list of audience strings")
+    auth = AuthSpec(
+        writers=_identities(a.get("writers"), "spec.security.auth.writers"),
+        readers=_identities(a.get("readers"), "spec.security.auth.readers"),
+        restrict_reads=_bool(a, "restrictReads", "spec.security.auth", False),
+        audiences=tuple(audiences),
+    )
+    r = _mapping(sec.get("redis"), "spec.security.redis", REDIS_SECURITY_FIELDS)
+    redis_tls = r.get("tlsSecretName")
+    redis = RedisSecuritySpec(
+        acl=_bool(r, "acl", "spec.security.redis", True),
+        tls_secret_name=_string(r, "tlsSecretName", "spec.security.redis", pattern=_DNS1123_SUBDOMAIN,
+                                what="a Secret name") if redis_tls is not None else None,
+    )  # fmt: skip
+    return SecuritySpec(tls=tls, auth=auth, redis=redis, reflection=_bool(sec, "reflection", "spec.security", False))
+
+
 def _network(raw: Any) -> NetworkSpec:
     n = _mapping(raw, "spec.network", NETWORK_FIELDS)
     return NetworkSpec(
@@ -716,6 +824,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
     )  # fmt: skip
 
     network = _network(s.get("network"))
+    security = _security(s.get("security"))
 
     model_store = None
     if s.get("modelStore") is not None:
@@ -742,6 +851,7 @@ def parse_model_spec(name: Any, spec: Any, *, namespace: str = "default") -> Mod
         agent=agent,
         model_store=model_store,
         network=network,
+        security=security,
     )
 
 

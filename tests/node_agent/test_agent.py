@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -355,5 +356,12 @@ def test_agent_serves_prometheus_metrics_that_follow_its_lookups(tmp_path: Path)
         assert after[("hps_l1_hits_total", user)] == 20 and after[("hps_l1_misses_total", user)] == 10
         assert after[("hps_l1_rows", user)] == 10
         assert after[("hps_agent_degraded", base)] == 0
+        # /healthz says what the gRPC health service says, for probes that cannot speak TLS
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics.port}/healthz", timeout=5) as reply:
+            assert reply.status == 200
+        agent.server.set_serving(False)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics.port}/healthz", timeout=5)
+        assert refused.value.code == 503
     finally:
         agent.stop(grace=0)

@@ -214,6 +214,10 @@ def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 # (path, value) pairs both the CRD and the spec parser reject
 REJECTED = [
+    ("spec.security.tls", {}),
+    ("spec.security.tls", {"secretName": "a", "issuerRef": {"name": "ca"}}),
+    ("spec.security.auth.writers", ["trainer"]),
+    ("spec.security.tls.issuerRef", {"kind": "Issuer"}),
     ("spec.network.clients", [{}]),
     ("spec.network.redisClients", [{"ipBlock": {}}]),
     ("spec.network.policy", "yes"),
@@ -274,6 +278,10 @@ REJECTED = [
 
 # boundary values both accept
 ACCEPTED = [
+    ("spec.security.tls", {"secretName": "dlrm-tls", "mutual": True}),
+    ("spec.security.tls", {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}),
+    ("spec.security.auth", {"writers": ["system:serviceaccount:ml:trainer", "group:trainers"], "restrictReads": True}),
+    ("spec.security.redis", {"acl": False, "tlsSecretName": "redis-tls"}),
     ("spec.network", {"policy": False}),
     ("spec.network.clients", [{"namespaceSelector": {"matchLabels": {"team": "ranking"}}}]),
     ("spec.network.metricsFrom", [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]),
@@ -332,7 +340,7 @@ def test_cel_rules_say_what_a_schema_cannot() -> None:
     rules = dict(cel_rules())
     assert set(rules) == {
         "", ".spec.volatileStore.redis", ".spec.autoscaling", ".spec.modelStore", ".spec.persistentStore",
-        ".spec.autoscaling.partitions",
+        ".spec.autoscaling.partitions", ".spec.security.tls",
     }
     cluster_of_two = _set(minimal(), "spec.volatileStore.redis", {"cluster": True, "shards": 2})
     assert validation_errors(cluster_of_two) == [
