@@ -75,7 +75,8 @@ class Observed:
     nodes: Sequence[Mapping[str, Any]]
     #: every object labelled ``app.kubernetes.io/instance=<model>`` that the model owns
     children: Sequence[Mapping[str, Any]]
-    #: the Redis AUTH password: the one in the live Secret, or a fresh one the handler generated
+    #: a fresh random Redis password, used only if the model's Secret does not exist yet (the operator
+    #: never reads a Secret back)
     redis_password: str
     #: current time, RFC 3339 (conditions' lastTransitionTime, rollout timing)
     now: str
@@ -85,6 +86,9 @@ class Observed:
     node_pods: Sequence[Mapping[str, Any]] | None = None
     #: the agents' L1 hits and misses per second, for ``spec.autoscaling.partitions`` (None: unknown)
     hit_rate: HitRateReading | None = None
+    #: fresh random passwords of the Redis ACL users (role → password), used as ``redis_password``
+    #: (empty: derived from it)
+    redis_user_passwords: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -384,7 +388,8 @@ def _render(model: ModelSpec, observed: Observed, options: Options, target: Plan
     owner = {"apiVersion": observed.model.get("apiVersion", "hps.dev/v1alpha1"),
              "kind": observed.model.get("kind", "EmbeddingModel"), "name": meta["name"], "uid": meta.get("uid", "")}  # fmt: skip
     manifests = render_children(model, target, owner=owner, image=options.image,
-                                redis_password=observed.redis_password, active_plan=active, phase=phase,
+                                redis_password=observed.redis_password,
+                                redis_user_passwords=observed.redis_user_passwords or None, active_plan=active, phase=phase,
                                 image_pull_policy=options.image_pull_policy)  # fmt: skip
     result = []
     for m in manifests:

@@ -20,21 +20,30 @@ from hps_operator.core import reconcile as core
 from hps_operator.core.live_diff import quantity_value
 from hps_operator.core.partition_scaling import HitRateReading
 from hps_operator.core.render.meta import MANAGED_BY
+from hps_operator.core.render.security import OWNER_NAMESPACE_LABEL, OWNER_UID_LABEL
 from hps_operator.core.status import APPLY_FAILED, COMPONENT_LABEL, with_apply_failures
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
 from hps_operator.metrics import OperatorMetrics
 
 from node_agent.errors import UnavailableError
+from node_agent.redis_acl import ROLES
 from node_agent.spec import API_GROUP, API_VERSION, KIND
 
 MODEL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-#: the kinds a model's children come in (what drift detection lists). Secrets are not among them:
-#: the operator creates the Redis password Secret once and never reads Secrets (least privilege).
+#: a model's agent Certificate (``spec.security.tls.issuerRef``): its kind exists only where cert-manager
+#: is installed, so it is listed (a missing kind lists as nothing) but not watched
+CERTIFICATE = ("cert-manager.io/v1", "Certificate")
+#: the model's ClusterRoleBinding for TokenReview: cluster-scoped, found by its owner-uid label
+CLUSTER_ROLE_BINDING = ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")
+#: the kinds a model's children come in (what drift detection lists and watches). Secrets are not
+#: among them: the operator creates its Secrets once and never reads Secrets (least privilege).
 CHILD_KINDS = tuple(
     key
     for key, info in KINDS.items()
-    if info.namespaced and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret", "Lease", "Pod")
+    if info.namespaced
+    and key != CERTIFICATE
+    and key[1] not in ("Event", "EmbeddingModel", "Deployment", "Secret", "Lease", "Pod")
 )
 #: the custom metrics the partition autoscaler reads (the rates of the agents' hps_l1_{hits,misses}_total)
 HIT_METRICS = ("hps_l1_hits_per_second", "hps_l1_misses_per_second")
@@ -69,6 +78,7 @@ def observe(api: KubeApi, model: Mapping[str, Any]) -> core.Observed:
         for child in api.list(api_version, kind, namespace, label_selector=selector)
         if any(ref.get("uid") == uid for ref in child["metadata"].get("ownerReferences") or [])
     ]
+    children += _optional_children(api, namespace, selector, uid)
     agent_pods = api.list("v1", "Pod", namespace, label_selector=f"{selector},{COMPONENT_LABEL}=agent")
     node_pods = None
     if any(_unschedulable(pod) for pod in agent_pods):
@@ -79,11 +89,52 @@ def observe(api: KubeApi, model: Mapping[str, Any]) -> core.Observed:
         nodes=api.list("v1", "Node"),
         children=children,
         redis_password=secrets.token_urlsafe(24),
+        redis_user_passwords={role: secrets.token_urlsafe(24) for role in ROLES},
         now=now_rfc3339(),
         agent_pods=agent_pods,
         node_pods=node_pods,
         hit_rate=_hit_rate(api, model, f"{selector},{COMPONENT_LABEL}=agent"),
     )
+
+
+def _optional_children(api: KubeApi, namespace: str, selector: str, uid: str | None) -> list[dict[str, Any]]:
+    """The model's Certificate (none where cert-manager is not installed) and its cluster-scoped
+    TokenReview binding (labelled with the model's uid, as it cannot be owned by it)."""
+    found: list[dict[str, Any]] = []
+    try:
+        found += [c for c in api.list(*CERTIFICATE, namespace, label_selector=selector)
+                  if any(ref.get("uid") == uid for ref in c["metadata"].get("ownerReferences") or [])]  # fmt: skip
+    except KubeApiError as exc:
+        if exc.status != 404:  # 404: no cert-manager, so no Certificate of ours either
+            raise
+    if uid:
+        found += api.list(*CLUSTER_ROLE_BINDING, label_selector=f"{selector},{OWNER_UID_LABEL}={uid}")
+    return found
+
+
+def delete_cluster_bindings(api: KubeApi, *, keep: Callable[[str, str, str], bool],
+                            logger: logging.Logger | logging.LoggerAdapter[Any]) -> int:
+    """Deletes the models' ClusterRoleBindings whose model is gone: ``keep(namespace, name, uid)`` says
+    whether a model still is. The garbage collector cannot (a cluster-scoped object has no namespaced
+    owner), so the operator does it when a model is deleted and, for deletions it missed, at start."""
+    deleted = 0
+    for binding in api.list(*CLUSTER_ROLE_BINDING, label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY},{OWNER_UID_LABEL}"):
+        meta = binding["metadata"]
+        found = meta.get("labels") or {}
+        namespace, name = found.get(OWNER_NAMESPACE_LABEL, ""), found.get(core.INSTANCE_LABEL, "")
+        if not keep(namespace, name, found.get(OWNER_UID_LABEL, "")) and api.delete(*CLUSTER_ROLE_BINDING, None,
+                                                                                   meta["name"]):  # fmt: skip
+            logger.info("deleted ClusterRoleBinding %s: its model %s/%s is gone", meta["name"], namespace, name)
+            deleted += 1
+    return deleted
+
+
+def model_exists(api: KubeApi, namespace: str, name: str, uid: str) -> bool:
+    """The model ``namespace/name`` exists with ``uid`` and is not being deleted."""
+    if not namespace or not name:
+        return False
+    live = api.get(MODEL_API_VERSION, KIND, namespace, name)
+    return live is not None and live["metadata"].get("uid") == uid and not live["metadata"].get("deletionTimestamp")
 
 
 def _hit_rate(api: KubeApi, model: Mapping[str, Any], selector: str) -> HitRateReading | None:

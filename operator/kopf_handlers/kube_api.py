@@ -47,6 +47,9 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): KindInfo("networkpolicies", True),
     ("hps.dev/v1alpha1", "EmbeddingModel"): KindInfo("embeddingmodels", True),
     ("coordination.k8s.io/v1", "Lease"): KindInfo("leases", True),
+    ("v1", "ServiceAccount"): KindInfo("serviceaccounts", True),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): KindInfo("clusterrolebindings", False),
+    ("cert-manager.io/v1", "Certificate"): KindInfo("certificates", True),
 }
 
 

@@ -42,7 +42,26 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("custom.metrics.k8s.io", "pods/hps_l1_misses_per_second", ("get",)),
     # who may reach a model's Redis and agents (spec.network)
     ("networking.k8s.io", "networkpolicies", ("list", "watch", "create", "patch", "delete")),
+    # the agents' own ServiceAccount (no permission of its own unless spec.security.auth)
+    ("", "serviceaccounts", ("list", "watch", "create", "patch", "delete")),
+    # the agents' serving certificate, issued by cert-manager (spec.security.tls.issuerRef); listed,
+    # not watched, as the kind exists only where cert-manager is installed
+    ("cert-manager.io", "certificates", ("list", "create", "patch", "delete")),
+    # spec.security.auth: the agents ask the API server whose a caller's token is (TokenReview), for
+    # which their ServiceAccount is bound to system:auth-delegator. Cluster-scoped, so not owned by
+    # the model: listed by its owner-uid label, deleted with the model and swept at start
+    ("rbac.authorization.k8s.io", "clusterrolebindings", ("list", "create", "patch", "delete")),
+    # ... and binding a ClusterRole needs "bind" on it: on system:auth-delegator alone (RESOURCE_NAMES)
+    ("rbac.authorization.k8s.io", "clusterroles", ("bind",)),
 )
+
+#: permissions granted on these objects only: (API group, resource) → resourceNames
+RESOURCE_NAMES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("rbac.authorization.k8s.io", "clusterroles"): ("system:auth-delegator",),
+}
+
+#: resources the chart grants cluster-wide even when the operator watches listed namespaces
+CLUSTER_SCOPED_RESOURCES = ("nodes", "pods", "clusterrolebindings", "clusterroles")
 
 #: leader election among operator replicas (``hps operator run --leader-elect``): one Lease in the
 #: operator's own namespace, granted by a Role there

@@ -16,11 +16,14 @@ from hps_operator.core.render.meta import MANAGED_BY
 from hps_operator.kopf_handlers.embedding_model import (
     CHILD_KINDS,
     MODEL_API_VERSION,
+    delete_cluster_bindings,
+    model_exists,
     reconcile_model,
 )
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
 from hps_operator.metrics import OperatorMetrics
 
+from node_agent.errors import UnavailableError
 from node_agent.spec import API_GROUP, API_VERSION, KIND
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -68,6 +71,31 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
         config.metrics.stop()
         if "api" in state and api is None:
             state.pop("api").close()
+
+    @kopf.on.startup(registry=registry)
+    def sweep_cluster_bindings(logger: kopf.Logger, **_: Any) -> None:
+        """The TokenReview bindings of models deleted while no operator ran (see ``model_deleted``)."""
+
+        def still_there(namespace: str, name: str, uid: str) -> bool:
+            try:
+                return model_exists(kube(), namespace, name, uid)
+            except (KubeApiError, UnavailableError):
+                return True  # unknown (another operator's namespace, an API hiccup): keep it
+
+        try:
+            delete_cluster_bindings(kube(), keep=still_there, logger=logger)
+        except (KubeApiError, UnavailableError) as exc:
+            logger.warning("could not look for the ClusterRoleBindings of deleted models: %s", exc)
+
+    @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=registry, id="deleted", optional=True)
+    def model_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        """A model's ClusterRoleBinding goes with it (the garbage collector takes the rest, owned).
+        Never fails: a deletion must not wait on it, and the next start sweeps what was left."""
+        uid = str(body.metadata.uid or "")
+        try:
+            delete_cluster_bindings(kube(), keep=lambda _ns, _name, owner: owner != uid, logger=logger)
+        except (KubeApiError, UnavailableError) as exc:
+            logger.warning("could not delete the model's ClusterRoleBinding (retried at the next start): %s", exc)
 
     def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         reconcile_model(kube(), body, options=config.options, logger=logger, metrics=config.metrics)

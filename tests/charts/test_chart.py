@@ -23,7 +23,12 @@ from hps_operator.cli.operator_run import (
     PULL_POLICY_ENV,
     operator_config,
 )
-from hps_operator.kopf_handlers.permissions import API_PERMISSIONS, LEADER_ELECTION_PERMISSIONS
+from hps_operator.kopf_handlers.permissions import (
+    API_PERMISSIONS,
+    CLUSTER_SCOPED_RESOURCES,
+    LEADER_ELECTION_PERMISSIONS,
+    RESOURCE_NAMES,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the address the kubelet gives $(POD_IP) in these tests
@@ -252,9 +257,9 @@ def granted(roles: Sequence[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 DECLARED = {(group, resource, verb) for group, resource, verbs in API_PERMISSIONS for verb in verbs}
-#: granted cluster-wide even when namespaces are listed: nodes are cluster-scoped, and the pods on a
-#: model's nodes can be in any namespace
-CLUSTER_SCOPED = {"nodes", "pods"}
+#: granted cluster-wide even when namespaces are listed: nodes and ClusterRoleBindings are
+#: cluster-scoped, and the pods on a model's nodes can be in any namespace
+CLUSTER_SCOPED = set(CLUSTER_SCOPED_RESOURCES)
 
 
 def operator_roles(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -286,6 +291,21 @@ def test_cluster_wide_rbac_grants_exactly_the_declared_permissions(helm: str, tm
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
     ]
+
+
+def test_rbac_binds_only_system_auth_delegator_and_can_be_left_out(helm: str, tmp_path: Path) -> None:
+    """The operator may bind one ClusterRole (for spec.security.auth's TokenReview) and no other; an
+    admin who will not let it can turn that off, and nothing else changes."""
+    docs = render(helm, tmp_path)
+    rules = [rule for role in operator_roles(docs) for rule in role.get("rules", [])]
+    bind = [rule for rule in rules if "bind" in rule["verbs"]]
+    assert len(bind) == 1 and bind[0]["resources"] == ["clusterroles"]
+    assert tuple(bind[0]["resourceNames"]) == RESOURCE_NAMES[("rbac.authorization.k8s.io", "clusterroles")]
+    for rule in rules:  # escalate and impersonate never
+        assert not {"escalate", "impersonate"} & set(rule["verbs"])
+    off = render(helm, tmp_path, {"rbac": {"tokenReview": False}})
+    roles = [r for r in operator_roles(off) if not r["metadata"]["name"].endswith("-leader")]
+    assert granted(roles) == {p for p in DECLARED if p[1] not in ("clusterrolebindings", "clusterroles")}
 
 
 def test_namespaced_rbac_is_a_role_per_namespace_and_nodes_cluster_wide(helm: str, tmp_path: Path) -> None:

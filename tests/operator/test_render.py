@@ -6,8 +6,10 @@ configuration the StatefulSet generates is run on a real redis-server (master + 
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,14 +39,16 @@ from hps_operator.core.render import (
     render_plan_configmap,
     sources_in_pods,
 )
+from hps_operator.core.render.security import REDIS_TLS_DIR
 from hps_operator.core.topology import Topology
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from node_agent.errors import InvalidSpecError, TableSourceError
-from node_agent.loader import open_source
-from node_agent.local.redis_servers import RedisProcess, free_port, redis_server_binary
+from node_agent.errors import InvalidSpecError
+from node_agent.local.certificates import ensure_local_certificates
+from node_agent.local.redis_servers import free_port, redis_server_binary
 from node_agent.plan import Assignment, Plan, PlanMetrics
+from node_agent.redis_access import RedisAccess, RedisTLS
 from node_agent.spec import ModelSpec, PersistentVolumeClaimSource, load_model_file, parse_model
 from node_agent.tiers import TableLayout, open_tiers
 
@@ -119,7 +123,7 @@ def agent_set(children: dict[tuple[str, str], dict[str, Any]], partition: int) -
 
 def test_agent_statefulset_whole() -> None:
     sts = render_agent_statefulset(model(), plan(), 1, owner=OWNER, image=IMAGE)
-    grpc = {"port": 50051}
+    health = {"path": "/healthz", "port": "metrics"}
     h = agent_set_hash(plan(), 1)
     set_labels = {"hps.dev/partition": "1", "hps.dev/agent-set": h}
     assert sts == {
@@ -158,23 +162,23 @@ def test_agent_statefulset_whole() -> None:
                             "--partition", "1", "--host", "0.0.0.0", "--port", "50051",
                             "--agent-id", "$(POD_NAME)", "--metrics-port", "9464", "--drain-seconds", "15",
                             "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
-                            "--redis-password-env", "REDIS_PASSWORD",
+                            "--redis-password-env", "REDIS_PASSWORD", "--redis-user", "hps-agent",
                             "--rocksdb", "/var/lib/hps/rocksdb", "--load",
                         ],
                         "env": [
                             {"name": "CUPY_CACHE_DIR", "value": "/tmp/cupy"},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                             {"name": "REDIS_PASSWORD",
-                             "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}},
+                             "valueFrom": {"secretKeyRef": {"name": "dlrm-redis-users", "key": "agent"}}},
                         ],
                         "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
                                   {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}],
                         "resources": {"limits": {"nvidia.com/gpu": "2"},
                                       "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "2"}},
-                        "startupProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 360},
-                        "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "timeoutSeconds": 3,
+                        "startupProbe": {"httpGet": health, "periodSeconds": 10, "failureThreshold": 360},
+                        "readinessProbe": {"httpGet": health, "periodSeconds": 5, "timeoutSeconds": 3,
                                            "failureThreshold": 2},
-                        "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "timeoutSeconds": 5,
+                        "livenessProbe": {"httpGet": health, "periodSeconds": 10, "timeoutSeconds": 5,
                                           "failureThreshold": 6},
                         "volumeMounts": [{"name": "config", "mountPath": "/etc/hps", "readOnly": True},
                                          {"name": "tmp", "mountPath": "/tmp"},
@@ -186,6 +190,8 @@ def test_agent_statefulset_whole() -> None:
                                 {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                                         "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "serviceAccountName": "dlrm-agent",
+                    "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": 30,
                     "nodeSelector": {"gpu": "a100"},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -277,6 +283,13 @@ def test_plan_and_config_configmaps_whole() -> None:
 # every child is a valid Kubernetes object
 
 
+SECURITY: dict[str, Any] = {
+    "tls": {"secretName": "dlrm-tls", "mutual": True},
+    "auth": {"writers": ["system:serviceaccount:ml:trainer"], "readers": ["group:recsys"], "restrictReads": True,
+             "audiences": ["hps"]},
+    "redis": {"tlsSecretName": "dlrm-redis-tls"},
+    "reflection": True,
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "cluster-redis": {"volatileStore": {"redis": {"shards": 3, "replicasPerShard": 1, "cluster": True}}},
@@ -295,6 +308,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hashmap-no-rocksdb": {"volatileStore": {"type": "hashmap"}, "persistentStore": {"type": "none"}},
     "read-only-rocksdb": {"persistentStore": {"readOnly": True, "storage": "1Ti"}},
     "user-secret": {"volatileStore": {"redis": {"passwordSecret": "my-redis-auth"}}},
+    "security": {"security": SECURITY, "volatileStore": {"redis": {"shards": 3, "replicasPerShard": 1, "cluster": True}}},
+    "cert-manager": {"security": {"tls": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}},
+                     "autoscaling": {"partitions": {"min": 1, "max": 4}}},
+    "no-redis-acl": {"security": {"redis": {"acl": False}}},
     "scaled-to-zero": {"replicas": 0},
     "model-store-pvc": {"modelStore": {"persistentVolumeClaim": {"claimName": "models"}}},
     "model-store-nfs": {"modelStore": {"nfs": {"server": "10.0.0.2", "path": "/exports/models"},
@@ -322,6 +339,8 @@ def test_every_child_is_a_valid_kubernetes_object(variant: str) -> None:
     spec = model(**VARIANTS[variant])
     the_plan = _partition_plan(spec.partitions)
     for manifest in render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="s3cret"):
+        if manifest["kind"] == "Certificate":  # cert-manager's kind: test_agent_tls_from_cert_manager
+            continue
         kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
 
 
@@ -340,6 +359,80 @@ def test_every_rendered_hps_command_line_is_one_the_cli_accepts(variant: str) ->
         if args.command == "agent":
             assert args.port == spec.agent.port and args.metrics_port == spec.agent.metrics_port
             assert args.partition in range(the_plan.partitions)
+
+
+def test_security_reaches_the_agent_pods() -> None:
+    """spec.security as the agents run it: TLS from the user's Secret (mutual: the client CA), callers'
+    tokens checked with TokenReview by the agents' own ServiceAccount (bound to
+    system:auth-delegator, its token mounted), reflection on, and Redis over TLS for every client."""
+    children = by_name(render_children(model(security=SECURITY), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    pod = agent_set(children, 0)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[args.index("--tls-cert") + 1] == "/var/run/hps/tls/tls.crt"
+    assert args[args.index("--tls-key") + 1] == "/var/run/hps/tls/tls.key"
+    assert args[args.index("--tls-client-ca") + 1] == "/var/run/hps/tls/ca.crt"
+    assert "--auth-tokenreview" in args and "--reflection" in args and "--auth-reads" in args
+    assert args[args.index("--auth-writers") + 1] == "system:serviceaccount:ml:trainer"
+    assert args[args.index("--auth-readers") + 1] == "group:recsys"
+    assert args[args.index("--auth-audience") + 1] == "hps"
+    assert args[args.index("--redis-tls-ca") + 1] == "/var/run/hps/redis-tls/ca.crt"
+    assert {"name": "tls", "secret": {"secretName": "dlrm-tls", "defaultMode": 0o440}} in pod["volumes"]
+    assert {"name": "tls", "mountPath": "/var/run/hps/tls", "readOnly": True} in container["volumeMounts"]
+    assert pod["serviceAccountName"] == "dlrm-agent" and pod["automountServiceAccountToken"] is True
+    assert children[("ServiceAccount", "dlrm-agent")]["automountServiceAccountToken"] is True
+    binding = children[("ClusterRoleBinding", "hps-operator:recsys:dlrm:tokenreview")]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": "system:auth-delegator"}  # fmt: skip
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "dlrm-agent", "namespace": "recsys"}]
+    # cluster-scoped: no namespace, no owner reference, its model named by labels
+    assert "namespace" not in binding["metadata"] and "ownerReferences" not in binding["metadata"]
+    assert binding["metadata"]["labels"]["hps.dev/owner-uid"] == OWNER["uid"]
+    assert binding["metadata"]["labels"]["hps.dev/owner-namespace"] == "recsys"
+    # the probes do not speak gRPC (the port is TLS): the metrics port's /healthz
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # the loader and Redis mount Redis's certificate too; Redis serves TLS only
+    (job,) = [m for (kind, _), m in children.items() if kind == "Job"]
+    assert {"name": "redis-tls", "mountPath": "/var/run/hps/redis-tls", "readOnly": True} in \
+        job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]  # fmt: skip
+    redis_container = children[("StatefulSet", "dlrm-redis")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--tls --cacert /var/run/hps/redis-tls/ca.crt" in redis_container["readinessProbe"]["exec"]["command"][2]
+    assert "echo 'port 0'" in redis_container["command"][2] and "tls-port 6379" in redis_container["command"][2]
+
+    # by default: no TLS, no token, nobody may write, no binding; the agents still have their own account
+    plain = by_name(render_children(model(), plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    pod = agent_set(plain, 0)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "dlrm-agent"
+    assert not [a for a in pod["containers"][0]["args"] if a.startswith(("--tls", "--auth", "--reflection"))]
+    assert not [k for k in plain if k[0] in ("ClusterRoleBinding", "Certificate")]
+
+
+def test_agent_tls_from_cert_manager() -> None:
+    """With an issuer, a cert-manager Certificate names every Service a client may use (each partition's up
+    to the autoscaler's maximum), and the agents serve the Secret it fills."""
+    spec = model(security={"tls": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}},
+                 autoscaling={"partitions": {"min": 1, "max": 3}})  # fmt: skip
+    children = by_name(render_children(spec, plan(), owner=OWNER, image=IMAGE, redis_password="pw"))
+    certificate = children[("Certificate", "dlrm-agent-tls")]
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["metadata"]["ownerReferences"] == OWNER_REFS
+    assert certificate["spec"]["secretName"] == "dlrm-agent-tls"
+    assert certificate["spec"]["issuerRef"] == {"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "ca"}
+    names = certificate["spec"]["dnsNames"]
+    for service in ("dlrm-agent", "dlrm-agent-p0", "dlrm-agent-p1", "dlrm-agent-p2"):
+        assert {service, f"{service}.recsys", f"{service}.recsys.svc", f"{service}.recsys.svc.cluster.local"} <= set(names)
+    assert "dlrm-agent-p3" not in names
+    pod = agent_set(children, 0)["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "dlrm-agent-tls", "defaultMode": 0o440}} in pod["volumes"]
+    assert "--tls-client-ca" not in pod["containers"][0]["args"]
+
+
+def test_a_model_store_cannot_cover_the_certificates() -> None:
+    with pytest.raises(InvalidSpecError) as caught:
+        render_children(model(modelStore={"persistentVolumeClaim": {"claimName": "m"}, "mountPath": "/var/run"},
+                              tables=[{"name": "t", "rows": 10, "dim": 4}]),
+                        plan(), owner=OWNER, image=IMAGE, redis_password="pw")  # fmt: skip
+    assert caught.value.field == "spec.modelStore.mountPath" and "/var/run/hps" in str(caught.value)
 
 
 def test_children_during_a_rollout_are_valid_too() -> None:
@@ -371,10 +464,12 @@ def test_render_is_sorted_stable_and_owned() -> None:
         ("PodDisruptionBudget", "dlrm-agent-p1"),
         ("PodDisruptionBudget", "dlrm-redis"),
         ("Secret", "dlrm-redis"),
+        ("Secret", "dlrm-redis-users"),
         ("Service", "dlrm-agent"),
         ("Service", "dlrm-agent-p0"),
         ("Service", "dlrm-agent-p1"),
         ("Service", "dlrm-redis"),
+        ("ServiceAccount", "dlrm-agent"),
         ("StatefulSet", f"dlrm-p0-{agent_set_hash(plan(), 0)[:5]}"),
         ("StatefulSet", f"dlrm-p1-{agent_set_hash(plan(), 1)[:5]}"),
         ("StatefulSet", "dlrm-redis"),
@@ -511,7 +606,7 @@ def test_agent_and_loader_commands_follow_the_tiers() -> None:
     assert container["args"] == [
         "load", "-f", "/etc/hps/model.yaml",
         "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
-        "--redis-password-env", "REDIS_PASSWORD", "--no-progress",
+        "--redis-password-env", "REDIS_PASSWORD", "--redis-user", "hps-loader", "--no-progress",
     ]  # fmt: skip
     # a changed table is a new loader Job (a Job's pod template cannot change)
     other = by_name(render_children(model(tables=[{"name": "user-id", "rows": 2000, "dim": 16}]), plan(),
@@ -534,11 +629,27 @@ def test_redis_children_follow_the_spec() -> None:
     assert "--cluster-replicas 1" in script and "dlrm-redis-5.dlrm-redis.recsys.svc" in script
     assert cluster[("StatefulSet", "dlrm-redis")]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
+    # the user's password Secret: the operator makes none, and (with ACL users, the default) the
+    # processes' role passwords are still the operator's own Secret
+    roles = {"agent": "a", "loader": "l", "producer": "p"}
     users = by_name(render_children(model(volatileStore={"redis": {"passwordSecret": "my-auth"}}), plan(),
-                                    owner=OWNER, image=IMAGE, redis_password=None))  # fmt: skip
+                                    owner=OWNER, image=IMAGE, redis_password=None, redis_user_passwords=roles))  # fmt: skip
     assert ("Secret", "dlrm-redis") not in users
+    assert users[("Secret", "dlrm-redis-users")]["data"] == {"agent": "YQ==", "loader": "bA==", "producer": "cA=="}
     env = agent_set(users, 0)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "dlrm-redis-users", "key": "agent"}}} in env
+    redis_env = users[("StatefulSet", "dlrm-redis")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "my-auth", "key": "password"}}} in redis_env
+    with pytest.raises(ValueError, match="redis_user_passwords"):
+        render_children(model(volatileStore={"redis": {"passwordSecret": "my-auth"}}), plan(), owner=OWNER,
+                        image=IMAGE, redis_password=None)  # fmt: skip
+    no_acl = by_name(render_children(model(volatileStore={"redis": {"passwordSecret": "my-auth"}},
+                                           security={"redis": {"acl": False}}), plan(),
+                                     owner=OWNER, image=IMAGE, redis_password=None))  # fmt: skip
+    assert ("Secret", "dlrm-redis-users") not in no_acl
+    env = agent_set(no_acl, 0)["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "my-auth", "key": "password"}}} in env
+    assert "--redis-user" not in agent_set(no_acl, 0)["spec"]["template"]["spec"]["containers"][0]["args"]
 
     none = by_name(render_children(model(volatileStore={"type": "none"}), plan(), owner=OWNER, image=IMAGE,
                                    redis_password=None))  # fmt: skip
@@ -634,10 +745,10 @@ def test_loader_job_whole_with_a_host_path_store() -> None:
                         "args": [
                             "load", "-f", "/etc/hps/model.yaml",
                             "--redis", "dlrm-redis-0.dlrm-redis.recsys.svc:6379,dlrm-redis-2.dlrm-redis.recsys.svc:6379",
-                            "--redis-password-env", "REDIS_PASSWORD", "--no-progress",
+                            "--redis-password-env", "REDIS_PASSWORD", "--redis-user", "hps-loader", "--no-progress",
                         ],
                         "env": [{"name": "REDIS_PASSWORD",
-                                 "valueFrom": {"secretKeyRef": {"name": "dlrm-redis", "key": "password"}}}],
+                                 "valueFrom": {"secretKeyRef": {"name": "dlrm-redis-users", "key": "loader"}}}],
                         "volumeMounts": [{"name": "config", "mountPath": "/etc/hps", "readOnly": True},
                                          {"name": "tmp", "mountPath": "/tmp"},
                                          {"name": "models", "mountPath": "/models", "readOnly": True}],
@@ -649,6 +760,7 @@ def test_loader_job_whole_with_a_host_path_store() -> None:
                                 {"name": "models", "hostPath": {"path": "/data/models", "type": "Directory"}}],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                                         "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "automountServiceAccountToken": False,
                     "priorityClassName": "gpu-inference",
                     "imagePullSecrets": [{"name": "regcred"}],
                     "nodeSelector": {"gpu": "a100"},
@@ -738,12 +850,14 @@ def test_pod_labels_and_annotations_cannot_replace_the_operators(agent: dict[str
                     image=IMAGE, redis_password="pw")  # fmt: skip
 
 
-def test_the_loader_reads_relative_sources_from_the_mounted_store(
-    tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The loader pod, played on this machine: the store is a folder at its mountPath, the ConfigMap's
-    model file lies in a folder of its own as at /etc/hps, and the Job's own command line runs the
-    real ``hps load`` into a real redis-server with AUTH. Relative sources are found in the store."""
+@pytest.mark.parametrize("redis_tls", [False, True], ids=["plain", "redis-tls"])
+def test_the_loader_pod_loads_into_the_rendered_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      redis_tls: bool) -> None:  # fmt: skip
+    """The loader pod and the Redis pod, played on this machine: Redis runs the StatefulSet's own start
+    script (ACL users; with ``tlsSecretName`` TLS only, the Secret's files in the mounted folder), and
+    the Job's own command line runs the real ``hps load`` as the ``hps-loader`` user with the password
+    its env names. The store is a folder at its mountPath, the ConfigMap's model file lies in a folder
+    of its own as at /etc/hps, and relative sources are found in the store."""
     store = tmp_path / "store"
     rng = np.random.default_rng(7)
     user = rng.standard_normal((50, 8)).astype(np.float32)
@@ -754,44 +868,63 @@ def test_the_loader_reads_relative_sources_from_the_mounted_store(
     np.save(store / "dlrm" / "user-id" / "vectors.npy", user)
     np.save(store / "dlrm" / "item-id" / "vectors.npy", item)
     np.save(store / "dlrm" / "item-id" / "keys.npy", item_keys)
+    security = {"redis": {"tlsSecretName": "storeload-redis-tls"}} if redis_tls else {}
     spec = parse_model({"metadata": {"name": "storeload", "namespace": "recsys"}, "spec": {
         "tables": [{"name": "user-id", "rows": 50, "dim": 8, "source": "dlrm/user-id"},
                    {"name": "item-id", "rows": 30, "dim": 4, "dtype": "float16", "source": "file://dlrm/./item-id"}],
-        "volatileStore": {"redis": {"shards": 1}},
+        "volatileStore": {"redis": {"shards": 1, "memory": "64Mi", "persistence": {"type": "none"}}},
+        "security": security,
         "modelStore": {"persistentVolumeClaim": {"claimName": "models"}, "mountPath": str(store)}}})  # fmt: skip
     the_plan = plan_placement(spec, Topology.from_model(spec), None)
-    children = by_name(render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="pw"))
+    rendered = render_children(spec, the_plan, owner=OWNER, image=IMAGE, redis_password="pw")
+    children = by_name(rendered)
     (job,) = [m for key, m in children.items() if key[0] == "Job"]
-    container = job["spec"]["template"]["spec"]["containers"][0]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     assert {"name": "models", "mountPath": str(store), "readOnly": True} in container["volumeMounts"]
 
-    etc = tmp_path / "etc-hps"
-    etc.mkdir()
-    (etc / "model.yaml").write_text(children[("ConfigMap", "storeload-config")]["data"][MODEL_KEY])
-    args = list(container["args"])
-    args[args.index("-f") + 1] = str(etc / "model.yaml")
-    args[args.index("--redis") + 1] = redis_server.address
-    monkeypatch.setenv("REDIS_PASSWORD", "test-secret")
-    in_pods = load_model_file(etc / "model.yaml")
-    (tier,) = open_tiers([TableLayout.of(t) for t in in_pods.tables], model=in_pods.name,
-                         redis_addresses=[redis_server.address], redis_password="test-secret")  # fmt: skip
+    if redis_tls:  # the Secret cert-manager (or the user) would fill: the server's certificate and its CA
+        certs = ensure_local_certificates(tmp_path / "ca")
+        (tmp_path / "redis-tls").mkdir()
+        for src, dst in ((certs.cert_file, "tls.crt"), (certs.key_file, "tls.key"), (certs.ca_file, "ca.crt")):
+            shutil.copy(src, tmp_path / "redis-tls" / dst)
+        assert {"name": "redis-tls", "secret": {"secretName": "storeload-redis-tls", "defaultMode": 0o440}} in pod["volumes"]
+        assert {"name": "redis-tls", "mountPath": REDIS_TLS_DIR, "readOnly": True} in container["volumeMounts"]
+    (script,) = _scripts(rendered)
+    env = {"REDIS_PASSWORD": "admin-pw", **_role_passwords(rendered)}
+    port = free_port()
+    server = _start_redis_pod(_redis_conf(script, hostname="storeload-redis-0", env=env, tmp=tmp_path),
+                              tmp=tmp_path, name="redis", port=port)  # fmt: skip
+    tls = RedisTLS(ca_file=tmp_path / "redis-tls" / "ca.crt") if redis_tls else None
+    admin = RedisAccess(password="admin-pw", tls=tls)
     try:
+        _wait(lambda: redis.Redis(port=port, socket_timeout=2, **admin.client_options()).ping())
+        etc = tmp_path / "etc-hps"
+        etc.mkdir()
+        (etc / "model.yaml").write_text(children[("ConfigMap", "storeload-config")]["data"][MODEL_KEY])
+        args = [a.replace(REDIS_TLS_DIR, str(tmp_path / "redis-tls")) for a in container["args"]]
+        args[args.index("-f") + 1] = str(etc / "model.yaml")
+        args[args.index("--redis") + 1] = f"127.0.0.1:{port}"
+        assert args[args.index("--redis-user") + 1] == "hps-loader"
+        assert ("--redis-tls-ca" in args) == redis_tls
+        (password_env,) = container["env"]
+        assert password_env["valueFrom"]["secretKeyRef"] == {"name": "storeload-redis-users", "key": "loader"}
+        monkeypatch.setenv(password_env["name"], env["HPS_LOADER_PASSWORD"])
         assert hps_main(args) == 0
+
+        in_pods = load_model_file(etc / "model.yaml")
+        (tier,) = open_tiers([TableLayout.of(t) for t in in_pods.tables], model=in_pods.name,
+                             redis_addresses=[f"127.0.0.1:{port}"], redis_access=admin)  # fmt: skip
         values, found = tier.fetch("user-id", np.arange(50, dtype=np.int64))
         assert found.all() and np.array_equal(values, user)
         values, found = tier.fetch("item-id", item_keys)
         assert found.all() and np.array_equal(values, item)
-    finally:
-        for t in in_pods.tables:
-            tier.evict(t.name)
         tier.close()
-    # the user's relative source, read from the model file's folder as the pods would, finds nothing
-    with pytest.raises(TableSourceError, match="does not exist"):
-        open_source(spec.table("user-id"), base_dir=etc)
-
-
-# ---------------------------------------------------------------------------------------------
-# the generated Redis configuration, on a real redis-server
+        if redis_tls:  # and nothing is served in plaintext
+            with pytest.raises(redis.ConnectionError):
+                redis.Redis(port=port, password="admin-pw", socket_timeout=2, retry=Retry(NoBackoff(), 0)).ping()
+    finally:
+        _stop([server])
 
 
 def _scripts(children: list[dict[str, Any]]) -> Iterator[str]:
@@ -811,16 +944,34 @@ def test_shell_scripts_parse() -> None:
         subprocess.run(["sh", "-n", "-c", script], check=True, timeout=10)
 
 
-def _redis_conf(script: str, *, hostname: str, password: str, tmp: Path) -> str:
-    """Runs the StatefulSet's start script as a pod would, but prints the config instead of starting."""
-    script = script.replace("conf=/tmp/redis.conf", f"conf={tmp / (hostname + '.conf')}")
-    script = script.replace('exec redis-server "$conf"', 'cat "$conf"')
-    out = subprocess.run(["sh", "-c", script], env={"HOSTNAME": hostname, "REDIS_PASSWORD": password, "PATH": "/usr/bin:/bin"},
+def _role_passwords(children: list[dict[str, Any]]) -> dict[str, str]:
+    """The role passwords of the rendered users Secret, as a pod's environment has them."""
+    (secret,) = [m for m in children if m["kind"] == "Secret" and m["metadata"]["name"].endswith("-redis-users")]
+    return {f"HPS_{role.upper()}_PASSWORD": base64.b64decode(v).decode() for role, v in secret["data"].items()}
+
+
+def _redis_conf(script: str, *, hostname: str, env: dict[str, str], tmp: Path) -> str:
+    """Runs the StatefulSet's start script as a pod would (its /tmp and certificate folder moved under
+    ``tmp``), but prints the config instead of starting the server."""
+    pod = tmp / hostname
+    pod.mkdir(exist_ok=True)
+    script = script.replace("conf=/tmp/redis.conf", f"conf={pod / 'redis.conf'}").replace("/tmp/users.acl", str(pod / "users.acl"))
+    script = script.replace(REDIS_TLS_DIR, str(tmp / "redis-tls")).replace('exec redis-server "$conf"', 'cat "$conf"')
+    out = subprocess.run(["sh", "-c", script], env={"HOSTNAME": hostname, "PATH": "/usr/bin:/bin", **env},
                          capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
     return out.stdout
 
 
-def _start(conf: str, path: Path) -> subprocess.Popen[bytes]:
+def _start_redis_pod(conf: str, *, tmp: Path, name: str, port: int, master: tuple[str, int] | None = None) -> subprocess.Popen[bytes]:
+    """A rendered config on this machine: loopback, a free port, its own data folder (and, for a
+    replica, its master's address on this machine)."""
+    conf = conf.replace("port 6379", f"port {port}").replace("bind 0.0.0.0", "bind 127.0.0.1")
+    (tmp / name).mkdir(exist_ok=True)
+    conf = conf.replace("dir /data", f"dir {tmp / name}")
+    if master is not None:
+        conf = conf.replace(f"{master[0]} 6379", f"127.0.0.1 {master[1]}")
+    conf += "repl-diskless-sync-delay 0\n"  # test only: start the first sync at once, not after 5 s
+    path = tmp / f"{name}.conf"
     path.write_text(conf)
     return subprocess.Popen([redis_server_binary(), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -839,26 +990,33 @@ def _wait(check: Any, timeout: float = 10.0) -> Any:
         time.sleep(0.05)
 
 
-def test_generated_redis_config_runs_a_master_and_its_replica(tmp_path: Path) -> None:
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for p in processes:
+        p.kill()
+        p.wait(timeout=10)
+
+
+def test_generated_redis_config_runs_a_master_and_its_replica_with_a_user_per_role(tmp_path: Path) -> None:
+    """The rendered start script on a real redis-server: AUTH, replication as the default user, and
+    each role's ACL user allowed what the role does and refused the rest."""
     spec = model(volatileStore={"redis": {"shards": 2, "replicasPerShard": 1, "memory": "64Mi"}})
     children = render_children(spec, plan(), owner=OWNER, image=IMAGE, redis_password="pw")
     (script,) = [s for s in _scripts(children)]
-    master_conf = _redis_conf(script, hostname="dlrm-redis-2", password="s3cret", tmp=tmp_path)
-    replica_conf = _redis_conf(script, hostname="dlrm-redis-3", password="s3cret", tmp=tmp_path)
+    env = {"REDIS_PASSWORD": "s3cret", **_role_passwords(children)}
+    master_conf = _redis_conf(script, hostname="dlrm-redis-2", env=env, tmp=tmp_path)
+    replica_conf = _redis_conf(script, hostname="dlrm-redis-3", env=env, tmp=tmp_path)
     assert "replicaof" not in master_conf
     # pod 3 replicates pod 2, the master of shard 1
     assert "replicaof dlrm-redis-2.dlrm-redis.recsys.svc 6379" in replica_conf
+    # the role passwords are in the ACL file only, which only the server's user may read
+    assert not any(password in master_conf for name, password in env.items() if name.startswith("HPS_"))
+    assert (tmp_path / "dlrm-redis-2" / "users.acl").stat().st_mode & 0o077 == 0
 
     ports = free_port(), free_port()
-    processes = []
+    processes = [_start_redis_pod(master_conf, tmp=tmp_path, name="m", port=ports[0])]
     try:
-        for conf, port, name in ((master_conf, ports[0], "m"), (replica_conf, ports[1], "r")):
-            conf = conf.replace("port 6379", f"port {port}").replace("bind 0.0.0.0", "bind 127.0.0.1")
-            (tmp_path / name).mkdir()
-            conf = conf.replace("dir /data", f"dir {tmp_path / name}").replace(
-                "dlrm-redis-2.dlrm-redis.recsys.svc 6379", f"127.0.0.1 {ports[0]}")
-            conf += "repl-diskless-sync-delay 0\n"  # test only: start the first sync at once, not after 5 s
-            processes.append(_start(conf, tmp_path / f"{name}.conf"))
+        processes.append(_start_redis_pod(replica_conf, tmp=tmp_path, name="r", port=ports[1],
+                                          master=("dlrm-redis-2.dlrm-redis.recsys.svc", ports[0])))  # fmt: skip
         master = redis.Redis(port=ports[0], password="s3cret", socket_timeout=2)
         replica = redis.Redis(port=ports[1], password="s3cret", socket_timeout=2)
         _wait(master.ping)
@@ -868,12 +1026,28 @@ def test_generated_redis_config_runs_a_master_and_its_replica(tmp_path: Path) ->
         assert master.config_get("maxmemory") == {"maxmemory": str(64 * 2**20 * 85 // 100)}
         assert master.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         master.set("k", b"v")
-        assert _wait(lambda: replica.get("k")) == b"v"  # replication authenticated with masterauth
-    finally:
-        for p in processes:
-            p.kill()
-            p.wait(timeout=10)
+        assert _wait(lambda: replica.get("k")) == b"v"  # replication authenticated as the default user
 
+        def user(role: str) -> redis.Redis:
+            return redis.Redis(port=ports[0], username=f"hps-{role}", password=env[f"HPS_{role.upper()}_PASSWORD"],
+                               socket_timeout=2, retry=Retry(NoBackoff(), 0))  # fmt: skip
+
+        rows, stream = "hps:{dlrm:user-id:0}", "hps:{dlrm}:updates"
+        user("loader").hset(rows, "1", b"row")
+        assert user("agent").hmget(rows, ["1"]) == [b"row"]
+        user("producer").xadd(stream, {"k": "v"})
+        assert user("agent").xlen(stream) == 1
+        refused = [(user("agent"), "FLUSHALL"), (user("agent"), "CONFIG", "GET", "*"),
+                   (user("agent"), "HMGET", "hps:{other:user-id:0}", "1"), (user("loader"), "XADD", stream, "*", "k", "v"),
+                   (user("loader"), "HMGET", rows, "1"), (user("producer"), "HMGET", rows, "1"),
+                   (user("producer"), "HSET", rows, "1", "x")]  # fmt: skip
+        for client, *command in refused:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.execute_command(*command)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=ports[0], username="hps-agent", password="wrong", socket_timeout=2).ping()
+    finally:
+        _stop(processes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,15 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# the agents' own ServiceAccount, one per model (no permission unless spec.security.auth)
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# the agents' serving certificate issued by cert-manager (spec.security.tls.issuerRef); listed, not
+# watched: the kind exists only where cert-manager is installed
+- apiGroups: ["cert-manager.io"]
+  resources: ["certificates"]
+  verbs: ["list", "create", "patch", "delete"]
 {{- end }}
 
 {{- define "hps-operator.clusterRules" -}}
@@ -122,6 +131,19 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+{{- if .Values.rbac.tokenReview }}
+# spec.security.auth: agents check callers' tokens with TokenReview, for which the operator binds the
+# model's agent ServiceAccount to system:auth-delegator in a ClusterRoleBinding (cluster-scoped, so
+# labelled with its model's uid rather than owned: listed by label, deleted with the model)
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["clusterrolebindings"]
+  verbs: ["list", "create", "patch", "delete"]
+# binding a ClusterRole needs "bind" on it: this one only
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["clusterroles"]
+  resourceNames: ["system:auth-delegator"]
+  verbs: ["bind"]
+{{- end }}
 {{- end }}
 
 {{- define "hps-operator.leaderRules" -}}

@@ -93,6 +93,7 @@ def render_children(
     owner: Mapping[str, Any],
     image: str,
     redis_password: str | None,
+    redis_user_passwords: Mapping[str, str] | None = None,
     active_plan: Plan | None = None,
     phase: Phase | str = Phase.IDLE,
     redis_image: str = DEFAULT_REDIS_IMAGE,
@@ -104,14 +105,16 @@ def render_children(
     rollout phase (``rollout.Rollout.phase``): Idle and Draining render the target's agent sets alone,
     Warming and Switching the active plan's beside them (routing flips at Switching). ``image`` is the operator's default
     agent image (``spec.agent.image`` wins) and ``image_pull_policy`` the policy of the containers
-    running it (None leaves Kubernetes' default)."""
+    running it (None leaves Kubernetes' default). ``redis_password`` and ``redis_user_passwords`` (role →
+    password, for ``spec.security.redis.acl``) fill the Secrets the operator creates once."""
     check_renderable(model)
     generations, routing = rollout_plans(plan, active_plan, phase)
     children: list[Manifest] = [
         render_plan_configmap(model, plan, owner=owner, routing=routing),
         render_agent_config(model, generations, owner=owner),
         *render_agents(model, generations, owner=owner, image=image, image_pull_policy=image_pull_policy),
-        *render_redis(model, owner=owner, redis_password=redis_password, redis_image=redis_image),
+        *render_redis(model, owner=owner, redis_password=redis_password, redis_user_passwords=redis_user_passwords,
+                      redis_image=redis_image),
     ]
     if uses_redis(model):
         children.append(render_loader_job(model, owner=owner, image=image, image_pull_policy=image_pull_policy))

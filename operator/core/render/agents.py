@@ -46,16 +46,24 @@ from hps_operator.core.render.meta import (
 from hps_operator.core.render.model_file import agent_model_hash
 from hps_operator.core.render.pods import (
     AGENT_UID,
-    REDIS_PASSWORD_ENV,
     add_pod_knobs,
     add_scratch_volume,
     container_security,
     mount_model_store,
     pod_metadata,
     pod_security,
-    secret_env,
 )
-from hps_operator.core.render.redis import redis_args, uses_redis
+from hps_operator.core.render.redis import redis_args, redis_password_env, uses_redis
+from hps_operator.core.render.security import (
+    add_agent_tls,
+    agent_auth_args,
+    agent_service_account_name,
+    auth_enabled,
+    mount_redis_tls,
+    render_agent_certificate,
+    render_agent_service_account,
+    render_tokenreview_binding,
+)
 
 from node_agent.plan import Plan
 from node_agent.spec import ModelSpec, format_quantity
@@ -132,7 +140,8 @@ def agent_args(model: ModelSpec, partition: int, plan_key: str) -> list[str]:
         # 2 x 5 s) and leaves the Service's endpoints while it still answers, then stops
         "--drain-seconds",
         str(AGENT_DRAIN_S),
-        *redis_args(model),
+        *redis_args(model, "agent"),
+        *agent_auth_args(model),
     ]
     if model.persistent_store.type == "rocksdb":
         args += ["--rocksdb", ROCKSDB_DIR]
@@ -163,7 +172,9 @@ def render_agent_statefulset(
     replica."""
     agent_set = agent_set_hash(serving, partition)
     set_labels = {PARTITION_LABEL: str(partition), AGENT_SET_LABEL: agent_set}
-    grpc = {"port": model.agent.port}
+    # the kubelet's gRPC probe cannot speak TLS: /healthz on the metrics port answers what the gRPC
+    # health service does (serving once loaded, not serving while draining)
+    health = {"path": "/healthz", "port": "metrics"}
     container: dict[str, Any] = {
         "name": "agent",
         "image": model.agent.image or image,
@@ -174,7 +185,7 @@ def render_agent_statefulset(
             [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
              # CuPy caches the kernels it compiles; the root filesystem is read-only
              {"name": "CUPY_CACHE_DIR", "value": "/tmp/cupy"}]
-            + ([secret_env(model, REDIS_PASSWORD_ENV)] if uses_redis(model) else []),
+            + ([redis_password_env(model, "agent")] if uses_redis(model) else []),
             key=lambda e: str(e["name"]),
         ),
         "ports": [
@@ -183,9 +194,9 @@ def render_agent_statefulset(
         ],
         "resources": _agent_resources(model, serving),
         # loading a large table at start can take long: the startup probe holds off liveness for an hour
-        "startupProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 360},
-        "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
-        "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "startupProbe": {"httpGet": health, "periodSeconds": 10, "failureThreshold": 360},
+        "readinessProbe": {"httpGet": health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": health, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
         "securityContext": container_security(),
     }
@@ -193,10 +204,15 @@ def render_agent_statefulset(
         "containers": [container],
         "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
         "securityContext": pod_security(AGENT_UID),
+        "serviceAccountName": agent_service_account_name(model),
+        # the token only where the agents ask the API server whose a caller's token is
+        "automountServiceAccountToken": auth_enabled(model),
         # the drain, then calls in flight
         "terminationGracePeriodSeconds": AGENT_DRAIN_S + 15,
     }
     add_scratch_volume(pod_spec, "1Gi")
+    add_agent_tls(model, pod_spec, container)
+    mount_redis_tls(model, pod_spec)
     if model.agent.node_selector:
         pod_spec["nodeSelector"] = dict(sorted(model.agent.node_selector.items()))
     if model.agent.tolerations:
@@ -321,7 +337,12 @@ def render_agents(model: ModelSpec, generations: Sequence[Plan], *, owner: Mappi
                   image_pull_policy: str | None = None) -> list[Manifest]:  # fmt: skip
     """The client Service, and for every partition of any of ``generations`` (the target plan first,
     then, during a rollout, the active one) its Service, PDB and an agent set per distinct share."""
-    children: list[Manifest] = [render_client_service(model, owner=owner)]
+    children: list[Manifest] = [render_client_service(model, owner=owner), render_agent_service_account(model, owner=owner)]
+    if auth_enabled(model):
+        children.append(render_tokenreview_binding(model, owner=owner))
+    certificate = render_agent_certificate(model, owner=owner)
+    if certificate is not None:
+        children.append(certificate)
     partitions = sorted({p for plan in generations for p in range(plan.partitions)})
     for partition in partitions:
         children += [render_agent_service(model, partition, owner=owner), render_agent_pdb(model, partition, owner=owner)]

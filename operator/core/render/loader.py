@@ -17,16 +17,15 @@ from hps_operator.core.render.meta import (
 )
 from hps_operator.core.render.pods import (
     AGENT_UID,
-    REDIS_PASSWORD_ENV,
     add_pod_knobs,
     add_scratch_volume,
     container_security,
     mount_model_store,
     pod_metadata,
     pod_security,
-    secret_env,
 )
-from hps_operator.core.render.redis import redis_args
+from hps_operator.core.render.redis import redis_args, redis_password_env
+from hps_operator.core.render.security import mount_redis_tls
 
 from node_agent.spec import HostPathSource, ModelSpec
 
@@ -46,7 +45,7 @@ def loader_job_name(model: ModelSpec, job_spec: Mapping[str, Any]) -> str:
 def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
                       image_pull_policy: str | None = None) -> Manifest:
     """Loads every table into the shared Redis tier (``hps load``); retries while Redis comes up."""
-    args = ["load", "-f", f"{CONFIG_DIR}/{MODEL_KEY}", *redis_args(model), "--no-progress"]
+    args = ["load", "-f", f"{CONFIG_DIR}/{MODEL_KEY}", *redis_args(model, "loader"), "--no-progress"]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "OnFailure",
         "containers": [
@@ -56,15 +55,18 @@ def render_loader_job(model: ModelSpec, *, owner: Mapping[str, Any], image: str,
                 **pull_policy(image_pull_policy),
                 "command": ["hps"],
                 "args": args,
-                "env": [secret_env(model, REDIS_PASSWORD_ENV)],
+                "env": [redis_password_env(model, "loader")],
                 "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
                 "securityContext": container_security(),
             }
         ],
         "volumes": [{"name": "config", "configMap": {"name": agent_config_name(model)}}],
         "securityContext": pod_security(AGENT_UID),
+        # the loader talks to Redis only: no Kubernetes token
+        "automountServiceAccountToken": False,
     }
     add_scratch_volume(pod_spec)
+    mount_redis_tls(model, pod_spec)
     add_pod_knobs(model, pod_spec)
     mount_model_store(model, pod_spec)
     if model.model_store is not None and isinstance(model.model_store.volume, HostPathSource):

@@ -46,6 +46,9 @@ DATA_DIR = "/var/lib/hps"
 
 ROCKSDB_DIR = f"{DATA_DIR}/rocksdb"
 
+#: where the agents' and Redis's certificates are mounted (``spec.security``)
+CREDENTIALS_DIR = "/var/run/hps"
+
 
 MODEL_STORE_VOLUME = "models"
 
@@ -175,7 +178,7 @@ def check_renderable(model: ModelSpec) -> None:
         )
     if model.model_store is not None:
         mount = model.model_store.mount_path
-        for ours in (CONFIG_DIR, DATA_DIR):
+        for ours in (CONFIG_DIR, DATA_DIR, CREDENTIALS_DIR):
             if mount == ours or ours.startswith(mount + "/") or mount.startswith(ours + "/"):
                 raise InvalidSpecError(
                     "spec.modelStore.mountPath",

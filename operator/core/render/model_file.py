@@ -22,6 +22,7 @@ from node_agent.spec import (
     ModelStoreSpec,
     NFSSource,
     PersistentVolumeClaimSource,
+    SecuritySpec,
     format_quantity,
 )
 
@@ -125,6 +126,9 @@ def model_manifest(model: ModelSpec) -> Manifest:
             **({"metricsFrom": [dict(p) for p in network.metrics_from]} if network.metrics_from else {}),
             **({"redisClients": [dict(p) for p in network.redis_clients]} if network.redis_clients else {}),
         }
+    if model.security != SecuritySpec():
+        # spelled out only when set, as network above
+        spec["security"] = security_manifest(model.security)
     if model.model_store is not None:
         spec["modelStore"] = model_store_manifest(model.model_store)
     return {
@@ -133,6 +137,25 @@ def model_manifest(model: ModelSpec) -> Manifest:
         "metadata": {"name": model.name, "namespace": model.namespace},
         "spec": spec,
     }
+
+
+def security_manifest(security: SecuritySpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if security.tls is not None:
+        tls: dict[str, Any] = {"mutual": security.tls.mutual}
+        if security.tls.secret_name:
+            tls["secretName"] = security.tls.secret_name
+        if security.tls.issuer is not None:
+            tls["issuerRef"] = dict(security.tls.issuer)
+        out["tls"] = tls
+    auth = security.auth
+    out["auth"] = {"writers": list(auth.writers), "readers": list(auth.readers), "restrictReads": auth.restrict_reads,
+                   "audiences": list(auth.audiences)}  # fmt: skip
+    out["redis"] = {"acl": security.redis.acl}
+    if security.redis.tls_secret_name:
+        out["redis"]["tlsSecretName"] = security.redis.tls_secret_name
+    out["reflection"] = security.reflection
+    return out
 
 
 def model_store_manifest(store: ModelStoreSpec) -> dict[str, Any]:

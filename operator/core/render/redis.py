@@ -14,6 +14,7 @@ limit) to leave room for client buffers, replication backlog and fragmentation.
 from __future__ import annotations
 
 import base64
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,8 +35,20 @@ from hps_operator.core.render.pods import (
     pod_security,
     secret_env,
 )
+from hps_operator.core.render.security import (
+    REDIS_TLS_DIR,
+    ROLE_PASSWORD_ENV,
+    derive_redis_user_passwords,
+    mount_redis_tls,
+    redis_role_args,
+    render_redis_users_secret,
+    role_password_env,
+    uses_redis_acl,
+)
 
+from node_agent.redis_acl import ROLES, USERS, role_rules
 from node_agent.spec import ModelSpec, format_quantity
+from node_agent.updates import stream_name
 
 REDIS_PORT = 6379
 
@@ -113,6 +126,49 @@ def _persistence_lines(model: ModelSpec) -> list[str]:
     return ["  echo 'appendonly yes'", f"  echo 'appendfsync {persistence.appendfsync}'"]
 
 
+def redis_cli_tls(model: ModelSpec) -> str:
+    """``redis-cli``'s flags to reach a Redis that serves TLS (empty without Redis TLS)."""
+    return f" --tls --cacert {REDIS_TLS_DIR}/ca.crt" if model.security.redis.tls_secret_name else ""
+
+
+def _tls_lines(model: ModelSpec) -> list[str]:
+    """TLS only, on the Redis port: clients, replication and (in cluster mode) the cluster bus. Clients
+    need no certificate of their own (their ACL user's password authenticates them)."""
+    if not model.security.redis.tls_secret_name:
+        return [f"  echo 'port {REDIS_PORT}'"]
+    lines = ["  echo 'port 0'", f"  echo 'tls-port {REDIS_PORT}'", f"  echo 'tls-cert-file {REDIS_TLS_DIR}/tls.crt'",
+             f"  echo 'tls-key-file {REDIS_TLS_DIR}/tls.key'", f"  echo 'tls-ca-cert-file {REDIS_TLS_DIR}/ca.crt'",
+             "  echo 'tls-auth-clients optional'", "  echo 'tls-replication yes'"]  # fmt: skip
+    if model.volatile_store.redis.cluster:
+        lines.append("  echo 'tls-cluster yes'")
+    return lines
+
+
+#: the ACL file a Redis with per-role users reads (written at start from the passwords' Secrets)
+ACL_FILE = "/tmp/users.acl"
+
+
+def _auth_lines(model: ModelSpec) -> list[str]:
+    """``requirepass`` alone, or with ACL users an ACL file: ``default`` (the model's Redis password:
+    replication, probes, administration) and one user per role with only what the role needs (see
+    :mod:`node_agent.redis_acl`), each password from the environment, never on a command line."""
+    if not uses_redis_acl(model):
+        return ['  echo "requirepass ${REDIS_PASSWORD}"', '  echo "masterauth ${REDIS_PASSWORD}"']
+    return ["  echo 'masteruser default'", '  echo "masterauth ${REDIS_PASSWORD}"', f"  echo 'aclfile {ACL_FILE}'"]
+
+
+def _acl_file_lines(model: ModelSpec) -> list[str]:
+    if not uses_redis_acl(model):
+        return []
+    lines = ["{", '  echo "user default reset on >${REDIS_PASSWORD} ~* &* +@all"']
+    stream = stream_name(model)
+    for role in ROLES:
+        rules = " ".join(role_rules(role, model=model.name, stream=stream))
+        lines.append(f"  printf '%s\\n' \"user {USERS[role]} reset on >${{{ROLE_PASSWORD_ENV[role]}}} \""
+                     f"{shlex.quote(rules)}")  # fmt: skip
+    return [*lines, f'}} > "{ACL_FILE}"']
+
+
 def _redis_server_script(model: ModelSpec) -> str:
     redis = model.volatile_store.redis
     group = 1 + redis.replicas_per_shard
@@ -122,9 +178,11 @@ def _redis_server_script(model: ModelSpec) -> str:
         'ordinal="${HOSTNAME##*-}"',
         "conf=/tmp/redis.conf",
         "umask 077",
+        *_acl_file_lines(model),
         "{",
-        f"  echo 'port {REDIS_PORT}'",
+        *_tls_lines(model),
         "  echo 'bind 0.0.0.0'",
+        # a password (and ACL users) guard every connection; protected mode only matters without one
         "  echo 'protected-mode no'",
         "  echo 'dir /data'",
         # no RDB snapshots: with persistence the append-only file is the record (a snapshot of a
@@ -133,8 +191,7 @@ def _redis_server_script(model: ModelSpec) -> str:
         *_persistence_lines(model),
         f"  echo 'maxmemory {model.volatile_store.redis.memory * 85 // 100}'",
         "  echo 'maxmemory-policy noeviction'",
-        '  echo "requirepass ${REDIS_PASSWORD}"',
-        '  echo "masterauth ${REDIS_PASSWORD}"',
+        *_auth_lines(model),
     ]
     if redis.cluster:
         lines += [
@@ -170,11 +227,12 @@ def render_redis_statefulset(
         "image": redis_image,
         "command": ["sh", "-c", _redis_server_script(model)],
         # redis-cli reads REDISCLI_AUTH, so probes never put the password on a command line
-        "env": [secret_env(model, REDIS_PASSWORD_ENV), secret_env(model, "REDISCLI_AUTH")],
+        "env": [secret_env(model, REDIS_PASSWORD_ENV), secret_env(model, "REDISCLI_AUTH")]
+        + ([role_password_env(model, ROLE_PASSWORD_ENV[role], role) for role in ROLES] if uses_redis_acl(model) else []),
         "ports": ports,
         "resources": {"requests": {"cpu": "100m", "memory": memory}, "limits": {"memory": memory}},
         "readinessProbe": {
-            "exec": {"command": ["sh", "-c", "redis-cli -p 6379 ping | grep -q PONG"]},
+            "exec": {"command": ["sh", "-c", f"redis-cli{redis_cli_tls(model)} -p {REDIS_PORT} ping | grep -q PONG"]},
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 3,
@@ -223,6 +281,7 @@ def render_redis_statefulset(
         # loader refills it after a restart, and online updates since the load are lost
         spec["template"]["spec"]["volumes"].append({"name": "data", "emptyDir": {}})
     add_scratch_volume(spec["template"]["spec"], "64Mi")
+    mount_redis_tls(model, spec["template"]["spec"])
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -244,6 +303,7 @@ def _redis_bootstrap_script(model: ModelSpec) -> str:
     hosts = " ".join(_redis_host(model, k) for k in range(redis_pod_count(model)))
     first = _redis_host(model, 0)
     replicas = model.volatile_store.redis.replicas_per_shard
+    cli = f"redis-cli{redis_cli_tls(model)}"
     return (
         "\n".join(
             [
@@ -251,12 +311,12 @@ def _redis_bootstrap_script(model: ModelSpec) -> str:
                 f'hosts="{hosts}"',
                 "deadline=$(( $(date +%s) + 900 ))",
                 "for h in $hosts; do",
-                '  until redis-cli -h "$h" -p 6379 ping 2>/dev/null | grep -q PONG; do',
+                f'  until {cli} -h "$h" -p {REDIS_PORT} ping 2>/dev/null | grep -q PONG; do',
                 '    if [ "$(date +%s)" -ge "$deadline" ]; then echo "redis node $h did not answer" >&2; exit 1; fi',
                 "    sleep 2",
                 "  done",
                 "done",
-                f'if redis-cli -h {first} -p 6379 cluster info | grep -q "^cluster_slots_assigned:16384"; then',
+                f'if {cli} -h {first} -p {REDIS_PORT} cluster info | grep -q "^cluster_slots_assigned:16384"; then',
                 '  echo "cluster already formed"; exit 0',
                 "fi",
                 'addrs=""',
@@ -265,7 +325,7 @@ def _redis_bootstrap_script(model: ModelSpec) -> str:
                 '  ip="$(getent hosts "$h" | awk \'{print $1}\')"',
                 f'  addrs="$addrs $ip:{REDIS_PORT}"',
                 "done",
-                f"redis-cli --cluster create $addrs --cluster-replicas {replicas} --cluster-yes",
+                f"{cli} --cluster create $addrs --cluster-replicas {replicas} --cluster-yes",
             ]
         )
         + "\n"
@@ -301,6 +361,7 @@ def render_redis_bootstrap_job(
         },
     }
     add_scratch_volume(spec["template"]["spec"], "16Mi")
+    mount_redis_tls(model, spec["template"]["spec"])
     # the script names every node, so it changes with the shard count: a Job's template is immutable,
     # so the spec's hash is in the name and a change makes a new Job instead of a rejected update
     name = f"{redis_name(model)}-bootstrap-{digest(spec, 8)}"
@@ -317,10 +378,13 @@ def render_redis(
     *,
     owner: Mapping[str, Any],
     redis_password: str | None,
+    redis_user_passwords: Mapping[str, str] | None = None,
     redis_image: str = DEFAULT_REDIS_IMAGE,
 ) -> list[Manifest]:
     """Every Redis child: StatefulSet, headless Service, PDB, the Secret (unless the user names one;
-    then ``redis_password`` may be ``None``) and, in cluster mode, the bootstrap Job."""
+    then ``redis_password`` may be ``None``), with ACL users their passwords' Secret (role → password
+    in ``redis_user_passwords``, else derived from ``redis_password``) and, in cluster mode, the
+    bootstrap Job."""
     if not uses_redis(model):
         return []
     children = [
@@ -334,15 +398,30 @@ def render_redis(
                 "redis_password is required when spec.volatileStore.redis.passwordSecret is empty"
             )
         children.append(render_redis_secret(model, owner=owner, password=redis_password))
+    if uses_redis_acl(model):
+        if redis_user_passwords is None:
+            if not redis_password:
+                raise ValueError("redis_user_passwords (or redis_password to derive them) is required with ACL users")
+            redis_user_passwords = derive_redis_user_passwords(redis_password)
+        children.append(render_redis_users_secret(model, owner=owner, passwords=redis_user_passwords))
     if model.volatile_store.redis.cluster:
         children.append(render_redis_bootstrap_job(model, owner=owner, redis_image=redis_image))
     return children
 
 
-def redis_args(model: ModelSpec) -> list[str]:
+def redis_args(model: ModelSpec, role: str) -> list[str]:
+    """How a process of ``role`` (``agent``, ``loader``) reaches the model's Redis: the addresses, its
+    ACL user and Redis's CA; the password is in :data:`REDIS_PASSWORD_ENV` (:func:`redis_password_env`)."""
     if not uses_redis(model):
         return []
     args = ["--redis", ",".join(redis_addresses(model))]
     if model.volatile_store.redis.cluster:
         args.append("--redis-cluster")
-    return [*args, "--redis-password-env", REDIS_PASSWORD_ENV]
+    return [*args, "--redis-password-env", REDIS_PASSWORD_ENV, *redis_role_args(model, role)]
+
+
+def redis_password_env(model: ModelSpec, role: str) -> dict[str, Any]:
+    """:data:`REDIS_PASSWORD_ENV` of a ``role`` process: its ACL user's password, or the model's one."""
+    if uses_redis_acl(model):
+        return role_password_env(model, REDIS_PASSWORD_ENV, role)
+    return secret_env(model, REDIS_PASSWORD_ENV)
