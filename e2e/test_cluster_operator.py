@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTANCE = "app.kubernetes.io/instance"
 #: every kind of child, as kubectl names them (Secrets too: the admin may read them)
 CHILD_RESOURCES = ("configmaps", "secrets", "services", "statefulsets", "jobs", "poddisruptionbudgets",
-                   "horizontalpodautoscalers", "networkpolicies")  # fmt: skip
+                   "horizontalpodautoscalers", "networkpolicies", "serviceaccounts")  # fmt: skip
 #: HPA controller warnings that say no custom metrics API serves the agents' metric (none is
 #: installed here); they are about the cluster, not about what the operator wrote
 METRICS_API_REASONS = ("FailedGetPodsMetric", "FailedComputeMetricsReplicas")
@@ -483,12 +483,13 @@ def test_agents_waiting_for_gpus_are_reported_and_join_when_a_node_comes(kube: K
 
         def waiting() -> dict[str, Any] | None:
             m = get_model(kube, namespace, "bursty")
-            return m if condition(m, "Progressing").get("reason") == "WaitingForGPUs" else None
+            # the replica that fits serves (its pod may become Ready after the other is seen waiting)
+            waits = condition(m, "Progressing").get("reason") == "WaitingForGPUs"
+            return m if waits and (m.get("status") or {}).get("readyReplicas") == 1 else None
 
-        m = wait_for("WaitingForGPUs", waiting)
+        m = wait_for("WaitingForGPUs with the replica that fits serving", waiting)
         message = condition(m, "Progressing")["message"]
         assert "1 agent pod(s) wait for nvidia.com/gpu: 8 asked for, 0 free on the 1 node(s)" in message, message
-        assert m["status"]["readyReplicas"] == 1  # the replica that fits serves
         assert condition(m, "Degraded").get("status") != "True"
         kube.plane.add_node(pool, 1, volumes=0)
         ready(kube, namespace, "bursty", within_s=30)
@@ -574,6 +575,155 @@ def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespa
     wait_for("the garbage collector to remove the children", lambda: not children(kube, namespace, "brief"))
 
 
+def _auth_args(statefulset: dict[str, Any]) -> list[str]:
+    """The ``--auth-*`` flags (with their values) the operator gave the agent container."""
+    (container,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
+    args: list[str] = container.get("args") or container.get("command") or []
+    picked: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--auth-"):
+            picked.append(arg)
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                picked.append(args[i + 1])
+    return picked
+
+
+def test_agents_check_callers_by_service_account_and_their_binding_goes_with_the_model(
+    kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    """``spec.security.auth.writers`` on a real API server: the operator gives the model's agents their
+    own ServiceAccount and binds it to ``system:auth-delegator``; an agent holding that account's token
+    and started with the flags the operator rendered lets the writer's ServiceAccount update and refuses
+    another's, each checked by the API server's TokenReview; deleting the model deletes the binding (a
+    cluster-scoped object the garbage collector cannot reach).
+
+    Stand-in: the agent is a local ``hps agent`` process (kwok runs no process in a pod); its token,
+    API server and CA are what a pod would mount."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    writer = f"system:serviceaccount:{namespace}:trainer"
+    kube.apply(model("guarded", security={"auth": {"writers": [writer]}}), namespace=namespace)
+    uid = ready(kube, namespace, "guarded")["metadata"]["uid"]
+    account = kube.get("serviceaccount", "guarded-agent", namespace=namespace)
+    assert account["automountServiceAccountToken"] is True
+    (statefulset,) = agent_sets(kube, namespace, "guarded", 0)
+    assert statefulset["spec"]["template"]["spec"]["serviceAccountName"] == "guarded-agent"
+    binding_name = f"hps-operator:{namespace}:guarded:tokenreview"
+    binding = kube.get("clusterrolebinding", binding_name)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": "system:auth-delegator"}  # fmt: skip
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "guarded-agent", "namespace": namespace}]
+    assert binding["metadata"]["labels"]["hps.dev/owner-uid"] == uid
+    # a model without auth has a ServiceAccount that mounts no token and is bound to nothing
+    kube.apply(model("open"), namespace=namespace)
+    ready(kube, namespace, "open")
+    assert kube.get("serviceaccount", "open-agent", namespace=namespace)["automountServiceAccountToken"] is False
+    assert kube.get("clusterrolebinding", f"hps-operator:{namespace}:open:tokenreview") is None
+
+    for account_name in ("trainer", "intruder"):
+        kube.kubectl("create", "serviceaccount", account_name, "-n", namespace)
+    tokens = {}
+    for account_name in ("guarded-agent", "trainer", "intruder"):
+        tokens[account_name] = tmp_path / f"{account_name}.token"
+        tokens[account_name].write_text(
+            kube.kubectl("create", "token", account_name, "-n", namespace, "--duration=1h").stdout.strip())
+    server = json.loads(kube.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "hps.dev/v1alpha1", "kind": "EmbeddingModel", "metadata": {"name": "guarded"},
+        "spec": {"tables": [{"name": "user", "rows": 4, "dim": 2, "source": "user.npy"}]}}))  # fmt: skip
+    np.save(tmp_path / "user.npy", np.zeros((4, 2), np.float32))
+    np.save(tmp_path / "v.npy", np.full((1, 2), 7.0, np.float32))
+    ready_file = tmp_path / "ready.json"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "hps_operator", "agent", "-f", str(tmp_path / "model.yaml"), "--port", "0",
+         "--load", "--device", "cpu", "--ready-file", str(ready_file), *_auth_args(statefulset),
+         "--auth-kube-api", server, "--auth-kube-token-file", str(tokens["guarded-agent"]),
+         "--auth-kube-ca", str(kube.plane.pki / "ca.crt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        wait_for("the agent to serve", lambda: ready_file.exists() or agent.poll() is not None)
+        assert agent.poll() is None, agent.stderr.read().decode() if agent.stderr else ""
+        endpoint = json.loads(ready_file.read_text())["endpoint"]
+
+        def update(token: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "hps_operator", "update", "--endpoint", endpoint, "--model", "guarded",
+                 "--table", "user", "--keys", "2", "--vectors-file", str(tmp_path / "v.npy"),
+                 "--token-file", str(token)],
+                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+        assert update(tokens["trainer"]).returncode == 0
+        refused = update(tokens["intruder"])
+        assert refused.returncode == 10, refused.stderr  # PERMISSION_DENIED: authenticated, not a writer
+        assert f"system:serviceaccount:{namespace}:intruder" in refused.stderr
+        (tmp_path / "forged.token").write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl\n")
+        assert update(tmp_path / "forged.token").returncode == 9  # UNAUTHENTICATED: the API server knows it not
+        looked = subprocess.run([sys.executable, "-m", "hps_operator", "lookup", "--endpoint", endpoint,
+                                 "--model", "guarded", "--table", "user", "--keys", "2", "-o", "json"],
+                                capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        assert json.loads(looked.stdout)["vectors"] == [[7.0, 7.0]]
+    finally:
+        agent.terminate()
+        agent.wait(15)
+
+    kube.kubectl("delete", "-n", namespace, "em/guarded", "em/open", "--timeout=60s")
+    wait_for("the binding deleted with its model", lambda: kube.get("clusterrolebinding", binding_name) is None)
+
+
+#: cert-manager's Certificate kind, served by a CustomResourceDefinition with no controller behind it:
+#: the stand-in for cert-manager (not built here), enough to see what the operator asks it for
+CERTIFICATE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "certificates.cert-manager.io"},
+    "spec": {"group": "cert-manager.io", "scope": "Namespaced",
+             "names": {"kind": "Certificate", "listKind": "CertificateList", "plural": "certificates",
+                       "singular": "certificate"},
+             "versions": [{"name": "v1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {"type": "object",
+                                                          "x-kubernetes-preserve-unknown-fields": True}}}]},
+}  # fmt: skip
+
+
+def test_a_cert_manager_issuer_gets_a_certificate_naming_every_service(kube: Kube, namespace: str) -> None:
+    """``spec.security.tls.issuerRef``: the operator asks cert-manager for a Certificate owned by the
+    model, naming the client Service and every partition's, its Secret mounted by the agents; switching
+    to a Secret of the user's deletes the Certificate. The CRD alone stands in for cert-manager."""
+    kube.apply(CERTIFICATE_CRD)
+    wait_for("the Certificate kind served", lambda: kube.kubectl("get", "certificates", "-n", namespace,
+                                                                 check=False).returncode == 0)  # fmt: skip
+    issuer = {"name": "cluster-ca", "kind": "ClusterIssuer"}
+    kube.apply(model("certified", partitions=2, security={"tls": {"issuerRef": issuer}}), namespace=namespace)
+    m = ready(kube, namespace, "certified")
+    certificate = wait_for("the Certificate", lambda: kube.get("certificate", "certified-agent-tls",
+                                                               namespace=namespace))  # fmt: skip
+    (ref,) = certificate["metadata"]["ownerReferences"]
+    assert ref["uid"] == m["metadata"]["uid"]
+    spec = certificate["spec"]
+    assert spec["secretName"] == "certified-agent-tls"
+    assert spec["issuerRef"] == {**issuer, "group": "cert-manager.io"}
+    services = [s["metadata"]["name"] for s in kube.get("services", namespace=namespace,
+                selector=f"{INSTANCE}=certified,app.kubernetes.io/component=agent")]  # fmt: skip
+    assert sorted(services) == ["certified-agent", "certified-agent-p0", "certified-agent-p1"]
+    for service in services:
+        assert f"{service}.{namespace}.svc" in spec["dnsNames"], spec["dnsNames"]
+    for statefulset in agent_sets(kube, namespace, "certified"):
+        volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+        assert any((v.get("secret") or {}).get("secretName") == "certified-agent-tls" for v in volumes)
+
+    kube.kubectl("patch", "-n", namespace, "em/certified", "--type=merge",
+                 "-p", '{"spec":{"security":{"tls":{"issuerRef":null,"secretName":"own-tls"}}}}')  # fmt: skip
+    wait_for("the Certificate deleted", lambda: kube.get("certificate", "certified-agent-tls",
+                                                         namespace=namespace) is None)  # fmt: skip
+    ready(kube, namespace, "certified")
+    for statefulset in agent_sets(kube, namespace, "certified"):
+        volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+        assert any((v.get("secret") or {}).get("secretName") == "own-tls" for v in volumes)
+
+
 def lease_holder(kube: Kube) -> str:
     lease = kube.get("lease", LEASE_NAME, namespace=OPERATOR_NAMESPACE)
     return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
@@ -651,13 +801,15 @@ def granted_rules(kube: Kube) -> set[tuple[str, str, str]]:
 
 
 #: permissions the API server checks without a request of that verb: an owner reference with
-#: blockOwnerDeletion needs "update embeddingmodels/finalizers", and a server-side apply (a patch)
-#: that creates its object needs "create"
-CHECKED_BY_ADMISSION = {("hps.dev", "embeddingmodels/finalizers", "update")} | {
+#: blockOwnerDeletion needs "update embeddingmodels/finalizers", a server-side apply (a patch)
+#: that creates its object needs "create", and a binding of a ClusterRole needs "bind" on it
+CHECKED_BY_ADMISSION = {("hps.dev", "embeddingmodels/finalizers", "update"),
+                        ("rbac.authorization.k8s.io", "clusterroles", "bind")} | {
     (group, resource, "create")
     for group, resource in (("", "configmaps"), ("", "services"), ("apps", "statefulsets"), ("batch", "jobs"),
                             ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"),
-                            ("networking.k8s.io", "networkpolicies"))
+                            ("networking.k8s.io", "networkpolicies"), ("", "serviceaccounts"),
+                            ("cert-manager.io", "certificates"), ("rbac.authorization.k8s.io", "clusterrolebindings"))
 }  # fmt: skip
 
 

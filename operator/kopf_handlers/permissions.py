@@ -42,8 +42,9 @@ API_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("custom.metrics.k8s.io", "pods/hps_l1_misses_per_second", ("get",)),
     # who may reach a model's Redis and agents (spec.network)
     ("networking.k8s.io", "networkpolicies", ("list", "watch", "create", "patch", "delete")),
-    # the agents' own ServiceAccount (no permission of its own unless spec.security.auth)
-    ("", "serviceaccounts", ("list", "watch", "create", "patch", "delete")),
+    # the agents' own ServiceAccount (no permission of its own unless spec.security.auth); never
+    # stale (one per model, of a fixed name), so never deleted but with its model, by the garbage collector
+    ("", "serviceaccounts", ("list", "watch", "create", "patch")),
     # the agents' serving certificate, issued by cert-manager (spec.security.tls.issuerRef); listed,
     # not watched, as the kind exists only where cert-manager is installed
     ("cert-manager.io", "certificates", ("list", "create", "patch", "delete")),

@@ -84,7 +84,12 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
 
         try:
             delete_cluster_bindings(kube(), keep=still_there, logger=logger)
-        except (KubeApiError, UnavailableError) as exc:
+        except KubeApiError as exc:
+            if exc.status == 403:  # the chart's rbac.tokenReview is off: the operator makes no binding
+                logger.info("not sweeping ClusterRoleBindings: not permitted (the chart's rbac.tokenReview is off)")
+            else:
+                logger.warning("could not look for the ClusterRoleBindings of deleted models: %s", exc)
+        except UnavailableError as exc:
             logger.warning("could not look for the ClusterRoleBindings of deleted models: %s", exc)
 
     @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=registry, id="deleted", optional=True)
@@ -94,7 +99,10 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
         uid = str(body.metadata.uid or "")
         try:
             delete_cluster_bindings(kube(), keep=lambda _ns, _name, owner: owner != uid, logger=logger)
-        except (KubeApiError, UnavailableError) as exc:
+        except KubeApiError as exc:
+            if exc.status != 403:  # 403: the chart's rbac.tokenReview is off, so there is no binding
+                logger.warning("could not delete the model's ClusterRoleBinding (retried at the next start): %s", exc)
+        except UnavailableError as exc:
             logger.warning("could not delete the model's ClusterRoleBinding (retried at the next start): %s", exc)
 
     def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:

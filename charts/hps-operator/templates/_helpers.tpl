@@ -107,10 +107,11 @@ the ClusterRole when the operator serves every namespace; nodes are cluster-scop
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# the agents' own ServiceAccount, one per model (no permission unless spec.security.auth)
+# the agents' own ServiceAccount, one per model (no permission unless spec.security.auth); deleted
+# with its model by the garbage collector
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch"]
 # the agents' serving certificate issued by cert-manager (spec.security.tls.issuerRef); listed, not
 # watched: the kind exists only where cert-manager is installed
 - apiGroups: ["cert-manager.io"]
