@@ -570,8 +570,9 @@ def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespa
     kube.apply(model("brief"), namespace=namespace)
     ready(kube, namespace, "brief")
     assert children(kube, namespace, "brief")
-    kube.kubectl("delete", "-n", namespace, "em/brief", "--timeout=60s")
-    assert kube.get("embeddingmodel", "brief", namespace=namespace) is None
+    kube.kubectl("delete", "-n", namespace, "em/brief", "--wait=false")
+    wait_for("the model gone (its finalizer removed)",
+             lambda: kube.get("embeddingmodel", "brief", namespace=namespace) is None)  # fmt: skip
     wait_for("the garbage collector to remove the children", lambda: not children(kube, namespace, "brief"))
 
 

@@ -204,7 +204,13 @@ def _reconcile_locked(api: KubeApi, namespace: str, name: str, *, options: core.
     if live is None or live["metadata"].get("deletionTimestamp"):
         return core.Decision((), (), {}, ()), {}
     decision = core.reconcile(observe(api, live), options)
-    failures = carry_out(api, decision, logger=logger)
+    try:
+        failures = carry_out(api, decision, logger=logger)
+    except NamespaceTerminating as exc:
+        # the namespace controller is deleting everything in it, the model too: recreating its
+        # children, reporting or posting Events there can only be refused again
+        logger.info("not reconciling %s/%s: %s", namespace, name, exc)
+        return core.Decision((), (), {}, ()), {}
     status = decision.status
     if failures:
         status = with_apply_failures(status, failures, previous=live.get("status") or {}, now=now_rfc3339())
@@ -223,18 +229,29 @@ def _reconcile_locked(api: KubeApi, namespace: str, name: str, *, options: core.
     return dataclasses.replace(decision, status=status), live.get("spec") or {}
 
 
+class NamespaceTerminating(KubeApiError):
+    """A write refused because the model's namespace is being deleted."""
+
+
+def _terminating(exc: KubeApiError) -> bool:
+    return exc.status == 403 and "because it is being terminated" in str(exc)
+
+
 def carry_out(api: KubeApi, decision: core.Decision, *,
               logger: logging.Logger | logging.LoggerAdapter[Any]) -> list[str]:  # fmt: skip
     """Writes the decision's children one by one: a child the API server refuses is reported (the
     returned lines name each and the server's answer) and the others are still written. A
     StatefulSet refused as unchangeable (422) is replaced once: deleted with its pods orphaned (to be
-    adopted) and created anew. (A Job's name carries its spec's hash, so it is never updated.)"""
+    adopted) and created anew. (A Job's name carries its spec's hash, so it is never updated.) A write
+    refused because the namespace is being deleted stops the rest (:class:`NamespaceTerminating`)."""
     failures: list[str] = []
 
     def attempt(what: str, write: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
         try:
             write(*args, **kwargs)
         except KubeApiError as exc:
+            if _terminating(exc):
+                raise NamespaceTerminating(exc.status, "write", what, "its namespace is being deleted") from exc
             logger.warning("%s: %s", what, exc)
             failures.append(f"{what}: HTTP {exc.status}: {exc}")
             return False
@@ -253,6 +270,9 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
         try:
             api.apply(manifest)
         except KubeApiError as exc:
+            if _terminating(exc):
+                raise NamespaceTerminating(exc.status, "apply", _what(manifest),
+                                           "its namespace is being deleted") from exc  # fmt: skip
             if exc.status == 422 and manifest["kind"] == "StatefulSet":
                 logger.info("%s cannot be updated in place (%s): replacing it", _what(manifest), exc)
                 ref = core.ChildRef(manifest["apiVersion"], manifest["kind"], manifest["metadata"]["namespace"],

@@ -94,3 +94,48 @@ def test_other_refusals_are_not_hidden() -> None:
     with pytest.raises(KubeApiError) as refused:
         _optional_children(api, "a", "app.kubernetes.io/instance=m", "u1")  # type: ignore[arg-type]
     assert refused.value.status == 403
+
+
+class Writes:
+    """Records writes; every write into ``terminating`` is refused as the API server refuses it."""
+
+    def __init__(self, terminating: str | None = None) -> None:
+        self.terminating = terminating
+        self.done: list[str] = []
+
+    def _write(self, method: str, manifest: dict[str, Any]) -> None:
+        meta = manifest["metadata"]
+        if meta["namespace"] == self.terminating:
+            raise KubeApiError(403, method, meta["name"], f'{manifest["kind"].lower()}s "{meta["name"]}" is forbidden: '
+                               f"unable to create new content in namespace {self.terminating} because it is being "
+                               "terminated")  # fmt: skip
+        self.done.append(f"{manifest['kind']}/{meta['name']}")
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self._write("PATCH", manifest)
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        self._write("POST", manifest)
+
+
+def child(kind: str, name: str, namespace: str) -> dict[str, Any]:
+    return {"kind": kind, "metadata": {"name": name, "namespace": namespace,
+                                       "ownerReferences": [{"uid": f"uid-{namespace}"}]}}  # fmt: skip
+
+
+def test_a_namespace_being_deleted_stops_the_writes_instead_of_reporting_each_refusal() -> None:
+    """The namespace controller deletes a model's children and the model: the operator, seeing its
+    first write refused for that reason, stops (no write can succeed, no Event can be posted there)
+    rather than trying every child and reporting ApplyFailed."""
+    from hps_operator.core.reconcile import Decision
+    from hps_operator.kopf_handlers.embedding_model import NamespaceTerminating, carry_out
+
+    decision = Decision(apply=(child("ConfigMap", "m-plan", "gone"), child("StatefulSet", "m-redis", "gone")),
+                        delete=(), status={}, events=(), create=(child("Secret", "m-redis-users", "gone"),))  # fmt: skip
+    api = Writes(terminating="gone")
+    with pytest.raises(NamespaceTerminating):
+        carry_out(api, decision, logger=LOG)  # type: ignore[arg-type]
+    assert api.done == []
+    # elsewhere a refusal is reported and the other children are still written
+    decision = Decision(apply=(child("ConfigMap", "m-plan", "live"),), delete=(), status={}, events=())
+    assert carry_out(Writes(), decision, logger=LOG) == []  # type: ignore[arg-type]

@@ -67,15 +67,17 @@ def gpu_node(name: str, gpus: int, memory_mib: int) -> dict[str, Any]:
     }
 
 
-async def wait_until(what: str, check: Callable[[], Any], within_s: float = WAIT_S) -> Any:
-    """Polls ``check`` until it returns something truthy; fails after ``within_s`` seconds."""
+async def wait_until(what: str, check: Callable[[], Any], within_s: float = WAIT_S,
+                     show: Callable[[], Any] | None = None) -> Any:  # fmt: skip
+    """Polls ``check`` until it returns something truthy; fails after ``within_s`` seconds, with what
+    ``show`` returns then."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+    raise AssertionError(f"timed out after {within_s}s waiting for {what}" + (f"; found {show()}" if show else ""))
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
@@ -469,8 +471,10 @@ async def test_degraded_says_which_part_is_unhealthy(cluster: Cluster, tmp_path:
 
     async with running_operator(cluster, tmp_path) as config:
         await deployed(cluster, tmp_path)
+        await quiet(cluster)  # the first reconciles are done: what follows is the operator's answer
         await cluster.set_ready("dlrm-redis", 0)
-        await wait_until("Redis degraded", lambda: degraded() == ("True", "VolatileStoreUnavailable"))
+        await wait_until("Redis degraded", lambda: degraded() == ("True", "VolatileStoreUnavailable"),
+                         show=lambda: (cluster.model() or {}).get("status"))
         assert condition(cluster.model(), "Ready")["status"] == "True"  # type: ignore[index]  # L1/L3 answer
         await wait_until("its event", lambda: "VolatileStoreUnavailable" in cluster.reasons())
         await scraped(config, lambda m: m.get(f"hps_model_condition{{condition=\"Degraded\",{MODEL}}}") == 1)
