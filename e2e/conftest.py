@@ -141,15 +141,18 @@ class OperatorProcess:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.starts.append(time.time())
 
-    def stop(self, *, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
+    def stop(self, *, sig: int = signal.SIGTERM, timeout_s: float = 30) -> bool:
+        """Sends ``sig`` and waits; SIGKILL after ``timeout_s``. True: it exited by itself."""
         if self.process is None or self.process.poll() is not None:
-            return
+            return True
         self.process.send_signal(sig)
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+            return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, as a node failure or an OOM kill would leave it."""

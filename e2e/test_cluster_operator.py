@@ -854,7 +854,9 @@ def test_uninstalling_the_chart_leaves_models_serving(kube: Kube, operator: Oper
     kube.apply(model("doomed"), namespace=namespace)
     version = ready(kube, namespace, "survivor")["status"]["placement"]["version"]
     ready(kube, namespace, "doomed")
-    operator.stop()
+    # SIGTERM, as the kubelet sends it: the leader releases its Lease and exits well within the pod's
+    # 30 s grace period (a stop flag kopf waited on in a worker thread once held the exit until SIGKILL)
+    assert operator.stop(timeout_s=10), "the operator was still running 10 s after SIGTERM"
     kube.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE)
     assert kube.get("crd", "embeddingmodels.hps.dev") is not None
     assert agent_sets(kube, namespace, "survivor", 0)[0]["status"]["readyReplicas"] == 1

@@ -148,9 +148,21 @@ def run_operator(args: argparse.Namespace) -> int:
         if not leading:
             return 0
         threading.Thread(target=elector.keep_leading, args=(lost, stop), name="leader-lease", daemon=True).start()
+    registry = build_registry(operator_config(args))
+    lost_before_stop: list[bool] = []
+    if elector is not None:
+
+        @kopf.on.cleanup(registry=registry)
+        def release_stop_flag(**_: Any) -> None:
+            """kopf waits for its stop flag (``lost``) in a thread of the loop's default executor, which
+            the loop joins on closing: stopped by a signal, kopf would wait for it until the kubelet's
+            SIGKILL. Raise it on the way out, remembering whether the Lease was lost first."""
+            lost_before_stop.append(lost.is_set())
+            lost.set()
+
     try:
         kopf.run(
-            registry=build_registry(operator_config(args)),
+            registry=registry,
             settings=settings,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
@@ -161,9 +173,10 @@ def run_operator(args: argparse.Namespace) -> int:
         )
     finally:
         stop.set()
-        if elector is not None and not lost.is_set():
+        was_lost = lost_before_stop[0] if lost_before_stop else lost.is_set()
+        if elector is not None and not was_lost:
             elector.release()
-    return 1 if lost.is_set() else 0
+    return 1 if was_lost else 0
 
 
 def _elector(args: argparse.Namespace) -> LeaderElector:
