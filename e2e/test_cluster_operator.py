@@ -571,8 +571,9 @@ def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespa
     ready(kube, namespace, "brief")
     assert children(kube, namespace, "brief")
     kube.kubectl("delete", "-n", namespace, "em/brief", "--wait=false")
+    # within seconds, even when its resync timer is mid-reconcile (kopf once polled that every 60 s)
     wait_for("the model gone (its finalizer removed)",
-             lambda: kube.get("embeddingmodel", "brief", namespace=namespace) is None)  # fmt: skip
+             lambda: kube.get("embeddingmodel", "brief", namespace=namespace) is None, within_s=20)  # fmt: skip
     wait_for("the garbage collector to remove the children", lambda: not children(kube, namespace, "brief"))
 
 
@@ -671,7 +672,7 @@ def test_agents_check_callers_by_service_account_and_their_binding_goes_with_the
         agent.terminate()
         agent.wait(15)
 
-    kube.kubectl("delete", "-n", namespace, "em/guarded", "em/open", "--timeout=60s")
+    kube.kubectl("delete", "-n", namespace, "em/guarded", "em/open", "--timeout=30s")
     wait_for("the binding deleted with its model", lambda: kube.get("clusterrolebinding", binding_name) is None)
 
 

@@ -18,6 +18,7 @@ from hps_operator.kopf_handlers.embedding_model import (
     MODEL_API_VERSION,
     delete_cluster_bindings,
     model_exists,
+    model_lock,
     reconcile_model,
 )
 from hps_operator.kopf_handlers.kube_api import KINDS, KubeApi, KubeApiError
@@ -95,10 +96,13 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
     @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=registry, id="deleted", optional=True)
     def model_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         """A model's ClusterRoleBinding goes with it (the garbage collector takes the rest, owned).
-        Never fails: a deletion must not wait on it, and the next start sweeps what was left."""
+        Never fails: a deletion must not wait on it, and the next start sweeps what was left. It takes
+        the model's lock first: a reconcile that began before the deletion could otherwise apply the
+        binding again after it was deleted (later ones see the deletion and write nothing)."""
         uid = str(body.metadata.uid or "")
         try:
-            delete_cluster_bindings(kube(), keep=lambda _ns, _name, owner: owner != uid, logger=logger)
+            with model_lock(str(body.metadata.namespace), str(body.metadata.name)):
+                delete_cluster_bindings(kube(), keep=lambda _ns, _name, owner: owner != uid, logger=logger)
         except KubeApiError as exc:
             if exc.status != 403:  # 403: the chart's rbac.tokenReview is off, so there is no binding
                 logger.warning("could not delete the model's ClusterRoleBinding (retried at the next start): %s", exc)
@@ -249,3 +253,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
             f"{MANAGED_BY_LABEL}={MANAGED_BY}"
         )
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
+    # A model's deletion waits for its resync timer to exit. The timer is sync (a reconcile in a worker
+    # thread, under a second): wait a few seconds for it to return, then look again every second.
+    # kopf's defaults (no wait, then a look every 60 s) kept a deleted model, finalizer and all, for a
+    # minute whenever its timer happened to be running when it was deleted.
+    settings.background.instant_exit_timeout = 5.0
+    settings.background.cancellation_polling = 1.0
