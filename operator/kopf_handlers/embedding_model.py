@@ -119,12 +119,14 @@ def _optional_children(api: KubeApi, namespace: str, selector: str, uid: str | N
 
 
 def delete_cluster_bindings(api: KubeApi, *, keep: Callable[[str, str, str], bool],
-                            logger: logging.Logger | logging.LoggerAdapter[Any]) -> int:
+                            logger: logging.Logger | logging.LoggerAdapter[Any], uid: str | None = None) -> int:  # fmt: skip
     """Deletes the models' ClusterRoleBindings whose model is gone: ``keep(namespace, name, uid)`` says
-    whether a model still is. The garbage collector cannot (a cluster-scoped object has no namespaced
-    owner), so the operator does it when a model is deleted and, for deletions it missed, at start."""
+    whether a model still is; ``uid`` lists only that model's. The garbage collector cannot (a
+    cluster-scoped object has no namespaced owner), so the operator does it when a model is deleted
+    and, for deletions it missed, at start."""
     deleted = 0
-    for binding in api.list(*CLUSTER_ROLE_BINDING, label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY},{OWNER_UID_LABEL}"):
+    owner = f"{OWNER_UID_LABEL}={uid}" if uid else OWNER_UID_LABEL
+    for binding in api.list(*CLUSTER_ROLE_BINDING, label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY},{owner}"):
         meta = binding["metadata"]
         found = meta.get("labels") or {}
         namespace, name = found.get(OWNER_NAMESPACE_LABEL, ""), found.get(core.INSTANCE_LABEL, "")
@@ -233,8 +235,9 @@ class NamespaceTerminating(KubeApiError):
     """A write refused because the model's namespace is being deleted."""
 
 
-def _terminating(exc: KubeApiError) -> bool:
-    return exc.status == 403 and "because it is being terminated" in str(exc)
+def _raise_if_terminating(exc: KubeApiError, what: str) -> None:
+    if exc.status == 403 and "because it is being terminated" in str(exc):
+        raise NamespaceTerminating(exc.status, "write", what, "its namespace is being deleted") from exc
 
 
 def carry_out(api: KubeApi, decision: core.Decision, *,
@@ -250,8 +253,7 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
         try:
             write(*args, **kwargs)
         except KubeApiError as exc:
-            if _terminating(exc):
-                raise NamespaceTerminating(exc.status, "write", what, "its namespace is being deleted") from exc
+            _raise_if_terminating(exc, what)
             logger.warning("%s: %s", what, exc)
             failures.append(f"{what}: HTTP {exc.status}: {exc}")
             return False
@@ -270,9 +272,7 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
         try:
             api.apply(manifest)
         except KubeApiError as exc:
-            if _terminating(exc):
-                raise NamespaceTerminating(exc.status, "apply", _what(manifest),
-                                           "its namespace is being deleted") from exc  # fmt: skip
+            _raise_if_terminating(exc, _what(manifest))
             if exc.status == 422 and manifest["kind"] == "StatefulSet":
                 logger.info("%s cannot be updated in place (%s): replacing it", _what(manifest), exc)
                 ref = core.ChildRef(manifest["apiVersion"], manifest["kind"], manifest["metadata"]["namespace"],

@@ -100,9 +100,11 @@ def build_registry(config: OperatorConfig, *, api: KubeApi | None = None) -> kop
         the model's lock first: a reconcile that began before the deletion could otherwise apply the
         binding again after it was deleted (later ones see the deletion and write nothing)."""
         uid = str(body.metadata.uid or "")
+        if not uid:
+            return
         try:
             with model_lock(str(body.metadata.namespace), str(body.metadata.name)):
-                delete_cluster_bindings(kube(), keep=lambda _ns, _name, owner: owner != uid, logger=logger)
+                delete_cluster_bindings(kube(), keep=lambda *_: False, logger=logger, uid=uid)
         except KubeApiError as exc:
             if exc.status != 403:  # 403: the chart's rbac.tokenReview is off, so there is no binding
                 logger.warning("could not delete the model's ClusterRoleBinding (retried at the next start): %s", exc)

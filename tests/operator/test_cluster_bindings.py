@@ -76,6 +76,12 @@ def test_only_the_bindings_of_models_that_are_gone_are_deleted() -> None:
     assert list(api.bindings) == ["hps-operator:a:kept:tokenreview"]
 
 
+def test_a_deleted_models_binding_goes_and_no_other() -> None:
+    api = Api([binding("a", "m", "u1"), binding("a", "other", "u2"), binding("b", "m", "u3")], models={})
+    assert delete_cluster_bindings(api, keep=lambda *_: False, logger=LOG, uid="u1") == 1  # type: ignore[arg-type]
+    assert api.deleted == ["hps-operator:a:m:tokenreview"]
+
+
 def test_a_model_finds_its_own_binding_and_no_other() -> None:
     api = Api([binding("a", "m", "u1"), binding("a", "other", "u2")], models={})
     found = _optional_children(api, "a", "app.kubernetes.io/instance=m", "u1")  # type: ignore[arg-type]
