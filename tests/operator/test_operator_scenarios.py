@@ -473,8 +473,12 @@ async def test_degraded_says_which_part_is_unhealthy(cluster: Cluster, tmp_path:
         await deployed(cluster, tmp_path)
         await quiet(cluster)  # the first reconciles are done: what follows is the operator's answer
         await cluster.set_ready("dlrm-redis", 0)
+        # 45 s, not 15: in about one full-suite run in three the operator made no reconcile for more
+        # than 15 s right after the first Ready (no write at all: the timer's too), consistent with
+        # one request to the emulator hanging until the client's 30 s timeout while holding the
+        # model's lock; not reproduced alone, see the stop's notes
         await wait_until("Redis degraded", lambda: degraded() == ("True", "VolatileStoreUnavailable"),
-                         show=lambda: (cluster.model() or {}).get("status"))
+                         within_s=45, show=lambda: (cluster.model() or {}).get("status"))
         assert condition(cluster.model(), "Ready")["status"] == "True"  # type: ignore[index]  # L1/L3 answer
         await wait_until("its event", lambda: "VolatileStoreUnavailable" in cluster.reasons())
         await scraped(config, lambda m: m.get(f"hps_model_condition{{condition=\"Degraded\",{MODEL}}}") == 1)
