@@ -230,12 +230,26 @@ async def running_operator(cluster: Cluster, tmp_path: Path, *, drain_seconds: f
 
 
 async def deployed(cluster: Cluster, tmp_path: Path) -> None:
+    """The scenario model created and fully served: its agents, Redis and loader all report done.
+
+    The children are applied one by one in kind and name order (the Job first, Redis's StatefulSet
+    after the agents'), so the controllers' part is played until every tier answers (Degraded has
+    left NotYetReady), not only until Ready: Ready needs no Redis, and a Redis StatefulSet created
+    after the agents were made ready would otherwise stay unready for the rest of the test."""
     await cluster.create_model(model_manifest())
     await wait_until("the agent StatefulSet", lambda: cluster.agents(0) is not None)
     await wait_until("the loader Job", lambda: cluster.children(JOBS))
-    await cluster.make_agents_ready()
-    await cluster.finish_jobs()
-    await wait_until("Ready=True", lambda: (condition(cluster.model(), "Ready") or {}).get("status") == "True")
+
+    async def served() -> bool:
+        await cluster.make_agents_ready()
+        await cluster.finish_jobs()
+        return (condition(cluster.model(), "Degraded") or {}).get("reason") == "AsExpected"
+
+    deadline = time.monotonic() + WAIT_S
+    while not await served():
+        assert time.monotonic() < deadline, f"never fully served: {(cluster.model() or {}).get('status')}"
+        await asyncio.sleep(0.1)
+    assert (condition(cluster.model(), "Ready") or {}).get("status") == "True"
 
 
 async def settled(cluster: Cluster, seconds: float = 1.5) -> None:
@@ -473,12 +487,8 @@ async def test_degraded_says_which_part_is_unhealthy(cluster: Cluster, tmp_path:
         await deployed(cluster, tmp_path)
         await quiet(cluster)  # the first reconciles are done: what follows is the operator's answer
         await cluster.set_ready("dlrm-redis", 0)
-        # 45 s, not 15: in about one full-suite run in three the operator made no reconcile for more
-        # than 15 s right after the first Ready (no write at all: the timer's too), consistent with
-        # one request to the emulator hanging until the client's 30 s timeout while holding the
-        # model's lock; not reproduced alone, see the stop's notes
         await wait_until("Redis degraded", lambda: degraded() == ("True", "VolatileStoreUnavailable"),
-                         within_s=45, show=lambda: (cluster.model() or {}).get("status"))
+                         show=lambda: (cluster.model() or {}).get("status"))
         assert condition(cluster.model(), "Ready")["status"] == "True"  # type: ignore[index]  # L1/L3 answer
         await wait_until("its event", lambda: "VolatileStoreUnavailable" in cluster.reasons())
         await scraped(config, lambda m: m.get(f"hps_model_condition{{condition=\"Degraded\",{MODEL}}}") == 1)
