@@ -293,6 +293,35 @@ def test_redis_value_of_the_wrong_length_is_missing_and_an_error(redis_server: R
         tier.close()
 
 
+def test_redis_error_reply_mid_read_fails_that_read_only(redis_server: RedisProcess) -> None:
+    """A read is many pipelined HMGETs: an error reply among them (a partition's key holding another
+    type) fails that read with Redis's words, and the next reads are served whole (the connection
+    left holding the failed read's other replies is not reused)."""
+    layout = LAYOUTS[0]
+    model = _model_name()
+    tier = RedisTier([layout], addresses=[redis_server.address], access=ACCESS, model=model, partitions=4)
+    raw = redis_server.client()
+    try:
+        keys = np.arange(400, dtype=np.int64)
+        rows = np.random.default_rng(5).standard_normal((400, 16)).astype(np.float32)
+        tier.insert("users", keys, rows)
+        broken = f"hps:{{{model}:users:2}}"
+        saved = raw.dump(broken)
+        raw.delete(broken)
+        raw.set(broken, b"not a hash")
+        with pytest.raises(UnavailableError, match="WRONGTYPE"):
+            tier.fetch("users", keys)
+        raw.delete(broken)
+        raw.restore(broken, 0, saved)
+        for _ in range(3):  # every pooled connection
+            got, found = tier.fetch("users", keys)
+            assert found.all()
+            np.testing.assert_array_equal(got, rows)
+    finally:
+        tier.evict("users")
+        tier.close()
+
+
 def test_redis_whole_table_evict_finds_hashes_of_any_partition_count(redis_server: RedisProcess) -> None:
     layout = LAYOUTS[0]
     model = _model_name()
