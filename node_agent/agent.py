@@ -388,6 +388,9 @@ class Agent:
 
 def run_agent(options: AgentOptions) -> int:
     """Runs an agent until SIGTERM or SIGINT, then stops it cleanly; returns the exit code."""
+    from node_agent.allocator import keep_freed_memory
+
+    keep_freed_memory()  # every lookup allocates and frees answer-sized buffers: keep them (see there)
     agent = Agent(options)
     stopping = threading.Event()
 

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from node_agent.allocator import keep_freed_memory
 from node_agent.errors import HpsError
 
 #: subcommand modules, in the order ``hps --help`` lists them
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the commands that make lookups in this process (``hps agent`` tunes its own allocator at start)
+LOOKUP_COMMANDS = ("bench", "lookup")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hps`` console script; returns the process exit code.
 
@@ -52,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     error's exit code; anything else is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in LOOKUP_COMMANDS:
+        # a lookup's caller frees and allocates answer-sized buffers every call (the agent does the same)
+        keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
