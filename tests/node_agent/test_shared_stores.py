@@ -142,6 +142,9 @@ def test_an_update_through_either_agent_is_served_by_both_even_rows_they_cache(s
             wait_until(lambda c=client: np.array_equal(c.lookup("demo", "user", [1]), rows(4.5)),  # type: ignore[misc]
                        VISIBLE_WITHIN_S, "the published update")  # fmt: skip
         for i, client in enumerate(clients):
+            # an entry is counted just after its rows are served: wait for the count, not only the rows
+            wait_until(lambda c=client: c.stats("demo")["updates"]["applied_entries"] == 3,  # type: ignore[misc]
+                       VISIBLE_WITHIN_S, "the three entries counted")  # fmt: skip
             updates = client.stats("demo")["updates"]
             assert updates["rejected_entries"] == 0 and updates["gaps"] == 0
             assert updates["store_writer"] is (i == writer)
