@@ -472,9 +472,15 @@ async def test_deleted_child_is_recreated(cluster: Cluster, tmp_path: Path) -> N
         await wait_until("the plan back", lambda: cluster.plan_cm() is not None)
         await wait_until("the agents back", lambda: cluster.agents(0) is not None)
         assert '"version":1' in cluster.plan_cm()["data"]["plan.json"]  # type: ignore[index]
-        await wait_until("a ChildRecreated event", lambda: "ChildRecreated" in cluster.reasons())
-        recreated = " ".join(m for _, r, m in cluster.events() if r == "ChildRecreated")
-        assert "ConfigMap/dlrm-plan" in recreated and f"StatefulSet/{agents}" in recreated
+
+        def recreated() -> str:
+            return " ".join(m for _, r, m in cluster.events() if r == "ChildRecreated")
+
+        # one reconcile or two (a resync may have listed the ConfigMaps before the deletion and the
+        # StatefulSets after it), each posting its own event once it has applied
+        await wait_until("ChildRecreated events naming both",
+                         lambda: "ConfigMap/dlrm-plan" in recreated() and f"StatefulSet/{agents}" in recreated(),
+                         show=recreated)  # fmt: skip
         assert "RebalanceStarted" not in cluster.reasons()  # the same plan came back, nothing moves
 
 
