@@ -384,8 +384,10 @@ def test_one_refused_child_blocks_neither_the_others_nor_the_status(kube: Kube, 
     assert m["status"]["observedGeneration"] == m["metadata"]["generation"]
     assert agent_sets(kube, namespace, "quota", 0)
     assert kube.get("statefulset", "quota-redis", namespace=namespace) is not None
-    events = [e for e in kube.get("events", namespace=namespace) if e["reason"] == "ApplyFailed"]
-    assert events and "HorizontalPodAutoscaler/quota" in events[0]["message"]
+    # the Event is posted just after the status is written
+    events = wait_for("the ApplyFailed event", lambda: [
+        e for e in kube.get("events", namespace=namespace) if e["reason"] == "ApplyFailed"], within_s=15)  # fmt: skip
+    assert "HorizontalPodAutoscaler/quota" in events[0]["message"]
 
     kube.kubectl("delete", "-n", namespace, "resourcequota", "no-hpa")
     wait_for("the HPA", lambda: kube.get("hpa", "quota", namespace=namespace))
@@ -467,8 +469,10 @@ def test_a_model_whose_hit_rate_stays_low_is_widened_by_one_partition(kube: Kube
     assert widened["status"]["autoscaling"]["hitRate"] == 0.4
     assert widened["spec"]["partitions"] == 1
     assert len(agent_sets(kube, namespace, "widening", 1)) == 1
-    events = [e["message"] for e in kube.get("events", namespace=namespace) if e["reason"] == "PartitionsWidened"]
-    assert events and events[0].startswith("to 2 partitions:")
+    events = wait_for("the PartitionsWidened event", lambda: [
+        e["message"] for e in kube.get("events", namespace=namespace) if e["reason"] == "PartitionsWidened"],
+        within_s=15)  # fmt: skip
+    assert events[0].startswith("to 2 partitions:")
 
 
 def test_agents_waiting_for_gpus_are_reported_and_join_when_a_node_comes(kube: Kube, namespace: str) -> None:
