@@ -46,7 +46,7 @@ def keep_freed_memory() -> bool:
     (False) off glibc, or when ``HPS_MALLOC_TUNING`` says ``off``."""
     if os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return False
-    if not _glibc():
+    if not on_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -59,7 +59,7 @@ def keep_freed_memory() -> bool:
     return done
 
 
-def _glibc() -> bool:
+def on_glibc() -> bool:
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (ValueError, OSError, AttributeError):  # not a glibc system: no such name
