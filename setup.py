@@ -54,6 +54,15 @@ NATIVE_CACHE = Extension(
     optional=True,
 )
 
+# A batch's distinct keys and its inverse (node_agent.dedupe), on every lookup's path; optional as above
+# (np.unique serves without it).
+NATIVE_DEDUPE = Extension(
+    "node_agent._dedupe",
+    sources=["node_agent/dedupe.c"],
+    extra_compile_args=["-O3", "-std=c11"],
+    optional=True,
+)
+
 _packages, _package_dir = packages()
-setup(packages=_packages, package_dir=_package_dir, ext_modules=[NATIVE_CACHE],
+setup(packages=_packages, package_dir=_package_dir, ext_modules=[NATIVE_CACHE, NATIVE_DEDUPE],
       cmdclass={"build_py": BuildPyWithProto})

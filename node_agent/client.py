@@ -34,6 +34,7 @@ import numpy as np
 
 from node_agent import wire
 from node_agent.auth import authorization_metadata
+from node_agent.dedupe import unique_inverse
 from node_agent.errors import (
     FailedPreconditionError,
     HpsError,
@@ -231,10 +232,10 @@ class Client:
         request = hps_pb2.LookupRequest(model=model)
         inverses: list[np.ndarray] = []
         for table, keys in batch.items():
-            unique, inverse = np.unique(wire.as_keys(keys), return_inverse=True)
+            unique, inverse = unique_inverse(wire.as_keys(keys))
             request.tables.add(table=table, keys=unique.astype(wire.KEY_WIRE_DTYPE, copy=False).tobytes(),
                                key_dtype=hps_pb2.INT64)  # fmt: skip
-            inverses.append(inverse.reshape(-1))
+            inverses.append(inverse)
         response, _ = self._call("Lookup", request)
         if len(response.tables) != len(inverses):
             raise HpsError(f"Lookup answered {len(response.tables)} tables for {len(inverses)} asked")

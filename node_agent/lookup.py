@@ -31,6 +31,7 @@ import numpy as np
 
 from node_agent.array_backend import to_host
 from node_agent.cache.l1 import L1Table, build_l1
+from node_agent.dedupe import unique_inverse
 from node_agent.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from node_agent.plan import Plan
 from node_agent.spec import ModelSpec, TableSpec
@@ -132,8 +133,8 @@ class LookupPath:
             # what a client that deduplicates sends: no sort, and the rows are the answer as they are
             rows = self._lookup_unique(spec, keys)
         else:
-            unique, inverse = np.unique(keys, return_inverse=True)
-            rows = self._lookup_unique(spec, unique)[inverse.reshape(-1)]
+            unique, inverse = unique_inverse(keys)
+            rows = self._lookup_unique(spec, unique)[inverse]
         with self._stats_lock:
             self._requested[table] += int(keys.shape[0])
         return rows

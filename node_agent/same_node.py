@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from node_agent import wire
+from node_agent.dedupe import unique_inverse
 from node_agent.errors import (
     HpsError,
     InvalidArgumentError,
@@ -400,7 +401,7 @@ class SameNodeClient:
                 )
         out: dict[str, np.ndarray] = {}
         for table, keys in batch.items():
-            unique, inverse = np.unique(wire.as_keys(keys), return_inverse=True)
+            unique, inverse = unique_inverse(wire.as_keys(keys))
             # the rows' room is what this table's rows took last time (a guess the agent corrects)
             need = unique.size * _KEY.itemsize + 64 + unique.size * self._row_bytes.get((model, table), 0)
             for attempt in range(2):
@@ -408,7 +409,7 @@ class SameNodeClient:
                     with self._lane(need) as lane:
                         rows = lane.lookup(model_name, table.encode(), unique)
                         # the one copy: out of the shared buffer (the next call reuses it), a row per key asked
-                        out[table] = rows.take(inverse.reshape(-1), axis=0).astype(rows.dtype.newbyteorder("="),
+                        out[table] = rows.take(inverse, axis=0).astype(rows.dtype.newbyteorder("="),
                                                                                     copy=False)  # fmt: skip
                         if unique.size:
                             self._row_bytes[(model, table)] = rows.shape[1] * rows.dtype.itemsize
