@@ -63,6 +63,15 @@ NATIVE_DEDUPE = Extension(
     optional=True,
 )
 
+# A lookup's HMGET replies parsed in C straight into its rows (node_agent.tiers.redis_tier); optional as
+# above (hiredis parses them without it).
+NATIVE_RESP = Extension(
+    "node_agent.tiers._resp",
+    sources=["node_agent/tiers/resp.c"],
+    extra_compile_args=["-O3", "-std=c11"],
+    optional=True,
+)
+
 _packages, _package_dir = packages()
-setup(packages=_packages, package_dir=_package_dir, ext_modules=[NATIVE_CACHE, NATIVE_DEDUPE],
+setup(packages=_packages, package_dir=_package_dir, ext_modules=[NATIVE_CACHE, NATIVE_DEDUPE, NATIVE_RESP],
       cmdclass={"build_py": BuildPyWithProto})

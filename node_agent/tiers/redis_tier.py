@@ -10,7 +10,9 @@ Speed. A load writes hundreds of MB, so the per-row cost must not be Python's: c
 the Redis protocol (RESP) with NumPy structured arrays (fields and values have fixed lengths, so a
 ``HSET``/``HMGET``/``HDEL`` with thousands of fields is one fixed-size record per field) and sent over
 redis-py's connections, pipelined without a transaction: one round trip per window of chunks per
-shard. Replies are parsed by hiredis.
+shard. A lookup's HMGET replies are read off the socket and parsed in C (``resp.c``) straight into the
+rows of the answer, each row copied once; other replies, and every reply where that module was not
+built, are parsed by hiredis.
 
 Failure. Connection errors and timeouts become :class:`UnavailableError` within ``socket_timeout``
 (no retries here: the lookup path falls through to L3 and reports itself degraded). A stored value of
@@ -19,6 +21,7 @@ the wrong length is never returned: it counts as missing and as an error.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import threading
@@ -50,6 +53,18 @@ _WINDOW_BYTES = 16 << 20
 #: a read packs the HMGETs of one shard into one command up to about this many reply bytes
 _COMMAND_BYTES = 4 << 20
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+#: bytes a reply header or a field's framing may take beside the row itself (``$<len>\r\n...\r\n``)
+_FRAMING_BYTES = 24
+
+
+def _load_resp() -> Any:
+    try:
+        return importlib.import_module("node_agent.tiers._resp").feed
+    except ImportError:  # built without a compiler: hiredis parses the replies
+        return None
+
+
+_feed_rows: Any = _load_resp()
 
 
 def _field_records(fields: np.ndarray, values: np.ndarray | None) -> np.ndarray:
@@ -95,6 +110,10 @@ def _resp_args(*args: bytes) -> list[Any]:
     for arg in args:
         out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return [b"".join(out)]
+
+
+#: reads one connection's replies (to the reply slots given) itself, instead of hiredis
+_Reader = Callable[[Any, Sequence[int]], None]
 
 
 @dataclass
@@ -205,7 +224,47 @@ class RedisTier:
                         yield _Command(target, buffers, cost, replies=len(buffers) // 3)
                         buffers, cost = [], 0
 
-        answers = self._run(commands)
+        # the replies straight into the rows when every command goes out in one window (a lookup's
+        # misses always do): nothing else is then on the wire to be read past
+        if _feed_rows is not None and n * reply_cost < _WINDOW_BYTES:
+            rows = values.view(np.uint8).reshape(n, layout.row_bytes)
+            found_bytes = found.view(np.uint8)
+            malformed_box = [0]
+
+            def read_rows(connection: Any, slots: Sequence[int]) -> None:
+                # every reply of `slots` answers one span: its fields are the keys order[lo:hi]
+                spans_read = [spans[sent_order[slot]] for slot in slots]
+                dest = np.concatenate([order[lo:hi] for _, _, lo, hi in spans_read])
+                malformed_box[0] += _read_rows(connection, len(slots), dest, rows, found_bytes, layout.row_bytes)
+
+            def fresh_commands() -> Iterator[_Command]:
+                # a retry (a cluster slot that moved) starts again from nothing found
+                found[:] = False
+                malformed_box[0] = 0
+                return commands()
+
+            self._run(fresh_commands, read=read_rows)
+            malformed = malformed_box[0]
+            if layout.dtype.newbyteorder("<") != layout.dtype:
+                values.byteswap(inplace=True)  # the rows are little-endian on the wire
+            hits = int(found.sum())
+        else:
+            hits, malformed = self._assemble(self._run(commands), spans, sent_order, order, values, found, layout)
+        with self._lock:
+            self._hits += hits
+            self._misses += n - hits
+            self._errors += malformed
+        if malformed:
+            log.warning("redis: %d stored rows of table %r have the wrong length; served as missing",
+                        malformed, table)  # fmt: skip
+        return values, found
+
+    @staticmethod
+    def _assemble(answers: list[Any], spans: Sequence[tuple[int, bytes, int, int]], sent_order: Sequence[int],
+                  order: np.ndarray, values: np.ndarray, found: np.ndarray, layout: TableLayout) -> tuple[int, int]:  # fmt: skip
+        """Puts hiredis's parsed replies (``answers``, in the order sent) into ``values``/``found``;
+        returns the rows found and the rows of the wrong length (treated as missing)."""
+        n = len(order)
         replies: list[Any] = [None] * len(spans)
         for index, reply in zip(sent_order, answers, strict=True):
             replies[index] = reply
@@ -228,15 +287,7 @@ class RedisTier:
             at = order[present]
             values[at] = rows
             found[at] = True
-        hits = len(blobs)
-        with self._lock:
-            self._hits += hits
-            self._misses += n - hits
-            self._errors += malformed
-        if malformed:
-            log.warning("redis: %d stored rows of table %r have the wrong length; served as missing",
-                        malformed, table)  # fmt: skip
-        return values, found
+        return len(blobs), malformed
 
     def insert(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         layout = self._layout(table)
@@ -360,25 +411,26 @@ class RedisTier:
             return [redis.Redis(connection_pool=pool) for pool in self._pools]
         return [self._cluster.get_redis_connection(node) for node in self._cluster.get_primaries()]
 
-    def _run(self, make_commands: Callable[[], Iterable[_Command]]) -> list[Any]:
-        """Sends the commands ``make_commands`` yields, pipelined, and returns their replies in order.
+    def _run(self, make_commands: Callable[[], Iterable[_Command]], read: _Reader | None = None) -> list[Any]:
+        """Sends the commands ``make_commands`` yields, pipelined, and returns their replies in order
+        (``read``: reads each connection's replies itself, and the list holds ``None`` for them).
 
         On a cluster, a ``MOVED``/``ASK`` reply means a slot moved since we last looked: the slot map is
         refreshed and the commands re-made (re-routed) and sent once more."""
         try:
-            return self._run_once(make_commands())
+            return self._run_once(make_commands(), read)
         except redis.ResponseError as exc:
             if not (self._cluster is not None and str(exc).startswith(("MOVED", "ASK"))):
                 self._count_error()
                 raise UnavailableError(f"redis: {exc}") from None
         try:
             self._cluster.nodes_manager.initialize()
-            return self._run_once(make_commands())
+            return self._run_once(make_commands(), read)
         except (redis.RedisError, OSError) as exc:
             self._count_error()
             raise UnavailableError(f"Redis Cluster: {exc}") from None
 
-    def _run_once(self, commands: Iterable[_Command]) -> list[Any]:
+    def _run_once(self, commands: Iterable[_Command], read: _Reader | None = None) -> list[Any]:
         """Windows of about ``_WINDOW_BYTES``: a window goes out to every shard at once (shards work in
         parallel), and the previous window's replies are read only after, so Redis executes one window
         while this process packs the next; at most two windows are in flight."""
@@ -393,11 +445,11 @@ class RedisTier:
                 budget += command.cost
                 if budget >= _WINDOW_BYTES:
                     sent = self._send(window, replies, connections)
-                    self._read(unread, replies, connections)
+                    self._read(unread, replies, connections, read)
                     unread, window, budget = sent, [], 0
             sent = self._send(window, replies, connections)
-            self._read(unread, replies, connections)
-            self._read(sent, replies, connections)
+            self._read(unread, replies, connections, read)
+            self._read(sent, replies, connections, read)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._drop(connections)
             self._count_error()
@@ -429,9 +481,17 @@ class RedisTier:
         return slots
 
     @staticmethod
-    def _read(slots: Sequence[tuple[int, int]], replies: list[Any], connections: Mapping[int, Any]) -> None:
+    def _read(slots: Sequence[tuple[int, int]], replies: list[Any], connections: Mapping[int, Any],
+              read: _Reader | None = None) -> None:  # fmt: skip
+        if read is None:
+            for target, slot in slots:
+                replies[slot] = connections[target].read_response()
+            return
+        by_target: dict[int, list[int]] = {}
         for target, slot in slots:
-            replies[slot] = connections[target].read_response()
+            by_target.setdefault(target, []).append(slot)
+        for target, own in by_target.items():
+            read(connections[target], own)
 
     def _drop(self, connections: Mapping[int, Any]) -> None:
         for target, connection in connections.items():
@@ -441,6 +501,40 @@ class RedisTier:
     def _count_error(self) -> None:
         with self._lock:
             self._errors += 1
+
+
+def _read_rows(connection: Any, replies: int, dest: np.ndarray, rows: np.ndarray, found: np.ndarray,
+               row_bytes: int) -> int:  # fmt: skip
+    """Reads ``replies`` HMGET replies off ``connection``'s socket into ``rows``/``found`` (the k-th field
+    answered is row ``dest[k]``; see ``resp.c``); returns the rows of the wrong length. An error reply
+    raises :class:`redis.ResponseError` with Redis's words, a closed or silent socket
+    :class:`redis.ConnectionError` / :class:`redis.TimeoutError`: the caller then drops the connection."""
+    sock = getattr(connection, "_sock", None)
+    if sock is None:
+        raise redis.ConnectionError("the connection to Redis is closed")
+    state = np.array([0, replies, -1, 0, 0], dtype=np.int64)
+    buffer = bytearray(len(dest) * (row_bytes + _FRAMING_BYTES) + replies * _FRAMING_BYTES + 4096)
+    filled = 0
+    while state[1] > 0:
+        if filled == len(buffer):  # a reply longer than asked for (rows of the wrong length): make room
+            buffer.extend(bytes(len(buffer)))
+        with memoryview(buffer) as view:
+            try:
+                got = sock.recv_into(view[filled:])
+            except TimeoutError:
+                raise redis.TimeoutError("Timeout reading from Redis") from None
+        if got == 0:
+            raise redis.ConnectionError("Redis closed the connection mid-reply")
+        filled += got
+        try:
+            error = _feed_rows(buffer, filled, state, dest, rows, found, row_bytes)
+        except ValueError as exc:
+            raise redis.ConnectionError(f"Redis answered something else than rows: {exc}") from None
+        if error is not None:
+            raise redis.ResponseError(error.decode("utf-8", "replace"))
+    if state[3] != len(dest):
+        raise redis.ConnectionError(f"Redis answered {int(state[3])} fields for {len(dest)} asked")
+    return int(state[4])
 
 
 def _split_address(address: str) -> tuple[str, int]:

@@ -16,7 +16,7 @@ import pytest
 from node_agent.errors import InvalidArgumentError, NotFoundError, TableSourceError, UnavailableError
 from node_agent.local.redis_servers import RedisCluster, RedisProcess, start_redis
 from node_agent.redis_access import RedisAccess
-from node_agent.tiers import HashMapTier, RedisTier, RocksDBTier, TableLayout, Tier, open_tiers
+from node_agent.tiers import HashMapTier, RedisTier, RocksDBTier, TableLayout, Tier, open_tiers, redis_tier
 
 PASSWORD = "test-secret"
 #: the default user with that password, as the data plane\'s clients take it
@@ -43,11 +43,24 @@ def _model_name() -> str:
     return f"m{next(_models)}"
 
 
-@pytest.fixture(params=["hashmap", "rocksdb", "redis", "redis-2-shards", "redis-cluster"])
+@pytest.fixture(params=["compiled", "hiredis"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a lookup's HMGET replies are read: parsed in C straight into the rows (when built), or by
+    hiredis (the fallback, and every other reply)."""
+    if request.param == "compiled" and redis_tier._feed_rows is None:
+        pytest.skip("the compiled reply reader was not built (no C compiler)")
+    if request.param == "hiredis":
+        monkeypatch.setattr(redis_tier, "_feed_rows", None)
+    return str(request.param)
+
+
+@pytest.fixture(params=["hashmap", "rocksdb", "redis", "redis-hiredis", "redis-2-shards", "redis-cluster"])
 def make_tier(
-    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisProcess
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[TierFactory]:
     opened: list[Tier] = []
+    if request.param == "redis-hiredis":  # standalone, its replies parsed by hiredis
+        monkeypatch.setattr(redis_tier, "_feed_rows", None)
 
     def make(layouts: list[TableLayout]) -> Tier:
         tier: Tier
@@ -55,7 +68,7 @@ def make_tier(
             tier = HashMapTier(layouts)
         elif request.param == "rocksdb":
             tier = RocksDBTier(tmp_path / "rocksdb", layouts)
-        elif request.param == "redis":
+        elif request.param in ("redis", "redis-hiredis"):
             tier = RedisTier(
                 layouts, addresses=[redis_server.address], access=ACCESS, model=_model_name()
             )
@@ -276,7 +289,7 @@ def test_redis_rows_spread_over_both_shards_and_all_cluster_nodes(
             tier.close()
 
 
-def test_redis_value_of_the_wrong_length_is_missing_and_an_error(redis_server: RedisProcess) -> None:
+def test_redis_value_of_the_wrong_length_is_missing_and_an_error(redis_server: RedisProcess, reader: str) -> None:
     layout = LAYOUTS[0]
     model = _model_name()
     tier = RedisTier([layout], addresses=[redis_server.address], access=ACCESS, model=model, partitions=1)
@@ -293,7 +306,7 @@ def test_redis_value_of_the_wrong_length_is_missing_and_an_error(redis_server: R
         tier.close()
 
 
-def test_redis_error_reply_mid_read_fails_that_read_only(redis_server: RedisProcess) -> None:
+def test_redis_error_reply_mid_read_fails_that_read_only(redis_server: RedisProcess, reader: str) -> None:
     """A read is many pipelined HMGETs: an error reply among them (a partition's key holding another
     type) fails that read with Redis's words, and the next reads are served whole (the connection
     left holding the failed read's other replies is not reused)."""
@@ -337,7 +350,7 @@ def test_redis_whole_table_evict_finds_hashes_of_any_partition_count(redis_serve
     assert not redis_server.client().keys(f"hps:{{{model}:*")
 
 
-def test_redis_killed_mid_run_raises_unavailable_quickly(make_redis: Callable[..., RedisProcess]) -> None:
+def test_redis_killed_mid_run_raises_unavailable_quickly(make_redis: Callable[..., RedisProcess], reader: str) -> None:
     server = make_redis(password=PASSWORD)
     layout = LAYOUTS[0]
     tier = RedisTier([layout], addresses=[server.address], access=ACCESS, socket_timeout=0.5)
@@ -357,7 +370,7 @@ def test_redis_killed_mid_run_raises_unavailable_quickly(make_redis: Callable[..
 
 
 def test_redis_that_stops_answering_times_out_instead_of_hanging(
-    make_redis: Callable[..., RedisProcess],
+    make_redis: Callable[..., RedisProcess], reader: str
 ) -> None:
     server = make_redis(password=PASSWORD)
     tier = RedisTier([LAYOUTS[0]], addresses=[server.address], access=ACCESS, socket_timeout=0.3)
