@@ -233,8 +233,10 @@ class RedisTier:
 
             def read_rows(connection: Any, slots: Sequence[int]) -> None:
                 # every reply of `slots` answers one span: its fields are the keys order[lo:hi]
-                spans_read = [spans[sent_order[slot]] for slot in slots]
-                dest = np.concatenate([order[lo:hi] for _, _, lo, hi in spans_read])
+                if len(slots) == len(spans) and sent_order == list(range(len(spans))):
+                    dest = order  # one shard, asked in partition order: the usual standalone read
+                else:
+                    dest = np.concatenate([order[lo:hi] for _, _, lo, hi in (spans[sent_order[s]] for s in slots)])
                 malformed_box[0] += _read_rows(connection, len(slots), dest, rows, found_bytes, layout.row_bytes)
 
             def fresh_commands() -> Iterator[_Command]:

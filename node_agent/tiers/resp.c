@@ -15,8 +15,8 @@
  *
  * Returns None while more bytes are needed or once every reply is read (state's replies left is then
  * 0); an error reply (-ERR ..., MOVED ...) returns its text, as bytes, and stops there. Anything that
- * is not the reply of an HMGET raises ValueError (the connection is then unusable). No GIL release:
- * a call handles one recv's worth of bytes, microseconds.
+ * is not the reply of an HMGET raises ValueError (the connection is then unusable). The GIL is released
+ * while it parses (the rows' copies are the bulk of a read's work): the agent's other requests go on.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,34 +55,30 @@ static const char *read_line_int(const char *p, const char *end, int64_t *value,
     return cr + 2;
 }
 
-static PyObject *protocol_error(const char *what, Py_ssize_t at) {
-    PyErr_Format(PyExc_ValueError, "not an HMGET reply: %s at byte %zd", what, at);
-    return NULL;
+/* Why a parse stopped short of its replies. */
+typedef enum { PARSED, ERROR_REPLY, BAD_REPLY, BAD_DEST } Outcome;
+
+typedef struct {
+    Outcome outcome;
+    const char *what;     /* BAD_REPLY: what was wrong */
+    Py_ssize_t at;        /* BAD_REPLY: where; ERROR_REPLY: the message's first byte */
+    Py_ssize_t length;    /* ERROR_REPLY: the message's length */
+    int64_t row;          /* BAD_DEST: the row */
+} Stop;
+
+static Stop bad(const char *what, Py_ssize_t at) {
+    Stop stop = {BAD_REPLY, what, at, 0, 0};
+    return stop;
 }
 
-static PyObject *feed(PyObject *self, PyObject *args) {
-    Py_buffer buf, state_view, dest_view, out_view, found_view;
-    Py_ssize_t end, row_bytes;
-    if (!PyArg_ParseTuple(args, "y*nw*y*w*w*n", &buf, &end, &state_view, &dest_view, &out_view, &found_view,
-                          &row_bytes))
-        return NULL;
-    PyObject *result = NULL;
-    int64_t *state = state_view.buf;
-    const int64_t *dest = dest_view.buf;
-    Py_ssize_t fields_asked = dest_view.len / (Py_ssize_t)sizeof(int64_t);
-    Py_ssize_t rows = found_view.len;
-    uint8_t *found = found_view.buf;
-    char *out = out_view.buf;
-    if (state_view.len != STATE_LEN * (Py_ssize_t)sizeof(int64_t) || end > buf.len || row_bytes <= 0 ||
-        out_view.len != rows * row_bytes) {
-        PyErr_SetString(PyExc_ValueError, "feed: state must be int64[5], end within buf, out (rows, row_bytes)");
-        goto done;
-    }
-    const char *base = buf.buf;
+/* The parse itself, on plain memory: runs without the GIL. */
+static Stop parse(const char *base, Py_ssize_t end, int64_t *state, const int64_t *dest, Py_ssize_t fields_asked,
+                  char *out, uint8_t *found, Py_ssize_t rows, Py_ssize_t row_bytes) {
+    Stop ok = {PARSED, NULL, 0, 0, 0};
     const char *p = base + state[POS];
     const char *stop = base + end;
     while (state[REPLIES] > 0 && p < stop) {
-        int bad = 0;
+        int malformed_line = 0;
         int64_t n;
         const char *next;
         if (state[FIELDS] < 0) { /* a reply's header: *<fields>, or an error */
@@ -90,18 +86,12 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                 const char *cr = memchr(p, '\r', (size_t)(stop - p));
                 if (cr == NULL || cr + 1 >= stop) break;
                 state[POS] = (cr + 2) - base;
-                result = PyBytes_FromStringAndSize(p + 1, cr - p - 1);
-                goto done;
+                Stop error = {ERROR_REPLY, NULL, (p + 1) - base, cr - p - 1, 0};
+                return error;
             }
-            if (*p != '*') {
-                protocol_error("expected an array", p - base);
-                goto done;
-            }
-            next = read_line_int(p + 1, stop, &n, &bad);
-            if (bad || (next != NULL && n < 0)) {
-                protocol_error("bad array header", p - base);
-                goto done;
-            }
+            if (*p != '*') return bad("expected an array", p - base);
+            next = read_line_int(p + 1, stop, &n, &malformed_line);
+            if (malformed_line || (next != NULL && n < 0)) return bad("bad array header", p - base);
             if (next == NULL) break;
             state[FIELDS] = n;
             p = next;
@@ -110,35 +100,22 @@ static PyObject *feed(PyObject *self, PyObject *args) {
             state[REPLIES]--;
             continue;
         } else { /* a field: $<len> <bytes>, $-1 or _ (null) */
-            if (state[DONE] >= fields_asked) {
-                protocol_error("more fields than asked", p - base);
-                goto done;
-            }
+            if (state[DONE] >= fields_asked) return bad("more fields than asked", p - base);
             if (*p == '_') {
                 if (stop - p < 3) break;
-                if (p[1] != '\r' || p[2] != '\n') {
-                    protocol_error("bad null", p - base);
-                    goto done;
-                }
+                if (p[1] != '\r' || p[2] != '\n') return bad("bad null", p - base);
                 next = p + 3;
             } else if (*p == '$') {
-                next = read_line_int(p + 1, stop, &n, &bad);
-                if (bad || (next != NULL && n < -1)) {
-                    protocol_error("bad bulk header", p - base);
-                    goto done;
-                }
+                next = read_line_int(p + 1, stop, &n, &malformed_line);
+                if (malformed_line || (next != NULL && n < -1)) return bad("bad bulk header", p - base);
                 if (next == NULL) break;
                 if (n >= 0) {
                     if (stop - next < n + 2) break;
-                    if (next[n] != '\r' || next[n + 1] != '\n') {
-                        protocol_error("bulk string without its CRLF", next + n - base);
-                        goto done;
-                    }
+                    if (next[n] != '\r' || next[n + 1] != '\n') return bad("bulk string without its CRLF", next + n - base);
                     int64_t row = dest[state[DONE]];
                     if (row < 0 || row >= rows) {
-                        PyErr_Format(PyExc_ValueError, "feed: dest row %lld outside the %zd rows", (long long)row,
-                                     rows);
-                        goto done;
+                        Stop outside = {BAD_DEST, NULL, 0, 0, row};
+                        return outside;
                     }
                     if (n == row_bytes) {
                         memcpy(out + row * row_bytes, next, (size_t)n);
@@ -149,8 +126,7 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                     next += n + 2;
                 }
             } else {
-                protocol_error("expected a bulk string or null", p - base);
-                goto done;
+                return bad("expected a bulk string or null", p - base);
             }
             state[DONE]++;
             state[FIELDS]--;
@@ -163,9 +139,44 @@ static PyObject *feed(PyObject *self, PyObject *args) {
         state[FIELDS] = -1;
         state[REPLIES]--;
     }
-    Py_INCREF(Py_None);
-    result = Py_None;
-done:
+    return ok;
+}
+
+static PyObject *feed(PyObject *self, PyObject *args) {
+    Py_buffer buf, state_view, dest_view, out_view, found_view;
+    Py_ssize_t end, row_bytes;
+    if (!PyArg_ParseTuple(args, "y*nw*y*w*w*n", &buf, &end, &state_view, &dest_view, &out_view, &found_view,
+                          &row_bytes))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t rows = found_view.len;
+    if (state_view.len != STATE_LEN * (Py_ssize_t)sizeof(int64_t) || end < 0 || end > buf.len || row_bytes <= 0 ||
+        out_view.len != rows * row_bytes) {
+        PyErr_SetString(PyExc_ValueError, "feed: state must be int64[5], end within buf, out (rows, row_bytes)");
+    } else if (((int64_t *)state_view.buf)[POS] < 0 || ((int64_t *)state_view.buf)[POS] > end) {
+        PyErr_SetString(PyExc_ValueError, "feed: state's position is outside the bytes given");
+    } else {
+        Stop stop;
+        Py_BEGIN_ALLOW_THREADS
+        stop = parse(buf.buf, end, state_view.buf, dest_view.buf, dest_view.len / (Py_ssize_t)sizeof(int64_t),
+                     out_view.buf, found_view.buf, rows, row_bytes);
+        Py_END_ALLOW_THREADS
+        switch (stop.outcome) {
+        case PARSED:
+            Py_INCREF(Py_None);
+            result = Py_None;
+            break;
+        case ERROR_REPLY:
+            result = PyBytes_FromStringAndSize((const char *)buf.buf + stop.at, stop.length);
+            break;
+        case BAD_REPLY:
+            PyErr_Format(PyExc_ValueError, "not an HMGET reply: %s at byte %zd", stop.what, stop.at);
+            break;
+        case BAD_DEST:
+            PyErr_Format(PyExc_ValueError, "feed: dest row %lld outside the %zd rows", (long long)stop.row, rows);
+            break;
+        }
+    }
     PyBuffer_Release(&buf);
     PyBuffer_Release(&state_view);
     PyBuffer_Release(&dest_view);
