@@ -59,9 +59,12 @@ _FRAMING_BYTES = 24
 
 def _load_resp() -> Any:
     try:
-        return importlib.import_module("node_agent.tiers._resp").feed
+        feed = importlib.import_module("node_agent.tiers._resp").feed
     except ImportError:  # built without a compiler: hiredis parses the replies
         return None
+    # the reader reads redis-py's connection socket (``_sock``) itself; a redis-py that no longer
+    # keeps one there gets its replies parsed by hiredis rather than every read failing
+    return feed if hasattr(redis.Connection(), "_sock") else None
 
 
 _feed_rows: Any = _load_resp()
