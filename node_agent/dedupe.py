@@ -4,7 +4,9 @@ compiler is present) and falls back to ``np.unique`` where the build was unavail
 
 Both give exactly ``np.unique(keys, return_inverse=True)``: the distinct keys ascending and, for each
 key, the position of its distinct key. The compiled one finds the distinct keys with a hash table and
-sorts only those, so it costs O(n + m) instead of a sort of the whole batch.
+sorts only those, so it costs O(n + m) instead of a sort of the whole batch: 2-3x less on a lookup's
+batch of a few thousand keys. Past ``NATIVE_MAX_KEYS`` keys ``np.unique`` serves (faster there on
+random 64-bit keys).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ _native: Any = _load()
 
 #: whether the compiled version serves (``False``: ``np.unique``)
 NATIVE = _native is not None
+#: above this many keys ``np.unique`` serves: with hundreds of thousands of distinct 64-bit keys the
+#: radix sort's eight passes over memory cost more than NumPy's sort (``bench/dedupe.py``)
+NATIVE_MAX_KEYS = 1 << 17
 
 
 def unique_inverse(keys: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +39,7 @@ def unique_inverse(keys: Any) -> tuple[np.ndarray, np.ndarray]:
     keys = np.ascontiguousarray(keys, dtype=np.int64)
     if keys.ndim != 1:
         raise ValueError(f"keys must be one-dimensional; got shape {keys.shape}")
-    if _native is None:
+    if _native is None or keys.shape[0] > NATIVE_MAX_KEYS:
         unique, inverse = np.unique(keys, return_inverse=True)
         return unique, inverse.reshape(-1)
     return _unique_inverse_native(keys)

@@ -21,6 +21,7 @@ def _cases() -> list[np.ndarray]:
         np.array([-1, INT64_MAX, INT64_MIN, 0, -1, INT64_MIN], dtype=np.int64),
         np.arange(1000, dtype=np.int64)[::-1].copy(),  # distinct, descending
         rng.integers(INT64_MIN, INT64_MAX, 20_000, dtype=np.int64),  # every byte varies
+        rng.integers(0, 1 << 20, dedupe.NATIVE_MAX_KEYS + 1, dtype=np.int64),  # np.unique's turn
         rng.integers(0, 16, 5_000, dtype=np.int64),  # few distinct keys, one varying byte
         rng.integers(-3, 3, 9, dtype=np.int64),
         # Zipf-like: the shape of a recommendation batch (many repeats of a few hot keys)
