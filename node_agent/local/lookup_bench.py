@@ -571,10 +571,16 @@ class SweepConfig:
     ratios: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
     alphas: tuple[float, ...] = (0.8, 0.9, 1.0, 1.05, 1.1, 1.2)
     policies: tuple[tuple[str, str], ...] = SWEEP_POLICIES
-    #: batches run before measuring each point (enough to fill a 50% cache and reach its steady
-    #: state), then batches measured
+    #: batches run before measuring each point, at least; then batches measured
     warm_batches: int = 300
     batches: int = 100
+    #: keys drawn before measuring, per row the cache holds, at least: a cache is in its steady state
+    #: only once the keys it should hold have been asked for (under Zipf 1.05 a 50% cache's coldest
+    #: row is drawn about once in 5M keys: 300 batches left it a 0.84 hit rate of compulsory misses)
+    warm_keys_per_row: int = 40
+
+    def warm_batches_for(self, cache_rows: int, batch: int) -> int:
+        return max(self.warm_batches, math.ceil(self.warm_keys_per_row * cache_rows / batch))
 
 
 def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: str | Path | None = None,
@@ -610,11 +616,16 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
             client = redis.Redis(host=server.host, port=server.port, password="sweep", socket_timeout=30)
             baseline = RedisHashBaseline(client, dim=config.dim, hashes=config.redis_hashes)
             baseline.load(table)
+            def warm_of(ratio: float) -> int:
+                return sweep.warm_batches_for(math.ceil(ratio * config.rows), config.batch)
+
             for alpha in sorted({a for _, a in points}):
-                trace = zipf_batches(replace(config, alpha=alpha,
-                                             pool_keys=(sweep.warm_batches + sweep.batches) * config.batch))  # fmt: skip
-                warm, measured = trace[: sweep.warm_batches], trace[sweep.warm_batches :][: sweep.batches]
+                longest = max(warm_of(r) for r, a in points if a == alpha)
+                trace = zipf_batches(replace(config, alpha=alpha, pool_keys=(longest + sweep.batches) * config.batch))
+                measured = trace[longest:][: sweep.batches]
                 for ratio in sorted(r for r, a in points if a == alpha):
+                    # every ratio is measured on the same batches, each warmed by the batches just before
+                    warm = trace[longest - warm_of(ratio) : longest]
                     caches, paths = [], []
                     for policy, admission in sweep.policies:
                         cache = SetAssociativeCache(
@@ -628,6 +639,7 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
                         for path, cache in zip(paths, caches, strict=True):
                             for keys in warm:
                                 path.lookup("emb", keys)
+                            path.wait_for_fills()
                             cache.reset_counters()
                         # batch by batch, every policy and plain Redis in turn: load that comes and goes
                         # on a shared machine falls on all of them alike

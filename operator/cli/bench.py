@@ -49,7 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sweep.add_argument("--alphas", default="0.8,0.9,1.0,1.05,1.1,1.2", help="Zipf exponents, comma-separated")
     sweep.add_argument("--policies", default="lru+always,lru+tinylfu,lfu+always,lfu+tinylfu",
                        help="POLICY+ADMISSION pairs, comma-separated (policy lru|lfu, admission always|tinylfu)")  # fmt: skip
-    sweep.add_argument("--warm-batches", type=int, default=300, help="batches run before each point is measured")
+    sweep.add_argument("--warm-batches", type=int, default=300,
+                       help="batches run before each point is measured, at least: a larger cache is warmed until "
+                            "40 keys per row it holds have been asked for")
     sweep.add_argument("--batches", type=int, default=100, help="batches measured at each point")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--write", default=str(DEFAULT_SWEEP_FILE), metavar="PATH", help="the JSON result")

@@ -1,10 +1,11 @@
 """The lookup benchmark's own machinery (``node_agent.local.lookup_bench``): the measuring loop with
 several callers, the plain-Redis baselines against a real redis-server, ratios over several runs, and
-the report. The systems themselves are exercised end to end in ``e2e/``."""
+the report, and the policy sweep. The systems themselves are exercised end to end in ``e2e/``."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,12 @@ from node_agent.local.lookup_bench import (
     LookupBenchConfig,
     RedisHashBaseline,
     RedisStringBaseline,
+    SweepConfig,
     SystemResult,
     _ratios,
     format_table,
     measure,
+    run_lookup_sweep,
     tls_cost,
     zipf_batches,
 )
@@ -110,3 +113,22 @@ def test_the_cost_of_tls_is_each_runs_ratio_to_its_plaintext_twin_and_is_reporte
     text = format_table({**{n: r.to_dict() for n, r in results.items()}, "tls": cost, "environment": {"cpus": 2},
                          "config": {**config.__dict__, "systems": list(config.systems)}})  # fmt: skip
     assert "TLS on hps: 500 keys/s against 800 in plaintext: x0.90, runs 0.90/1.00/0.50" in text
+
+
+def test_the_sweep_warms_a_larger_cache_longer_and_answers_exactly(tmp_path: Path) -> None:
+    """A small sweep on a real redis-server: every point exact, and a 50% cache warmed on enough keys
+    to hold its rows: a few batches leave it missing keys it has simply not been asked for yet."""
+    assert SweepConfig(warm_batches=4).warm_batches_for(5, 64) == 4  # the minimum holds for a small cache
+    assert SweepConfig(warm_batches=4, warm_keys_per_row=20).warm_batches_for(1000, 64) == 313
+    config = LookupBenchConfig(rows=4000, dim=8, batch=256, alpha=1.05, cache_ratio=0.05, seed=3)
+    hit_rates = {}
+    for keys_per_row in (0, 20):
+        sweep = SweepConfig(ratios=(0.05, 0.5), alphas=(1.05,), policies=(("lru", "always"), ("lfu", "tinylfu")),
+                            warm_batches=4, batches=20, warm_keys_per_row=keys_per_row)  # fmt: skip
+        points = run_lookup_sweep(config, sweep, workdir=tmp_path / str(keys_per_row), say=lambda _: None)["points"]
+        assert len(points) == 4 and all(p["exact"] for p in points)
+        assert all(p["keys_per_s"] > 0 and p["redis_keys_per_s"] > 0 for p in points)
+        hit_rates[keys_per_row] = {(p["policy"], p["ratio"]): p["hit_rate"] for p in points}
+    for policy in ("lru", "lfu"):
+        assert hit_rates[20][policy, 0.5] > hit_rates[20][policy, 0.05]
+        assert hit_rates[20][policy, 0.5] > hit_rates[0][policy, 0.5] + 0.05
