@@ -131,3 +131,12 @@ def test_a_destination_outside_the_rows_is_refused() -> None:
     data = _reply([b"d" * ROW])
     with pytest.raises(ValueError, match="outside"):
         _read(data, 1, np.array([5], dtype=np.int64), 1, [len(data)])
+
+
+def test_the_compiled_reader_serves_where_it_was_built() -> None:
+    """Where the module was built, the tier uses it: a redis-py that stopped keeping its socket in
+    ``Connection._sock`` would silently fall back to hiredis, and this says so instead."""
+    import importlib
+
+    importlib.import_module("node_agent.tiers._resp")  # built (the module-level skip said so otherwise)
+    assert redis_tier._load_resp() is not None, "redis-py's Connection has no _sock: the reader is not used"
