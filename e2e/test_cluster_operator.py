@@ -553,6 +553,34 @@ def test_a_killed_operator_finishes_the_rollout_without_duplicates(kube: Kube, o
     assert len(children(kube, namespace, "calm")) >= 10
 
 
+def test_a_deleted_password_secret_comes_back_and_redis_and_the_agents_restart(kube: Kube, operator: OperatorProcess,
+                                                                             namespace: str) -> None:  # fmt: skip
+    """Someone deletes the Redis users' Secret: the operator (which never reads Secrets, and posts them
+    again when it starts or every few minutes) makes it anew with new passwords, and restarts Redis and
+    the agents, whose running pods hold the old ones; its own applies then leave the restart mark alone
+    (no roll after roll)."""
+    kube.apply(model("rotate"), namespace=namespace)
+    ready(kube, namespace, "rotate")
+    kube.kubectl("delete", "secret", "-n", namespace, "rotate-redis-users")
+    operator.kill()
+    operator.start()  # a fresh operator posts its Secrets at once
+    wait_for("the Secret made anew", lambda: kube.get("secret", "rotate-redis-users", namespace=namespace))
+    sets = ["rotate-redis", *(s["metadata"]["name"] for s in agent_sets(kube, namespace, "rotate"))]
+
+    def marks() -> dict[str, str | None]:
+        return {name: ((kube.get("statefulset", name, namespace=namespace) or {}).get("spec", {}).get("template", {})
+                       .get("metadata", {}).get("annotations") or {}).get("hps.dev/restartedAt") for name in sets}  # fmt: skip
+
+    stamped = wait_for("every StatefulSet restarted", lambda: m if all((m := marks()).values()) else None)
+    assert len(set(stamped.values())) == 1, stamped  # one restart, at one time
+    generations = {name: kube.get("statefulset", name, namespace=namespace)["metadata"]["generation"] for name in sets}
+    time.sleep(2 * RESYNC_S)  # the operator's resyncs re-apply the model: the mark stays, nothing rolls again
+    assert marks() == stamped
+    assert {name: kube.get("statefulset", name, namespace=namespace)["metadata"]["generation"] for name in sets} == generations
+    assert any("CredentialsRecreated: Secret/rotate-redis-users missing, made anew" in w
+               for w in operator_warnings(kube, namespace))  # fmt: skip
+
+
 def test_stale_children_are_deleted(kube: Kube, namespace: str) -> None:
     """A child the operator no longer renders (here, a ConfigMap an older version wrote) goes."""
     kube.apply(model("tidy"), namespace=namespace)

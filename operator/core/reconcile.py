@@ -140,6 +140,11 @@ class Decision:
     #: created when absent and never read back or updated: the Redis password Secret (the operator
     #: needs no read access to Secrets; pods read the password from it by reference)
     create: tuple[dict[str, Any], ...] = ()
+    #: the StatefulSets already running whose pods read those Secrets' passwords at start: a Secret
+    #: that ``create`` finds missing (someone deleted it) is made with new passwords, which only pods
+    #: started afterwards get, so these are restarted then, all of them (Redis and the agents must
+    #: agree on the passwords)
+    restart_on_create: tuple[ChildRef, ...] = ()
     #: StatefulSets whose immutable fields (selector, serviceName, podManagementPolicy,
     #: volumeClaimTemplates) change: deleted with their pods orphaned, then applied anew, when the
     #: new StatefulSet adopts the running pods and rolls them
@@ -268,7 +273,9 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         summary += [f"deleted {', '.join(f'{r.kind}/{r.name}' for r in delete)}"] if delete else []
         events.append(EventNote("Normal", "Applied", "; ".join(summary)))
     events += _condition_events(old_status, status)
-    return Decision(apply, delete, status, tuple(events), create=create, replace=replace)
+    restart_on_create = tuple(sorted(ref for ref in children if ref.kind == "StatefulSet")) if create else ()
+    return Decision(apply, delete, status, tuple(events), create=create, replace=replace,
+                    restart_on_create=restart_on_create)  # fmt: skip
 
 
 def _keep_autoscaling(status: dict[str, Any], old_status: Mapping[str, Any]) -> None:

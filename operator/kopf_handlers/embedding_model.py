@@ -206,8 +206,9 @@ def _reconcile_locked(api: KubeApi, namespace: str, name: str, *, options: core.
     if live is None or live["metadata"].get("deletionTimestamp"):
         return core.Decision((), (), {}, ()), {}
     decision = core.reconcile(observe(api, live), options)
+    carried: list[core.EventNote] = []
     try:
-        failures = carry_out(api, decision, logger=logger)
+        failures = carry_out(api, decision, logger=logger, notes=carried)
     except NamespaceTerminating as exc:
         # the namespace controller is deleting everything in it, the model too: recreating its
         # children, reporting or posting Events there can only be refused again
@@ -219,7 +220,7 @@ def _reconcile_locked(api: KubeApi, namespace: str, name: str, *, options: core.
     patch = status_patch(live.get("status") or {}, status)
     if patch:
         api.patch_status(MODEL_API_VERSION, KIND, namespace, name, patch)
-    notes = list(decision.events)
+    notes = [*decision.events, *carried]
     if failures:
         notes.append(core.EventNote("Warning", APPLY_FAILED, "the API server refused: " + "; ".join(failures)))
     for note in notes:
@@ -240,13 +241,15 @@ def _raise_if_terminating(exc: KubeApiError, what: str) -> None:
         raise NamespaceTerminating(exc.status, "write", what, "its namespace is being deleted") from exc
 
 
-def carry_out(api: KubeApi, decision: core.Decision, *,
-              logger: logging.Logger | logging.LoggerAdapter[Any]) -> list[str]:  # fmt: skip
+def carry_out(api: KubeApi, decision: core.Decision, *, logger: logging.Logger | logging.LoggerAdapter[Any],
+              notes: list[core.EventNote] | None = None) -> list[str]:  # fmt: skip
     """Writes the decision's children one by one: a child the API server refuses is reported (the
     returned lines name each and the server's answer) and the others are still written. A
     StatefulSet refused as unchangeable (422) is replaced once: deleted with its pods orphaned (to be
     adopted) and created anew. (A Job's name carries its spec's hash, so it is never updated.) A write
-    refused because the namespace is being deleted stops the rest (:class:`NamespaceTerminating`)."""
+    refused because the namespace is being deleted stops the rest (:class:`NamespaceTerminating`). A
+    Secret found missing and made anew restarts ``decision.restart_on_create`` and adds an Event to
+    ``notes``."""
     failures: list[str] = []
 
     def attempt(what: str, write: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
@@ -259,13 +262,30 @@ def carry_out(api: KubeApi, decision: core.Decision, *,
             return False
         return True
 
+    made: list[str] = []  # Secrets found missing and made anew, with new passwords
+
+    def create(manifest: Mapping[str, Any]) -> None:
+        if api.create(manifest):
+            made.append(_what(manifest))
+
     for manifest in decision.create:
         key = (manifest["metadata"]["namespace"], manifest["metadata"]["name"],
                manifest["metadata"]["ownerReferences"][0]["uid"])  # fmt: skip
         if time.monotonic() - _created.get(key, -CREATE_RECHECK_S) >= CREATE_RECHECK_S and attempt(
-            _what(manifest), api.create, manifest
+            _what(manifest), create, manifest
         ):
             _created[key] = time.monotonic()
+    if made and decision.restart_on_create:
+        # the running pods hold the old passwords, pods started from now on the new ones: restart all
+        message = (f"{', '.join(made)} missing, made anew with new passwords: restarting "
+                   f"{', '.join(f'{ref.kind}/{ref.name}' for ref in decision.restart_on_create)}")  # fmt: skip
+        logger.warning("%s", message)
+        if notes is not None:
+            notes.append(core.EventNote("Warning", CREDENTIALS_RECREATED, message))
+        at = now_rfc3339()
+        for ref in decision.restart_on_create:
+            attempt(f"restarting {ref.kind}/{ref.name}", api.restart_pods, ref.api_version, ref.kind,
+                    ref.namespace, ref.name, at=at)  # fmt: skip
     for ref in decision.replace:
         attempt(f"{ref.kind}/{ref.name}", _replace, api, ref)
     for manifest in decision.apply:
@@ -300,6 +320,9 @@ def _replace(api: KubeApi, ref: core.ChildRef, *, then_apply: Mapping[str, Any] 
 def _what(manifest: Mapping[str, Any]) -> str:
     return f"{manifest['kind']}/{manifest['metadata']['name']}"
 
+
+#: the Event of a Secret made anew (someone deleted it) and the restarts it took
+CREDENTIALS_RECREATED = "CredentialsRecreated"
 
 #: Secrets this process created or found (namespace, name, owner uid) → when: not posted again for
 #: CREATE_RECHECK_S, after which a Secret someone deleted is created anew

@@ -23,6 +23,10 @@ import kubernetes.config
 from node_agent.errors import UnavailableError
 
 FIELD_MANAGER = "hps-operator"
+#: who restarts pods (:meth:`KubeApi.restart_pods`): not FIELD_MANAGER, whose applies would drop the mark
+RESTART_MANAGER = "hps-operator-restart"
+#: the pod template annotation a restart writes (the time it was asked)
+RESTARTED_AT_ANNOTATION = "hps.dev/restartedAt"
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,16 @@ class KubeApi:
         path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
         result: dict[str, Any] = self._request("PUT", path, query={"fieldManager": self.field_manager},
                                                body=dict(manifest))  # fmt: skip
+        return result
+
+    def restart_pods(self, api_version: str, kind: str, namespace: str, name: str, *, at: str) -> dict[str, Any]:
+        """Rolls a workload's pods as ``kubectl rollout restart`` does: a pod template annotation, here
+        ``hps.dev/restartedAt`` = ``at``, written by a field manager of its own (:data:`RESTART_MANAGER`)
+        so that the operator's server-side applies, which do not carry it, leave it in place."""
+        path = resource_path(api_version, kind, namespace, name)
+        body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at}}}}}
+        result: dict[str, Any] = self._request("PATCH", path, query={"fieldManager": RESTART_MANAGER}, body=body,
+                                               content_type="application/merge-patch+json")  # fmt: skip
         return result
 
     def patch_status(self, api_version: str, kind: str, namespace: str | None, name: str,

@@ -7,6 +7,7 @@ label, get, delete); the whole path against a real API server is in ``e2e/test_c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -145,3 +146,45 @@ def test_a_namespace_being_deleted_stops_the_writes_instead_of_reporting_each_re
     # elsewhere a refusal is reported and the other children are still written
     decision = Decision(apply=(child("ConfigMap", "m-plan", "live"),), delete=(), status={}, events=())
     assert carry_out(Writes(), decision, logger=LOG) == []  # type: ignore[arg-type]
+
+
+class Creates:
+    """Answers create as the API server does: True when the object was made, False when it was there;
+    records restarts."""
+
+    def __init__(self, missing: set[str]) -> None:
+        self.missing = missing
+        self.restarted: list[tuple[str, str, str]] = []
+
+    def create(self, manifest: dict[str, Any]) -> bool:
+        return manifest["metadata"]["name"] in self.missing
+
+    def restart_pods(self, api_version: str, kind: str, namespace: str, name: str, *, at: str) -> None:
+        assert at.endswith("Z")
+        self.restarted.append((kind, namespace, name))
+
+
+def test_a_deleted_password_secret_made_anew_restarts_redis_and_the_agents() -> None:
+    """A Secret the operator creates again (someone deleted it) holds new passwords that only pods
+    started afterwards get: every StatefulSet reading them is restarted, so Redis and the agents
+    agree again; a Secret found in place restarts nothing."""
+    from hps_operator.core.reconcile import ChildRef, Decision
+    from hps_operator.kopf_handlers.embedding_model import carry_out
+
+    running = tuple(ChildRef("apps/v1", "StatefulSet", "rotated", name) for name in ("m-p0-g0", "m-redis"))
+    decision = Decision(apply=(), delete=(), status={}, events=(), restart_on_create=running,
+                        create=(child("Secret", "m-redis", "rotated"), child("Secret", "m-redis-users", "rotated")))  # fmt: skip
+    api = Creates(missing={"m-redis-users"})
+    notes: list[Any] = []
+    assert carry_out(api, decision, logger=LOG, notes=notes) == []  # type: ignore[arg-type]
+    assert api.restarted == [("StatefulSet", "rotated", "m-p0-g0"), ("StatefulSet", "rotated", "m-redis")]
+    (note,) = notes
+    assert (note.type, note.reason) == ("Warning", "CredentialsRecreated")
+    assert "Secret/m-redis-users missing, made anew" in note.message and "StatefulSet/m-redis" in note.message
+    # both Secrets in place (another namespace: the handler remembers what it created for a while)
+    decision = dataclasses.replace(decision, create=(child("Secret", "m-redis", "kept"),),
+                                   restart_on_create=tuple(dataclasses.replace(r, namespace="kept") for r in running))  # fmt: skip
+    api = Creates(missing=set())
+    notes = []
+    assert carry_out(api, decision, logger=LOG, notes=notes) == []  # type: ignore[arg-type]
+    assert api.restarted == [] and notes == []

@@ -354,3 +354,18 @@ def test_a_failed_redis_cluster_bootstrap_job_reaches_the_status() -> None:
     assert [e.reason for e in broken.events if e.type == "Warning"] == ["RedisClusterBootstrapFailed"]
     assert bootstrap in condition(broken.status, "Degraded")["message"]
     assert status_schema_errors(broken.status) == []
+
+
+def test_the_statefulsets_reading_the_generated_passwords_are_named_for_a_restart() -> None:
+    """The operator creates the Redis Secrets when absent and never reads them: a first deployment
+    has nothing running to restart, a deployed model names every StatefulSet (Redis and the agents),
+    for the handler to restart should a create find its Secret missing (someone deleted it)."""
+    first = reconcile(observe(model(), []), OPTIONS)
+    assert {m["metadata"]["name"] for m in first.create} >= {"dlrm-redis", "dlrm-redis-users"}
+    assert first.restart_on_create == ()
+    body, children = deployed()
+    again = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert again.create  # posted again each round; the handler sends them every few minutes
+    running = sorted(c["metadata"]["name"] for c in children if c["kind"] == "StatefulSet")
+    assert [ref.name for ref in again.restart_on_create] == running
+    assert "dlrm-redis" in running and any(name.startswith("dlrm-p0-") for name in running)
