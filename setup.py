@@ -45,33 +45,21 @@ def packages() -> tuple[list[str], dict[str, str]]:
     return control + data, {"hps_operator": "operator"}
 
 
-# The L1 cache's compiled query/insert loops. Optional: where no C compiler is present the build
-# goes on without them and the cache runs its array version (same answers, slower on CPU hosts).
-NATIVE_CACHE = Extension(
-    "node_agent.cache.native._setassoc",
-    sources=["node_agent/cache/native/setassoc.c"],
-    extra_compile_args=["-O3", "-std=c11"],
-    optional=True,
-)
+def native(name: str, source: str) -> Extension:
+    """A compiled loop of the lookup path. Optional: where no C compiler is present the build goes on
+    without it and its Python fallback serves (the same answers, more CPU)."""
+    return Extension(name, sources=[source], extra_compile_args=["-O3", "-std=c11"], optional=True)
 
-# A batch's distinct keys and its inverse (node_agent.dedupe), on every lookup's path; optional as above
-# (np.unique serves without it).
-NATIVE_DEDUPE = Extension(
-    "node_agent._dedupe",
-    sources=["node_agent/dedupe.c"],
-    extra_compile_args=["-O3", "-std=c11"],
-    optional=True,
-)
 
-# A lookup's HMGET replies parsed in C straight into its rows (node_agent.tiers.redis_tier); optional as
-# above (hiredis parses them without it).
-NATIVE_RESP = Extension(
-    "node_agent.tiers._resp",
-    sources=["node_agent/tiers/resp.c"],
-    extra_compile_args=["-O3", "-std=c11"],
-    optional=True,
-)
+NATIVE = [
+    # the L1 cache's query and insert (without: the cache's array version)
+    native("node_agent.cache.native._setassoc", "node_agent/cache/native/setassoc.c"),
+    # a batch's distinct keys and its inverse, node_agent.dedupe (without: np.unique)
+    native("node_agent._dedupe", "node_agent/dedupe.c"),
+    # a lookup's HMGET replies straight into its rows, node_agent.tiers.redis_tier (without: hiredis)
+    native("node_agent.tiers._resp", "node_agent/tiers/resp.c"),
+]
 
 _packages, _package_dir = packages()
-setup(packages=_packages, package_dir=_package_dir, ext_modules=[NATIVE_CACHE, NATIVE_DEDUPE, NATIVE_RESP],
+setup(packages=_packages, package_dir=_package_dir, ext_modules=NATIVE,
       cmdclass={"build_py": BuildPyWithProto})

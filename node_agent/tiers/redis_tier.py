@@ -232,24 +232,26 @@ class RedisTier:
         if _feed_rows is not None and n * reply_cost < _WINDOW_BYTES:
             rows = values.view(np.uint8).reshape(n, layout.row_bytes)
             found_bytes = found.view(np.uint8)
-            malformed_box = [0]
+            malformed = 0
 
             def read_rows(connection: Any, slots: Sequence[int]) -> None:
-                # every reply of `slots` answers one span: its fields are the keys order[lo:hi]
-                if len(slots) == len(spans) and sent_order == list(range(len(spans))):
-                    dest = order  # one shard, asked in partition order: the usual standalone read
+                nonlocal malformed
+                # every reply of `slots` answers one span: its fields are the keys order[lo:hi]. One
+                # connection answering every span was sent them in span order (commands() keeps it)
+                if len(slots) == len(spans):
+                    dest = order
                 else:
                     dest = np.concatenate([order[lo:hi] for _, _, lo, hi in (spans[sent_order[s]] for s in slots)])
-                malformed_box[0] += _read_rows(connection, len(slots), dest, rows, found_bytes, layout.row_bytes)
+                malformed += _read_rows(connection, len(slots), dest, rows, found_bytes, layout.row_bytes)
 
             def fresh_commands() -> Iterator[_Command]:
+                nonlocal malformed
                 # a retry (a cluster slot that moved) starts again from nothing found
                 found[:] = False
-                malformed_box[0] = 0
+                malformed = 0
                 return commands()
 
             self._run(fresh_commands, read=read_rows)
-            malformed = malformed_box[0]
             if layout.dtype.newbyteorder("<") != layout.dtype:
                 values.byteswap(inplace=True)  # the rows are little-endian on the wire
             hits = int(found.sum())
