@@ -616,6 +616,7 @@ def run_lookup_sweep(config: LookupBenchConfig, sweep: SweepConfig, *, workdir: 
             client = redis.Redis(host=server.host, port=server.port, password="sweep", socket_timeout=30)
             baseline = RedisHashBaseline(client, dim=config.dim, hashes=config.redis_hashes)
             baseline.load(table)
+
             def warm_of(ratio: float) -> int:
                 return sweep.warm_batches_for(math.ceil(ratio * config.rows), config.batch)
 
