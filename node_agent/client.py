@@ -243,8 +243,10 @@ class Client:
         for entry, inverse in zip(response.tables, inverses, strict=True):
             view = entry.vectors
             # the one copy: makes the rows writable (the view is on the message's read-only bytes),
-            # native-endian on any host, and one per key asked
-            out[entry.table] = view.take(inverse, axis=0).astype(view.dtype.newbyteorder("="), copy=False)
+            # native-endian on any host, and one per key asked. Rows are taken as bytes: the vectors
+            # sit wherever the message put them, and NumPy would first copy a misaligned float view
+            rows = view.view(np.uint8).take(inverse, axis=0).view(view.dtype)
+            out[entry.table] = rows.astype(view.dtype.newbyteorder("="), copy=False)
         return out
 
     # -- updates -------------------------------------------------------------------------------
