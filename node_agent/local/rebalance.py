@@ -210,7 +210,8 @@ def rebalance_locked(
         model_file, agents=per_partition, redis_cluster=int(current.options.get("redisCluster") or 0),
         port=int(current.options.get("port") or 0), use_redis=bool(current.options.get("useRedis")),
         device=str(current.options.get("device") or "auto"), plan=plan,
-        same_node=bool(current.options.get("sameNode")),
+        same_node=bool(current.options.get("sameNode")), tls=bool(current.options.get("tls")),
+        reflection=bool(current.options.get("reflection")),
     )  # fmt: skip
     stack.write_state(current)
     time.sleep(grace_s)

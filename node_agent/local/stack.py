@@ -594,6 +594,7 @@ class LocalStack:
         on_phase: Callable[[PhaseChange], None] | None = None,
         same_node: bool = False,
         tls: bool = False,
+        reflection: bool = False,
     ) -> UpResult:
         """Starts Redis, loads the tables, starts ``agents`` agents per partition of ``plan`` (one
         partition without a plan) and waits until each answers gRPC health SERVING. On any failure
@@ -605,7 +606,8 @@ class LocalStack:
         ``on_phase`` go to it) and the stack never stops serving.
 
         ``tls``: the agents serve gRPC and Redis serves its clients over TLS, with certificates of a
-        throwaway CA made in ``tls/`` (clients trust ``tls/ca.crt``)."""
+        throwaway CA made in ``tls/`` (clients trust ``tls/ca.crt``). ``reflection``: the agents serve gRPC
+        server reflection (so they do when the model's ``spec.security.reflection`` asks)."""
         if agents < 1:
             raise InvalidArgumentError(f"--agents must be at least 1, got {agents}")
         if redis_cluster and redis_cluster < 3:
@@ -617,11 +619,12 @@ class LocalStack:
         if plan is not None:
             check_plan_fits(plan, model)
         use_redis = not no_redis and model.volatile_store.type == "redis"
+        reflection = reflection or model.security.reflection
         if use_redis and not redis_cluster and model.volatile_store.redis.cluster:
             redis_cluster = max(3, model.volatile_store.redis.shards)  # the model asks for a Redis Cluster
         fingerprint, base_fingerprint = fingerprints(path, agents=agents, redis_cluster=redis_cluster, port=port,
                                                      use_redis=use_redis, device=device, plan=plan,
-                                                     same_node=same_node, tls=tls)  # fmt: skip
+                                                     same_node=same_node, tls=tls, reflection=reflection)  # fmt: skip
         with self.locked():
             restarted = False
             current = self.read_state()
@@ -642,13 +645,16 @@ class LocalStack:
                     revived = self._revive(current, model, ready_timeout=ready_timeout)
                     return UpResult(current, already_up=False, restarted=False, plan=plan, revived=tuple(revived))
                 why = "the model or options changed" if everything_alive else "an earlier up did not finish"
+                if everything_alive:
+                    # what the new start would refuse is refused while the running stack still serves
+                    self._check_new_start(model, path)
                 log.info("stopping the running stack in %s (its data stays): %s", self.state_dir, why)
                 self._stop(current)
                 restarted = True
             options = {"agents": agents, "port": port, "device": device, "useRedis": use_redis,
                        "redisCluster": redis_cluster,
                        "useRocksdb": model.persistent_store.type == "rocksdb", "sameNode": same_node,
-                       "tls": tls}  # fmt: skip
+                       "tls": tls, "reflection": reflection}  # fmt: skip
             state = StackState(model.name, str(path), fingerprint, [], [], bool(redis_cluster),
                                plan=plan_summary(plan) if plan is not None else None, options=options,
                                base_fingerprint=base_fingerprint)  # fmt: skip
@@ -669,15 +675,9 @@ class LocalStack:
     def _start(self, state: StackState, model: ModelSpec, model_file: Path, *, agents: int,
                plan: Plan | None, redis_cluster: int, use_redis: bool, ready_timeout: float) -> None:  # fmt: skip
         use_rocksdb = model.persistent_store.type == "rocksdb"
-        stored = self.read_data()
-        if stored is not None and stored.model != model.name:
-            raise InvalidArgumentError(
-                f"{self.state_dir} holds the tables of model {stored.model!r}, not {model.name!r}: give another "
-                f"--state-dir, or delete them with hps local down --purge --state-dir {self.state_dir}"
-            )
+        stored, new_tables = self._stored_and_new(model)
         if stored is None:
             self._discard_unrecorded_data()  # an earlier up that never finished loading
-        new_tables = self._tables_to_load(model, stored)
         layout = redis_layout(use_redis=use_redis, redis_cluster=redis_cluster, shards=model.volatile_store.redis.shards)
         redis_tables: list[str] = []
         tls = bool(state.options.get("tls"))
@@ -717,6 +717,26 @@ class LocalStack:
         self.write_routing(plan, state.partitions, model=model)
         state.phase = "up"
         self.write_state(state)
+
+    def _stored_and_new(self, model: ModelSpec) -> tuple[StoredData | None, list[str]]:
+        """What the state directory holds and which of ``model``'s tables are to be loaded into it;
+        raises when it holds another model's tables, or a table with another shape."""
+        stored = self.read_data()
+        if stored is not None and stored.model != model.name:
+            raise InvalidArgumentError(
+                f"{self.state_dir} holds the tables of model {stored.model!r}, not {model.name!r}: give another "
+                f"--state-dir, or delete them with hps local down --purge --state-dir {self.state_dir}"
+            )
+        return stored, self._tables_to_load(model, stored)
+
+    def _check_new_start(self, model: ModelSpec, model_file: Path) -> None:
+        """Before a changed model replaces a running stack: the stored data must take it, and every
+        table it adds must open and match its spec (the loader's own check, which reads no rows), so
+        a bad file fails the up and the running stack keeps serving."""
+        from node_agent.loader import open_source
+
+        for name in self._stored_and_new(model)[1]:
+            open_source(model.table(name), base_dir=model_file.parent)
 
     def _tables_to_load(self, model: ModelSpec, stored: StoredData | None) -> list[str]:
         """The tables with a source the stores do not hold yet; a table held with another shape cannot
@@ -1010,6 +1030,8 @@ class LocalStack:
                 cmd += ["--rocksdb", str(self.rocksdb_dir)]
                 if rocksdb_shared:
                     cmd.append("--rocksdb-shared")
+            if options.get("reflection"):
+                cmd.append("--reflection")
             if options.get("sameNode"):  # same-node clients find it at logs/agent-<i>.sock
                 cmd += ["--same-node-socket", str(logs / f"agent-{index}.sock")]
             if not use_redis and not use_rocksdb:
@@ -1246,13 +1268,15 @@ def _wait_cluster_ok(servers: Sequence[Any], timeout: float = 30.0) -> None:
 
 
 def fingerprints(model_file: Path, *, agents: int, redis_cluster: int, port: int, use_redis: bool, device: str,
-                 plan: Plan | None, same_node: bool = False, tls: bool = False) -> tuple[str, str]:  # fmt: skip
+                 plan: Plan | None, same_node: bool = False, tls: bool = False,
+                 reflection: bool = False) -> tuple[str, str]:  # fmt: skip
     """What ``up`` compares with the running stack: the fingerprint of everything (same: already up),
     and of what only a restart can change (same: a rebalance will do)."""
     # absent when off: older stacks keep their fingerprint. `credentials` is always there: a stack started
     # before its agents checked a token, and its processes used their own Redis users, is restarted by
     # the next up rather than left taking updates from anyone
-    extra: dict[str, object] = {name: True for name, on in (("same_node", same_node), ("tls", tls)) if on}
+    extra: dict[str, object] = {name: True for name, on in (("same_node", same_node), ("tls", tls),
+                                                            ("reflection", reflection)) if on}  # fmt: skip
     extra["credentials"] = 1
     base = _fingerprint(model_file, redis_cluster=redis_cluster, port=port, use_redis=use_redis, device=device,
                         **extra)  # fmt: skip

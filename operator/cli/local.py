@@ -56,6 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--tls", action="store_true",
                     help="serve gRPC and Redis over TLS with certificates of a throwaway CA made in STATE_DIR/tls "
                     "(clients trust STATE_DIR/tls/ca.crt); Update RPCs need the stack's token either way")  # fmt: skip
+    up.add_argument("--reflection", action="store_true",
+                    help="the agents serve gRPC server reflection, which lists their services to anyone who "
+                    "asks (off unless this or the model's spec.security.reflection asks)")  # fmt: skip
     up.add_argument("--timeout", type=float, default=120.0, metavar="S",
                     help="seconds to wait for the agents to serve (default 120)")  # fmt: skip
     up.add_argument("--grace", type=float, default=None, metavar="S",
@@ -161,6 +164,7 @@ def run_up(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         on_phase=print_phase,
         tls=args.tls,
+        reflection=args.reflection,
     )
     state = result.state
     for endpoint in state.endpoints:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import redis
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -224,7 +226,23 @@ def test_up_with_a_changed_model_restarts_and_down_stops_everything(tmp_path: Pa
     state = tmp_path / "state"
     first = hps("local", "up", "-f", model.file, "--state-dir", state)
     old_pids = [p["pid"] for p in json.loads((state / "state.json").read_text())["processes"]]
-    model.file.write_text(model.file.read_text().replace("memoryPerGPU: 1Mi", "memoryPerGPU: 2Mi"))
+    good = model.file.read_text()
+
+    # a change the new start would refuse fails the up, and the running stack keeps serving:
+    # a new table whose file is corrupt, then a stored table given another dim
+    (tmp_path / "tables" / "extra.npy").write_bytes(b"not a numpy file")
+    model.file.write_text(good.replace("  cache:", "  - {name: extra, rows: 10, dim: 4, source: tables/extra.npy}\n  cache:"))
+    corrupt = hps("local", "up", "-f", model.file, "--state-dir", state, check=False)
+    assert corrupt.returncode != 0 and "extra.npy" in corrupt.stderr
+    model.file.write_text(good.replace("rows: 300, dim: 4", "rows: 300, dim: 6"))
+    reshaped = hps("local", "up", "-f", model.file, "--state-dir", state, check=False)
+    assert reshaped.returncode != 0 and "spec.tables[1]" in reshaped.stderr
+    assert [p["pid"] for p in json.loads((state / "state.json").read_text())["processes"]] == old_pids
+    assert all(Path(f"/proc/{pid}").exists() for pid in old_pids)
+    assert_serves_exactly(endpoints_of(first.stdout)[0], "recs", model)
+    assert hps("local", "status", "--state-dir", state).returncode == 0
+
+    model.file.write_text(good.replace("memoryPerGPU: 1Mi", "memoryPerGPU: 2Mi"))
     second = hps("local", "up", "-f", model.file, "--state-dir", state)
     assert "restarted" in second.stdout
     assert not set(old_pids) & set(processes_mentioning(state))
@@ -290,15 +308,34 @@ def test_redis_shards_of_the_model_are_separate_servers_each_holding_rows(tmp_pa
     assert processes_mentioning(state) == []
 
 
-def test_two_agents_each_serve_every_table(tmp_path: Path) -> None:
+def reflected_services(endpoint: str) -> set[str]:
+    """What the agent's server reflection lists; raises grpc.RpcError UNIMPLEMENTED when it is off."""
+    with grpc.insecure_channel(endpoint) as channel:
+        return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def test_reflection_is_off_on_a_stack_unless_asked(running: tuple[Model, Path, list[str]]) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        reflected_services(running[2][0])
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_two_agents_each_serve_every_table_and_reflection_when_asked(tmp_path: Path) -> None:
     model = write_model(tmp_path)
     state = tmp_path / "state"
     try:
-        up = hps("local", "up", "-f", model.file, "--state-dir", state, "--agents", "2")
+        up = hps("local", "up", "-f", model.file, "--state-dir", state, "--agents", "2", "--reflection")
         endpoints = endpoints_of(up.stdout)
         assert len(set(endpoints)) == 2
         for endpoint in endpoints:
             assert_serves_exactly(endpoint, "recs", model)
+            assert {"hps.v1.EmbeddingService", "grpc.health.v1.Health"} <= reflected_services(endpoint)
+        # the model's own field asks for it as well
+        model.file.write_text(model.file.read_text() + "  security: {reflection: true}\n")
+        again = hps("local", "up", "-f", model.file, "--state-dir", state, "--agents", "2")
+        assert "restarted" in again.stdout
+        for endpoint in endpoints_of(again.stdout):
+            assert "hps.v1.EmbeddingService" in reflected_services(endpoint)
     finally:
         hps("local", "down", "--state-dir", state, "--purge", check=False)
 
