@@ -277,7 +277,7 @@ def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str)
     first = ready(kube, namespace, "elastic")
     version = first["status"]["placement"]["version"]
     assert first["status"]["selector"] == (
-        "app.kubernetes.io/component=agent,app.kubernetes.io/instance=elastic,hps.dev/partition=0"
+        "app.kubernetes.io/instance=elastic,app.kubernetes.io/component=agent,hps.dev/partition=0"
     )
 
     kube.kubectl("scale", "-n", namespace, "em/elastic", "--replicas", "3")

@@ -65,6 +65,36 @@ _ERROR_OF_STATUS: dict[grpc.StatusCode, type[HpsError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
+class RpcFailure(grpc.RpcError):
+    """What a failed call raises is its typed error (:class:`NotFoundError`, ...) and also a
+    :class:`grpc.RpcError` whose ``code()`` and ``details()`` are the status the agent answered, so
+    code written against the raw stubs (``except grpc.RpcError as e: e.code()``) works unchanged."""
+
+    _code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    _details: str = ""
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_FAILURE_TYPES: dict[type[HpsError], type[HpsError]] = {}
+
+
+def rpc_failure(kind: type[HpsError], code: grpc.StatusCode, details: str, message: str) -> HpsError:
+    """``kind(message)`` that is also a :class:`RpcFailure` answering ``code`` and ``details``."""
+    failure = _FAILURE_TYPES.get(kind)
+    if failure is None:  # named as its typed error: what a traceback or a log shows does not change
+        failure = type(kind.__name__, (kind, RpcFailure), {"__module__": kind.__module__,
+                                                           "__qualname__": kind.__qualname__})  # fmt: skip
+        _FAILURE_TYPES[kind] = failure
+    error = failure(message)
+    error._code, error._details = code, details  # type: ignore[attr-defined]
+    return error
+
+
 #: gRPC target schemes passed through as they are (no HOST:PORT to check)
 _TARGET_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "xds:")
 
@@ -362,11 +392,14 @@ class Client:
                     hint = tls_failure_hint(details) or (
                         "if the agent serves TLS, give its CA (tls=, --tls-ca)"
                         if self.tls is None and _looks_like_tls_refusal(details) else "")  # fmt: skip
-                    raise UnavailableError(
+                    raise rpc_failure(
+                        UnavailableError, code, details,
                         f"no endpoint answered {method} ({', '.join(asked)}{attempts}): {code.name}: {details}"
-                        + (f" ({hint})" if hint else "")
-                    ) from None
-                raise _ERROR_OF_STATUS.get(code, HpsError)(details if code in _ERROR_OF_STATUS else f"{code.name}: {details}") from None
+                        + (f" ({hint})" if hint else ""),
+                    ) from None  # fmt: skip
+                known = code in _ERROR_OF_STATUS
+                raise rpc_failure(_ERROR_OF_STATUS.get(code, HpsError), code, details,
+                                  details if known else f"{code.name}: {details}") from None  # fmt: skip
             with self._lock:
                 self._current = index
             return response, endpoint

@@ -45,6 +45,9 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 #: an absolute, normalised path: no empty, ``.`` or ``..`` segment and no trailing slash
 ABSOLUTE_PATH_PATTERN = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
+#: a table source :func:`source_path` takes (the CRD says the same): no ``://`` after an optional
+#: ``file://``, so another scheme (``s3://``) is refused when the model is applied
+SOURCE_PATTERN = r"^(file://)?([^:]|:[^/]|:/[^/])*(:/?)?$"
 _ABSOLUTE_PATH = re.compile(ABSOLUTE_PATH_PATTERN)
 #: a label or annotation key: an optional DNS subdomain prefix and a name of at most 63 characters
 _QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
@@ -288,9 +291,7 @@ class ModelStoreSpec:
     def cluster_path(self, source: str, *, field: str) -> str:
         """Where ``source`` lies inside the pods: absolute sources as they are, relative ones under the
         mount path. Raises :class:`InvalidSpecError` naming ``field`` when it lies outside the store."""
-        raw = source[len("file://") :] if source.startswith("file://") else source
-        if "://" in raw:
-            raise InvalidSpecError(field, f"unsupported URI scheme in {source!r}; use file:// or a path")
+        raw = source_path(source, field=field)
         # posixpath, not Path: pod paths are POSIX whatever the operator runs on; join keeps an
         # absolute ``raw`` as it is, and normpath folds ``..`` so it cannot climb out of the store
         path = posixpath.normpath(posixpath.join(self.mount_path, raw))
@@ -600,6 +601,8 @@ def parse_table(raw: Any, field: str) -> TableSpec:
     source = obj.get("source")
     if source is not None and (not isinstance(source, str) or not source):
         raise InvalidSpecError(f"{field}.source", f"expected a file:// URI or a path, got {source!r}")
+    if source is not None:
+        source_path(source, field=f"{field}.source")
     return TableSpec(
         name=_name(obj.get("name"), f"{field}.name"),
         rows=_int(obj, "rows", field, None, minimum=1),
@@ -893,12 +896,21 @@ def load_model_file(path: str | Path) -> ModelSpec:
     return parse_model(models[0])
 
 
+def source_path(source: str, *, field: str = "source") -> str:
+    """A table source's path: ``file:///abs`` and ``file://localhost/abs`` (RFC 8089) → ``/abs``,
+    ``file://rel`` → ``rel``, a plain path as it is. Any other scheme (``s3://``, ``gs://``, ...) is an
+    :class:`InvalidSpecError` naming ``field``: sources are files the loader can open."""
+    raw = source[len("file://") :] if source.startswith("file://") else source
+    if source.startswith("file://localhost/"):
+        raw = raw[len("localhost") :]
+    if "://" in raw:
+        raise InvalidSpecError(field, f"unsupported URI scheme in {source!r}; use file:// or a path")
+    return raw
+
+
 def resolve_source(source: str, *, base: Path | None = None) -> Path:
     """``file:///abs``, ``file://rel`` or a plain path → a filesystem path (relative to ``base``)."""
-    raw = source[len("file://") :] if source.startswith("file://") else source
-    if "://" in raw:
-        raise InvalidSpecError("source", f"unsupported URI scheme in {source!r}; use file:// or a path")
-    path = Path(raw)
+    path = Path(source_path(source))
     if not path.is_absolute() and base is not None:
         path = base / path
     return path

@@ -147,8 +147,11 @@ def as_vectors(vectors: Any, *, rows: int, dim: int | None = None) -> np.ndarray
 
 
 def parse_keys_text(text: str) -> np.ndarray:
-    """``"1,2, 3"`` (a CLI argument) → int64 keys."""
-    parts: Sequence[str] = [p.strip() for p in text.split(",") if p.strip()]
+    """``"1,2, 3"`` (a CLI argument) → int64 keys; an empty entry (``1,,2``) is an error, not skipped."""
+    parts: Sequence[str] = [p.strip() for p in text.split(",")] if text.strip() else []
+    empty = [i + 1 for i, p in enumerate(parts) if not p]
+    if empty:
+        raise InvalidArgumentError(f"--keys must be comma-separated integers: entry {empty[0]} of {len(parts)} is empty")
     try:
         return as_keys([int(p, 0) for p in parts])
     except ValueError as exc:

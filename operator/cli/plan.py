@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         model, gpus_per_pod=args.gpus_per_pod, partitions=args.partitions, gpu_memory=args.gpu_memory
     )
     previous = read_plan(args.previous) if args.previous is not None else None
+    if previous is not None and previous.model and previous.model != model.name:
+        # its version, bucket count and assignments would be carried over into an unrelated plan
+        raise InvalidArgumentError(
+            f"--previous {args.previous}: a plan of model {previous.model!r}, not {model.name!r}"
+        )
     plan = plan_placement(model, topology, previous)
     if args.output == "json":
         sys.stdout.write(render_json(plan))

@@ -269,7 +269,7 @@ def replica_selector(name: str) -> str:
     replica whatever the partition count, so an HPA's Pods metric averages over replicas (a
     selector of every pod of the model would count Redis, the loader and every partition, and the
     HPA would multiply its desired replicas by that pod count)."""
-    return f"{COMPONENT_LABEL}=agent,app.kubernetes.io/instance={name},{PARTITION_LABEL}=0"
+    return f"app.kubernetes.io/instance={name},{COMPONENT_LABEL}=agent,{PARTITION_LABEL}=0"  # as DESIGN.md writes it
 
 
 def replica_counts(agents: Iterable[AgentObservation], partitions: int) -> tuple[int, int]:
@@ -305,9 +305,11 @@ def error_message(error: HpsError) -> str:
     if isinstance(error, InvalidSpecError):
         return f"{error.field}: {error.detail}"
     if isinstance(error, InsufficientGPUMemoryError):
+        # the error's own words, with the sizes also in GiB (said once: the condition is read by people)
+        detail = f"; {error.detail}" if error.detail else ""
         return (
-            f"needs {error.needed} bytes ({_gib(error.needed)}) of GPU cache, "
-            f"{error.available} bytes ({_gib(error.available)}) available; {error}"
+            f"insufficient GPU memory: needs {error.needed} bytes ({_gib(error.needed)}) of GPU cache, "
+            f"{error.available} bytes ({_gib(error.available)}) available{detail}"
         )
     return str(error)
 

@@ -172,6 +172,10 @@ def test_lookup_and_update_commands(
     assert hps(["lookup", "--endpoint", endpoint, "--model", "demo", "--table", "nope", "--keys", "1"]) == 3
     assert "table 'nope' not found" in capsys.readouterr().err
     assert hps(["lookup", "--endpoint", endpoint, "--model", "demo", "--table", "user", "--keys", "1,x"]) == 2
+    capsys.readouterr()
+    # an empty entry is a mistake to name, not a key to drop
+    assert hps(["lookup", "--endpoint", endpoint, "--model", "demo", "--table", "user", "--keys", "1,,2"]) == 2
+    assert "entry 2 of 3 is empty" in capsys.readouterr().err
 
 
 @pytest.fixture

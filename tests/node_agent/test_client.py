@@ -57,6 +57,24 @@ def test_errors_are_typed_and_carry_the_servers_message(client: Client) -> None:
         client.lookup("demo", "user", [1.5, 2.0])
 
 
+def test_errors_are_also_grpc_rpc_errors_with_the_status_the_agent_answered(served: Served, client: Client) -> None:  # noqa: F811
+    """Code written against the raw stubs (``except grpc.RpcError``, ``e.code()``) works unchanged."""
+    for call, code, error in (
+        (lambda: client.lookup("demo", "nope", [1]), grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (lambda: client.lookup("demo", "user", np.arange(1001)), grpc.StatusCode.RESOURCE_EXHAUSTED,
+         ResourceExhaustedError),
+        (lambda: client.lookup("", "user", [1]), grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
+    ):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        assert raised.value.code() == code and isinstance(raised.value, error)
+        assert raised.value.details() == str(raised.value) and type(raised.value).__name__ == error.__name__
+    dead = f"127.0.0.1:{free_port()}"
+    with Client([dead], timeout=2, retries=0) as c, pytest.raises(grpc.RpcError) as unavailable:
+        c.lookup("demo", "user", [1])
+    assert unavailable.value.code() == grpc.StatusCode.UNAVAILABLE and isinstance(unavailable.value, UnavailableError)
+
+
 def test_update_rpc_then_lookup_sees_it(client: Client) -> None:
     rows = client.update("demo", "user", [4, 9999], np.full((2, 8), 0.25))
     assert rows == 2

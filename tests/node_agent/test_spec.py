@@ -137,6 +137,17 @@ def test_model_file_and_relative_sources(tmp_path: Path) -> None:
         load_model_file(tmp_path / "bad.yaml")
     with pytest.raises(InvalidSpecError, match="unsupported URI scheme"):
         resolve_source("s3://bucket/t")
+    assert resolve_source("file://localhost/abs/t", base=tmp_path) == Path("/abs/t")  # RFC 8089's host
+
+
+@pytest.mark.parametrize("source", ["s3://bucket/t", "gs://b/t", "file://host/http://x"])
+def test_a_source_the_loader_cannot_open_is_an_invalid_spec_naming_the_table(source: str) -> None:
+    """Caught when the model is read (plan, render, the operator's InvalidSpec), not at load time."""
+    tables = [{"name": "ok", "rows": 4, "dim": 2}, {"name": "t", "rows": 4, "dim": 2, "source": source}]
+    with pytest.raises(InvalidSpecError) as err:
+        parse_model(manifest(tables=tables))
+    assert err.value.field == "spec.tables[1].source"
+    assert "unsupported URI scheme" in str(err.value) and source in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------

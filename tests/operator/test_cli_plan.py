@@ -91,6 +91,10 @@ def test_a_previous_plan_is_rebalanced_with_few_moves(model_file: Path, tmp_path
     assert grown["version"] == 2
     metrics = grown["metrics"]
     assert 0 < metrics["movementLowerBound"] <= metrics["movedBytes"] <= 1.1 * metrics["movementLowerBound"]
+    # another model's plan is not a previous plan of this one: its version and buckets would carry over
+    previous.write_text(json.dumps({**first, "model": "another"}))
+    refused = hps("plan", "-f", model_file, "--previous", previous)
+    assert refused.returncode == 2 and "a plan of model 'another'" in refused.stderr
 
 
 def test_json_output_is_indented_with_one_line_per_table(model_file: Path) -> None:

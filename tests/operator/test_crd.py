@@ -21,6 +21,7 @@ from node_agent.spec import (
     LABEL_VALUE_PATTERN,
     PERSISTENT_TYPES,
     PLACEMENT_STRATEGIES,
+    SOURCE_PATTERN,
     VOLATILE_TYPES,
     parse_model,
 )
@@ -189,6 +190,21 @@ def test_path_and_label_patterns_agree_with_the_spec_parser() -> None:
     for path in ("spec.modelStore.mountPath", "spec.modelStore.nfs.path", "spec.modelStore.hostPath.path"):
         assert _node(path)["pattern"] == ABSOLUTE_PATH_PATTERN, path
     assert _node("spec.agent.podLabels")["additionalProperties"]["pattern"] == LABEL_VALUE_PATTERN
+
+
+@pytest.mark.parametrize("source", ["file:///m/t", "file://dlrm/t", "file://localhost/m/t", "/m/t", "dlrm/t",
+                                    "/m/a:b/t", "c:/t", "file:", "s3://b/t", "gs://b/t", "file://h/http://x"])
+def test_the_source_pattern_takes_exactly_what_the_spec_parser_takes(source: str) -> None:
+    assert _node("spec.tables.[].source")["pattern"] == SOURCE_PATTERN
+    manifest = minimal()
+    manifest["spec"]["tables"][0]["source"] = source
+    try:
+        parse_model(manifest)
+        parsed = True
+    except InvalidSpecError as exc:
+        assert exc.field == "spec.tables[0].source"
+        parsed = False
+    assert (validation_errors(manifest) == []) == parsed, source
 
 
 def test_table_names_are_unique_dns_labels() -> None:

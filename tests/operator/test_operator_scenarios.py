@@ -319,7 +319,7 @@ async def test_create_makes_children_and_reports_conditions(cluster: Cluster, tm
         assert {c["type"] for c in status["conditions"]} >= {"Ready", "Placed", "Loaded", "Progressing", "Degraded"}
         assert condition(model, "Placed")["status"] == "True"  # type: ignore[index]
         assert condition(model, "Ready")["status"] == "False"  # type: ignore[index]  # no pod is ready yet
-        assert status["selector"] == "app.kubernetes.io/component=agent,app.kubernetes.io/instance=dlrm,hps.dev/partition=0"
+        assert status["selector"] == "app.kubernetes.io/instance=dlrm,app.kubernetes.io/component=agent,hps.dev/partition=0"
         assert status["placement"]["version"] == 1
         assert status["replicas"] == 0 and status["readyReplicas"] == 0  # no agent pod exists yet
         sts = cluster.children(STATEFULSETS)

@@ -111,7 +111,7 @@ def test_first_reconcile_places_and_renders_everything() -> None:
     assert decision.status["placement"]["version"] == 1
     assert condition(decision.status, "Placed")["status"] == "True"
     assert condition(decision.status, "Ready")["status"] == "False"  # nothing runs yet
-    assert decision.status["selector"] == "app.kubernetes.io/component=agent,app.kubernetes.io/instance=dlrm,hps.dev/partition=0"
+    assert decision.status["selector"] == "app.kubernetes.io/instance=dlrm,app.kubernetes.io/component=agent,hps.dev/partition=0"
     (created,) = [e for e in decision.events if e.reason == "PlanCreated"]
     assert created.type == "Normal" and created.message.startswith("plan v1: ")
     assert decision.status["rebalance"] == {"state": "Idle", "phase": "Idle", "toVersion": 1, "since": T0}

@@ -15,6 +15,7 @@ from hps_operator.core.status import (
     ChildrenObservation,
     agent_observation,
     compute_status,
+    error_message,
     job_state,
     observe_children,
     replica_counts,
@@ -99,7 +100,7 @@ def test_a_healthy_model_is_ready() -> None:
     assert [c["type"] for c in status["conditions"]] == ["Ready", "Placed", "Loaded", "Progressing", "Degraded"]
     assert status["observedGeneration"] == 3
     assert (status["replicas"], status["readyReplicas"]) == (2, 2)
-    assert status["selector"] == "app.kubernetes.io/component=agent,app.kubernetes.io/instance=dlrm,hps.dev/partition=0"
+    assert status["selector"] == "app.kubernetes.io/instance=dlrm,app.kubernetes.io/component=agent,hps.dev/partition=0"
     assert status["tableCount"] == 2
     assert status["placement"]["version"] == 7 and status["placement"]["movedBytes"] == 120
     assert status["placement"]["imbalance"] == 1.02
@@ -360,3 +361,11 @@ def test_observe_children_reads_the_rendered_bootstrap_job() -> None:
     assert observe_children([], desired=desired).redis_bootstrap is None  # rendered, not created yet
     assert observe_children(live, desired=desired[1:]).redis_bootstrap == "NotNeeded"  # no cluster mode
     assert observe_children(live).redis_bootstrap == "Failed"  # nothing rendered: what is live
+
+
+def test_an_unplaceable_model_says_once_what_it_needs_and_what_it_has() -> None:
+    message = error_message(InsufficientGPUMemoryError(3 * 2**30, 2**30, "2 partition(s) x 1 GPU(s) x 512 MiB"))
+    assert message == (
+        "insufficient GPU memory: needs 3221225472 bytes (3.00 GiB) of GPU cache, 1073741824 bytes (1.00 GiB) "
+        "available; 2 partition(s) x 1 GPU(s) x 512 MiB"
+    )
