@@ -3,14 +3,10 @@ per-replica QPS metric, and the partition autoscaler's state machine (widen, nar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -38,6 +34,7 @@ from hps_operator.core.topology import Topology
 from node_agent.cache.l1 import build_l1
 from node_agent.errors import InvalidArgumentError, InvalidSpecError
 from node_agent.spec import parse_model_spec
+from tests.bench_scripts import load_bench_script
 
 TARGET = 20_000.0
 
@@ -549,18 +546,7 @@ def test_samples_must_be_plausible_and_in_order() -> None:
 # the hit-rate model of bench/autoscale.py (Che's approximation), checked against real caches
 
 
-def _bench() -> ModuleType:
-    """``bench/autoscale.py`` is a script, not a package: load it from its file."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "autoscale.py"
-    spec = importlib.util.spec_from_file_location("autoscale_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = load_bench_script("autoscale")
 
 
 @pytest.mark.parametrize("alpha", [0.8, 1.05])

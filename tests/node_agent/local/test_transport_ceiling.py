@@ -4,10 +4,7 @@ budget arithmetic is what the docs say it is. The measuring itself is the lookup
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,20 +14,9 @@ from node_agent.errors import InvalidArgumentError
 from node_agent.local.lookup_bench import LookupBenchConfig, SystemResult
 from node_agent.same_node import SameNodeClient, SameNodeServer
 from node_agent.server import serve
+from tests.bench_scripts import load_bench_script
 
-
-def _bench() -> ModuleType:
-    """``bench/transport_ceiling.py`` is a script, not a package: load it from its file."""
-    path = Path(__file__).resolve().parents[3] / "bench" / "transport_ceiling.py"
-    spec = importlib.util.spec_from_file_location("transport_ceiling_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = load_bench_script("transport_ceiling")
 
 
 def test_the_in_ram_lookup_answers_exactly_over_grpc_and_the_same_node_socket(tmp_path: Path) -> None:
