@@ -79,6 +79,12 @@ class RpcFailure(grpc.RpcError):
     def details(self) -> str:
         return self._details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # made again by rpc_failure (its class is made at run time, so pickle cannot name it): it
+        # crosses a process boundary (a multiprocessing worker's error) as what it is
+        kind = next(k for k in type(self).__mro__ if _FAILURE_TYPES.get(k) is type(self))
+        return rpc_failure, (kind, self._code, self._details, str(self))
+
 
 _FAILURE_TYPES: dict[type[HpsError], type[HpsError]] = {}
 

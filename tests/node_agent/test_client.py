@@ -3,6 +3,7 @@ typed errors carrying the server's message, deadlines, and failover onto the nex
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +70,8 @@ def test_errors_are_also_grpc_rpc_errors_with_the_status_the_agent_answered(serv
             call()
         assert raised.value.code() == code and isinstance(raised.value, error)
         assert raised.value.details() == str(raised.value) and type(raised.value).__name__ == error.__name__
+        again = pickle.loads(pickle.dumps(raised.value))  # a multiprocessing worker's error crosses over
+        assert isinstance(again, error) and again.code() == code and str(again) == str(raised.value)
     dead = f"127.0.0.1:{free_port()}"
     with Client([dead], timeout=2, retries=0) as c, pytest.raises(grpc.RpcError) as unavailable:
         c.lookup("demo", "user", [1])
