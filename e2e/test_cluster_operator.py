@@ -309,16 +309,22 @@ def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str)
 
 
 def test_a_one_replica_partition_never_goes_dark_in_a_rollout(kube: Kube, namespace: str) -> None:
-    """``gpusPerPod`` 4 -> 8 with one replica: the new pod starts beside the old one, which keeps
-    serving until routing has switched; at no moment does the partition lack a ready pod."""
+    """``gpusPerPod`` 4 -> 8 with one replica, and a cache change that alters every agent's pod
+    template: the new pod starts beside the old one, which keeps serving, never restarted, until
+    routing has switched; at no moment does the partition lack a ready pod."""
     kube.apply(model("steady", gpusPerPod=4), namespace=namespace)
     version = ready(kube, namespace, "steady")["status"]["placement"]["version"]
     selector = f"{INSTANCE}=steady,app.kubernetes.io/component=agent,hps.dev/partition=0"
-    kube.kubectl("patch", "-n", namespace, "em/steady", "--type=merge", "-p", '{"spec":{"gpusPerPod":8}}')
+    (old_set,) = agent_sets(kube, namespace, "steady", 0)
+    old_pods = {p["metadata"]["uid"] for p in kube.get("pods", namespace=namespace, selector=selector)}
+    kube.kubectl("patch", "-n", namespace, "em/steady", "--type=merge", "-p",
+                 '{"spec":{"gpusPerPod":8,"cache":{"memoryPerGPU":"8Gi","policy":"lfu"}}}')  # fmt: skip
     fewest_ready, most_sets = 99, 0
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         pods = kube.get("pods", namespace=namespace, selector=selector)
+        of_old_set = [p for p in pods if p["metadata"]["name"].startswith(old_set["metadata"]["name"] + "-")]
+        assert {p["metadata"]["uid"] for p in of_old_set} <= old_pods, "the old plan's pod was restarted"
         ready_pods = [p for p in pods if not p["metadata"].get("deletionTimestamp") and any(
             c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))]  # fmt: skip
         fewest_ready = min(fewest_ready, len(ready_pods))

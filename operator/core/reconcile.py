@@ -27,6 +27,7 @@ from hps_operator.core.planner import plan_placement
 from hps_operator.core.render import (
     MAX_CONFIGMAP_BYTES,
     PLAN_KEY,
+    PLAN_VERSION_LABEL,
     ROUTING_KEY,
     check_renderable,
     configmap_bytes,
@@ -209,8 +210,9 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
 
     agents_ready = False
     if rollout.phase is not Phase.IDLE and rollout.target_version == target.version:
-        current = _render(model, observed, options, target, plans.get(rollout.active_version), rollout.phase)
-        agents_ready = _agents_rolled_out(current, children)
+        leaving = plans.get(rollout.active_version)
+        current = _render(model, observed, options, target, leaving, rollout.phase)
+        agents_ready = _agents_rolled_out(current, children, leaving, target)
     advanced, actions = advance(
         rollout,
         RolloutObservation(
@@ -243,7 +245,8 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         return Decision((), (), status, tuple(_condition_events(old_status, status)), OBJECT_TOO_LARGE)
     desired_refs = {_ref(m) for m in desired}
     create = tuple(m for m in desired if m["kind"] == "Secret")
-    apply = tuple(m for m in desired if m["kind"] != "Secret" and needs_apply(m, children.get(_ref(m))))
+    apply = tuple(m for m in desired if m["kind"] != "Secret" and needs_apply(m, children.get(_ref(m)))
+                  and not _kept_while_left(m, children.get(_ref(m)), active, target))  # fmt: skip
     replace = tuple(_ref(m) for m in apply if _immutable_fields_change(m, children.get(_ref(m))))
     delete = tuple(sorted(ref for ref in children if ref not in desired_refs))
     status = _status(observed, old_status, model=model, plan=target, rollout=advanced, active_plan=active,
@@ -411,20 +414,38 @@ def _render(model: ModelSpec, observed: Observed, options: Options, target: Plan
     return result
 
 
+def _kept_while_left(manifest: Mapping[str, Any], live: Mapping[str, Any] | None, active: Plan | None,
+                     target: Plan) -> bool:  # fmt: skip
+    """An agent set of the plan being left (Warming, Switching: ``active`` is not ``None``) keeps serving
+    as it runs. The spec change that made the new plan may change its pod template too (the model
+    file's hash, its resources), and applying that would restart its pods while clients still route to
+    them, before the new owners serve. It is dropped, unchanged, once the rollout drains; one that is
+    gone is made again."""
+    return (
+        active is not None
+        and active.version != target.version
+        and live is not None
+        and _is_agent_workload(manifest)
+        and (manifest["metadata"].get("annotations") or {}).get(PLAN_VERSION_LABEL) == str(active.version)
+    )
+
+
 def _is_agent_workload(manifest: Mapping[str, Any]) -> bool:
     return manifest.get("kind") == "StatefulSet" and _labels(manifest).get(COMPONENT_LABEL) == "agent"
 
 
-def _agents_rolled_out(
-    desired: Sequence[Mapping[str, Any]], children: Mapping[ChildRef, Mapping[str, Any]]
-) -> bool:
+def _agents_rolled_out(desired: Sequence[Mapping[str, Any]], children: Mapping[ChildRef, Mapping[str, Any]],
+                       leaving: Plan | None, target: Plan) -> bool:  # fmt: skip
     """Every agent StatefulSet rendered for the current phase runs that manifest (nothing left to
-    apply) and the controller reports all its pods updated and ready."""
+    apply; the plan being left runs as it was, see :func:`_kept_while_left`) and the controller
+    reports all its pods updated and ready."""
     for m in desired:
         if not _is_agent_workload(m):
             continue
         live = children.get(_ref(m))
-        if live is None or needs_apply(m, live) or not statefulset_rolled_out(live):
+        if live is None or not statefulset_rolled_out(live):
+            return False
+        if needs_apply(m, live) and not _kept_while_left(m, live, leaving, target):
             return False
     return True
 

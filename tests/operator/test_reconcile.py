@@ -209,6 +209,32 @@ def test_more_gpus_warm_up_a_new_plan_before_routing_switches() -> None:
     assert body["status"]["placement"]["version"] == 2
 
 
+def test_the_plan_being_left_keeps_its_pods_while_a_spec_change_warms_the_new_one() -> None:
+    """gpusPerPod makes a new plan; the cache policy and budget change every agent's pod template too
+    (the model file's hash, its memory). The old plan's agent sets serve until routing has switched
+    and the grace passed: updating them would restart their pods before the new owners serve."""
+    body, children = deployed()
+    old_sets = {c["metadata"]["name"]: c for c in children
+                if c["kind"] == "StatefulSet" and c["metadata"]["labels"].get("app.kubernetes.io/component") == "agent"}  # fmt: skip
+    spec = {**body["spec"], "gpusPerPod": 8, "cache": {"memoryPerGPU": "2Gi", "policy": "lfu"}}
+    body = {**body, "spec": spec, "metadata": {**body["metadata"], "generation": 2}}
+    warming = reconcile(observe(body, children), OPTIONS)
+    assert warming.status["rebalance"]["phase"] == "Warming"
+    written = {m["metadata"]["name"] for m in warming.apply if m["kind"] == "StatefulSet"}
+    assert written and not written & set(old_sets)  # only the new owners' sets are written
+    children = applied(warming, children, ready=True)
+    body = with_status(body, warming)
+    switched = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert switched.status["rebalance"]["phase"] == "Switching"
+    assert not {m["metadata"]["name"] for m in switched.apply} & set(old_sets)
+    children = applied(switched, children, ready=True)
+    assert all(c == old_sets[c["metadata"]["name"]] for c in children if c["metadata"]["name"] in old_sets)
+    body = with_status(body, switched)
+    draining = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert draining.status["rebalance"]["phase"] == "Draining"
+    assert {r.name for r in draining.delete if r.kind == "StatefulSet"} == set(old_sets)
+
+
 def test_invalid_spec_names_the_field_and_touches_nothing() -> None:
     body, children = deployed()
     bad = copy.deepcopy(body)
