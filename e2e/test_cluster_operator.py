@@ -307,6 +307,14 @@ def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str)
     wait_for("partition 1's StatefulSet gone", lambda: agent_sets(kube, namespace, "elastic", 1) == [])
     assert operator_warnings(kube, namespace) == []
 
+    # a deleted plan ConfigMap comes back as it was (from what the agents read), the agents untouched
+    plan, sets = plan_of(kube, namespace, "elastic"), agent_sets(kube, namespace, "elastic")
+    kube.kubectl("delete", "configmap", "-n", namespace, "elastic-plan")
+    assert wait_for("the plan ConfigMap back", lambda: (
+        kube.get("configmap", "elastic-plan", namespace=namespace) is not None))  # fmt: skip
+    assert plan_of(kube, namespace, "elastic") == plan
+    assert [s["metadata"]["uid"] for s in agent_sets(kube, namespace, "elastic")] == [s["metadata"]["uid"] for s in sets]
+
 
 def test_a_one_replica_partition_never_goes_dark_in_a_rollout(kube: Kube, namespace: str) -> None:
     """``gpusPerPod`` 4 -> 8 with one replica, and a cache change that alters every agent's pod

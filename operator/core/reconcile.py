@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from hps_operator.core.render import (
     PLAN_KEY,
     PLAN_VERSION_LABEL,
     ROUTING_KEY,
+    agent_config_name,
     check_renderable,
     configmap_bytes,
     plan_configmap_name,
@@ -174,6 +176,9 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
                      rollout: Rollout) -> Decision:  # fmt: skip
     children = _index(observed.children)
     stored = _load_plans(_plan_configmap(model, observed.children))
+    if PLAN_KEY not in stored:
+        # deleted or made unreadable: what the agents read still says which plans they serve
+        stored = _recovered_plans(model, observed.children, rollout) or stored
     previous = stored.get(PLAN_KEY)
     scaling = scale_partitions(
         model, routed_partitions=previous.partitions if previous is not None else max(1, model.partitions),
@@ -193,9 +198,9 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         return Decision((), (), status, tuple(_condition_events(old_status, status)), INSUFFICIENT_GPU_MEMORY)
 
     if previous is None:
-        # The first plan, or the ConfigMap was deleted. The planner is deterministic, so the same spec
-        # gives the same plan again: it keeps the version the status reports, and a rollout whose
-        # plans are lost finishes onto it.
+        # The first plan, or the ConfigMap and the agents' config were both deleted. The planner is
+        # deterministic, so a spec never rebalanced gives the same plan again: it keeps the version the
+        # status reports, and a rollout whose plans are lost finishes onto it.
         version = rollout.target_version or 1
         target = dataclasses.replace(planned, version=version)
         if rollout.target_version is not None:
@@ -382,6 +387,47 @@ def _load_plans(plan_cm: Mapping[str, Any] | None) -> dict[str, Plan]:
             except (ValueError, KeyError, TypeError):
                 continue  # a hand-edited or truncated plan is replanned, not trusted
     return plans
+
+
+def _recovered_plans(model: ModelSpec, children: Sequence[Mapping[str, Any]], rollout: Rollout) -> dict[str, Plan]:
+    """The plans a lost ``<model>-plan`` held, put together again from ``<model>-config``, which keeps
+    each agent set's share of its plan (``p<N>-<hash>.json``: partition N's assignments and the whole
+    plan's version, shape and metrics). A plan comes back only whole (a share of every partition): the
+    one the status names as the target, and the one a rollout is leaving. Planning afresh instead
+    would give a plan reached through rebalances a different placement under the same version, and
+    replace its serving agents at once. Empty when nothing whole is found."""
+    name = agent_config_name(model)
+    config = next((c for c in children if c.get("kind") == "ConfigMap" and c["metadata"]["name"] == name), None)
+    shares: dict[int, dict[int, Plan]] = {}
+    for key, text in ((config or {}).get("data") or {}).items():
+        found = _SHARE_KEY.fullmatch(key)
+        if found is None:
+            continue
+        try:
+            share = Plan.from_json(text)
+        except (ValueError, KeyError, TypeError):
+            continue
+        shares.setdefault(share.version, {})[int(found.group(1))] = share
+    whole = {
+        version: dataclasses.replace(
+            by_partition[0], assignments=tuple(a for p in sorted(by_partition) for a in by_partition[p].assignments)
+        )
+        for version, by_partition in shares.items()
+        if set(by_partition) == set(range(by_partition[min(by_partition)].partitions))
+    }  # fmt: skip
+    if not whole:
+        return {}
+    target = whole.get(rollout.target_version) if rollout.target_version is not None else None
+    target = target or whole[max(whole)]
+    recovered = {PLAN_KEY: target}
+    leaving = whole.get(rollout.active_version) if rollout.active_version is not None else None
+    if leaving is not None and leaving.version != target.version:
+        recovered[ROLLOUT_FROM_KEY] = leaving
+    return recovered
+
+
+#: a key of ``<model>-config`` holding one agent set's share of a plan (``partition_plan_key``)
+_SHARE_KEY = re.compile(r"p(\d+)-[0-9a-z]+\.json")
 
 
 def _plan_of(stored: Mapping[str, Plan], version: int | None) -> Plan | None:

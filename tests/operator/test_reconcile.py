@@ -151,6 +151,55 @@ def test_a_deleted_child_is_recreated_with_an_event() -> None:
     assert decision.status["rebalance"]["phase"] == "Idle"
 
 
+def rebalanced() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`deployed`, then gpusPerPod 4 -> 8 rolled out to the end: plan version 2, reached through a
+    rebalance (so planning the spec afresh would not give it back)."""
+    body, children = deployed()
+    body = {**body, "spec": {**body["spec"], "gpusPerPod": 8}, "metadata": {**body["metadata"], "generation": 2}}
+    for step in range(8):
+        decision = reconcile(observe(body, children, now=T1 if step else T0), OPTIONS)
+        children = applied(decision, children, ready=True)
+        body = with_status(body, decision)
+    assert body["status"]["rebalance"]["phase"] == "Idle" and body["status"]["placement"]["version"] == 2
+    return body, children
+
+
+def test_a_deleted_plan_configmap_comes_back_from_what_the_agents_read() -> None:
+    body, children = rebalanced()
+    before = plan_data(children, "plan.json")
+    sets = sorted(c["metadata"]["name"] for c in children if c["kind"] == "StatefulSet")
+    children = [c for c in children if (c["kind"], c["metadata"]["name"]) != ("ConfigMap", "dlrm-plan")]
+    decision = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert [(m["kind"], m["metadata"]["name"]) for m in decision.apply] == [("ConfigMap", "dlrm-plan")]
+    assert decision.delete == ()
+    back = json.loads(decision.apply[0]["data"]["plan.json"])
+    assert back == before  # the same placement, version and metrics
+    assert decision.status["placement"] == body["status"]["placement"]
+    assert decision.status["rebalance"]["phase"] == "Idle"
+    assert sorted(c["metadata"]["name"] for c in applied(decision, children) if c["kind"] == "StatefulSet") == sets
+    assert [e.reason for e in decision.events][:1] == ["ChildRecreated"]
+
+    # with the agents' config gone too nothing says what they serve: the spec is planned afresh, and
+    # the placement this rebalanced plan reached does not come back (its agent sets would be replaced)
+    children = [c for c in children if (c["kind"], c["metadata"]["name"]) != ("ConfigMap", "dlrm-config")]
+    replanned = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert any(r.kind == "StatefulSet" for r in replanned.delete)
+
+
+def test_a_plan_configmap_deleted_mid_rollout_comes_back_and_the_rollout_goes_on() -> None:
+    body, children = deployed()
+    body = {**body, "spec": {**body["spec"], "gpusPerPod": 8}, "metadata": {**body["metadata"], "generation": 2}}
+    warming = reconcile(observe(body, children), OPTIONS)
+    children, body = applied(warming, children), with_status(body, warming)  # the new agents not ready yet
+    children = [c for c in children if (c["kind"], c["metadata"]["name"]) != ("ConfigMap", "dlrm-plan")]
+    again = reconcile(observe(body, children, now=T1), OPTIONS)
+    assert again.status["rebalance"] == warming.status["rebalance"]  # still warming, from 1 to 2
+    assert again.delete == ()  # the old owners still serve
+    plan_cm = next(m for m in again.apply if m["metadata"]["name"] == "dlrm-plan")
+    assert json.loads(plan_cm["data"]["routing.json"])["version"] == 1
+    assert json.loads(plan_cm["data"]["plan.json"])["version"] == 2
+
+
 def test_replicas_scale_the_agents_and_make_no_plan() -> None:
     body, children = deployed()
     body = {**body, "spec": {**body["spec"], "replicas": 4}, "metadata": {**body["metadata"], "generation": 2}}
