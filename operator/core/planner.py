@@ -209,7 +209,8 @@ def plan_placement(model: ModelSpec, topology: Topology, previous: Plan | None =
         else max(1, -(-int(tables.table_bytes().sum()) // per_pod))
     )
     failure: InsufficientGPUMemoryError | None = None
-    for partitions in range(first, first + PARTITION_SEARCH):
+    last = first + PARTITION_SEARCH - 1
+    for partitions in range(first, last + 1):
         try:
             return _plan_on(model, topology.with_partitions(partitions), previous)
         except InsufficientGPUMemoryError as exc:
@@ -217,7 +218,13 @@ def plan_placement(model: ModelSpec, topology: Topology, previous: Plan | None =
                 raise  # more partitions give a replicate plan no more room per GPU
             failure = exc
     assert failure is not None
-    raise failure
+    # what the model needs and what the most partitions tried have, not what the last try left over
+    memory = topology.gpu_memory_bytes
+    raise InsufficientGPUMemoryError(
+        _cache_bytes(int(tables.table_bytes().sum()), model), last * topology.gpus_per_pod * memory,
+        f"no placement on {first} to {last} partition(s) x {topology.gpus_per_pod} GPU(s) x {memory} bytes "
+        f"(spec.partitions 0 tries those); on {last}: {failure.detail}, {failure.needed} bytes left over",
+    )
 
 
 def choose_bucket_count(model: ModelSpec, slots: int, previous: Plan | None = None, *,

@@ -279,6 +279,16 @@ def test_unset_partitions_choose_the_smallest_count_that_fits() -> None:
         plan_for(model, partitions=1)
 
 
+def test_unset_partitions_that_fit_no_count_tried_say_what_the_model_needs_and_what_they_had() -> None:
+    # strategy table keeps a table whole, and this one (512 MB) is larger than a GPU (64 MiB)
+    model = make_model((1_000_000,), strategy="table", gpus=1, partitions=0, memory="64Mi")
+    with pytest.raises(InsufficientGPUMemoryError) as failed:
+        plan_for(model)
+    assert (failed.value.needed, failed.value.available) == (512_000_000, 15 * 64 * 2**20)
+    assert "no placement on 8 to 15 partition(s) x 1 GPU(s) x 67108864 bytes" in str(failed.value)
+    assert "strategy table keeps tables whole" in str(failed.value)
+
+
 def test_bucket_count_follows_the_spec_or_grows_by_powers_of_two() -> None:
     model = make_model(CRITEO_ROWS, gpus=8)
     chosen = choose_bucket_count(model, 8)

@@ -279,6 +279,17 @@ def test_plan_and_config_configmaps_whole() -> None:
     assert [a.table for a in share.assignments] == ["user-id"]
 
 
+@pytest.mark.parametrize("source", ["/models/" + "/".join(["a-long-path-segment"] * 8), "/models/é ü 中文/t",
+                                    "/m/it's: \"quoted\" # not a comment", "/m/yes", "/m/ leading", "/m/a\tb"])
+def test_the_model_file_is_the_text_safe_dump_writes(source: str) -> None:
+    """It is written with libyaml's emitter (a large model's file is most of a reconcile's work):
+    the text must be what PyYAML's own emitter writes, or every agent would restart on upgrade."""
+    spec = model(tables=[{"name": "t", "rows": 10, "dim": 4, "source": source}])
+    text = render_agent_config(spec, [plan_placement(spec, Topology.from_model(spec))], owner=OWNER)["data"]["model.yaml"]
+    assert text == yaml.safe_dump(yaml.safe_load(text), sort_keys=True)
+    assert yaml.safe_load(text)["spec"]["tables"][0]["source"] == source
+
+
 # ---------------------------------------------------------------------------------------------
 # every child is a valid Kubernetes object
 
