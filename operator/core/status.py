@@ -309,7 +309,8 @@ def error_message(error: HpsError) -> str:
         detail = f"; {error.detail}" if error.detail else ""
         return (
             f"insufficient GPU memory: needs {error.needed} bytes ({_gib(error.needed)}) of GPU cache, "
-            f"{error.available} bytes ({_gib(error.available)}) available{detail}"
+            f"{error.available} bytes ({_gib(error.available)}) available{detail} (what is available follows "
+            "spec.cache.memoryPerGPU, spec.gpusPerPod and spec.partitions, and the nodes' GPUs)"
         )
     return str(error)
 

@@ -367,5 +367,6 @@ def test_an_unplaceable_model_says_once_what_it_needs_and_what_it_has() -> None:
     message = error_message(InsufficientGPUMemoryError(3 * 2**30, 2**30, "2 partition(s) x 1 GPU(s) x 512 MiB"))
     assert message == (
         "insufficient GPU memory: needs 3221225472 bytes (3.00 GiB) of GPU cache, 1073741824 bytes (1.00 GiB) "
-        "available; 2 partition(s) x 1 GPU(s) x 512 MiB"
+        "available; 2 partition(s) x 1 GPU(s) x 512 MiB (what is available follows spec.cache.memoryPerGPU, "
+        "spec.gpusPerPod and spec.partitions, and the nodes' GPUs)"
     )
