@@ -316,6 +316,25 @@ def test_scale_changes_no_plan_and_rollouts_complete(kube: Kube, namespace: str)
     assert [s["metadata"]["uid"] for s in agent_sets(kube, namespace, "elastic")] == [s["metadata"]["uid"] for s in sets]
 
 
+def test_kubectl_scale_still_sizes_a_model_whose_new_spec_cannot_be_placed(kube: Kube, namespace: str) -> None:
+    """A spec change that cannot be placed leaves the deployment as it runs, but replicas never need a
+    plan: ``kubectl scale`` (or the HPA) still sizes the running agent set."""
+    kube.apply(model("pinned"), namespace=namespace)
+    ready(kube, namespace, "pinned")
+    (before,) = agent_sets(kube, namespace, "pinned", 0)
+    kube.kubectl("patch", "-n", namespace, "em/pinned", "--type=merge", "-p", '{"spec":{"cache":{"memoryPerGPU":"64Mi"}}}')
+    wait_for("Placed=False", lambda: condition(get_model(kube, namespace, "pinned"), "Placed").get("reason")
+             == "InsufficientGPUMemory")  # fmt: skip
+    kube.kubectl("scale", "-n", namespace, "em/pinned", "--replicas", "2")
+    m = wait_for("2 ready replicas", lambda: (
+        m if (m := get_model(kube, namespace, "pinned"))["status"].get("readyReplicas") == 2 else None))  # fmt: skip
+    (after,) = agent_sets(kube, namespace, "pinned", 0)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"] and after["spec"]["replicas"] == 2
+    # nothing else of the unplaceable spec reached it: the pods' template is the one that ran
+    assert after["spec"]["template"] == before["spec"]["template"]
+    assert condition(m, "Placed")["reason"] == "InsufficientGPUMemory"
+
+
 def test_a_one_replica_partition_never_goes_dark_in_a_rollout(kube: Kube, namespace: str) -> None:
     """``gpusPerPod`` 4 -> 8 with one replica, and a cache change that alters every agent's pod
     template: the new pod starts beside the old one, which keeps serving, never restarted, until

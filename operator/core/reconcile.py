@@ -127,8 +127,8 @@ class ObjectTooLargeError(HpsError):
 
 @dataclass(frozen=True)
 class Decision:
-    """What the handler carries out, in this order: ``create``, ``replace``, ``apply``, ``delete``;
-    then it writes ``status`` and posts ``events``. Each child is written on its own, so one the API
+    """What the handler carries out, in this order: ``create``, ``replace``, ``apply``, ``delete``,
+    ``scale``; then it writes ``status`` and posts ``events``. Each child is written on its own, so one the API
     server refuses does not stop the others (the handler reports it, see
     ``status.with_apply_failures``)."""
 
@@ -152,6 +152,10 @@ class Decision:
     #: volumeClaimTemplates) change: deleted with their pods orphaned, then applied anew, when the
     #: new StatefulSet adopts the running pods and rolls them
     replace: tuple[ChildRef, ...] = ()
+    #: agent StatefulSets whose replica count alone is to change (``(ref, replicas)``), when nothing else
+    #: of the model may be applied: a spec that cannot be placed leaves the deployment as it runs, but
+    #: ``kubectl scale`` and the HPA still size it
+    scale: tuple[tuple[ChildRef, int], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +199,8 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
         status = _status(observed, old_status, model=model, plan=previous, rollout=rollout, error=exc,
                          active_plan=_plan_of(stored, rollout.active_version))  # fmt: skip
         _keep_autoscaling(status, old_status)
-        return Decision((), (), status, tuple(_condition_events(old_status, status)), INSUFFICIENT_GPU_MEMORY)
+        return Decision((), (), status, tuple(_condition_events(old_status, status)), INSUFFICIENT_GPU_MEMORY,
+                        scale=_rescaled(children, model.replicas))  # fmt: skip
 
     if previous is None:
         # The first plan, or the ConfigMap and the agents' config were both deleted. The planner is
@@ -284,6 +289,16 @@ def _reconcile_valid(model: ModelSpec, observed: Observed, options: Options, old
     restart_on_create = tuple(sorted(ref for ref in children if ref.kind == "StatefulSet")) if create else ()
     return Decision(apply, delete, status, tuple(events), create=create, replace=replace,
                     restart_on_create=restart_on_create)  # fmt: skip
+
+
+def _rescaled(children: Mapping[ChildRef, Mapping[str, Any]], replicas: int) -> tuple[tuple[ChildRef, int], ...]:
+    """The running agent sets whose replica count is not ``replicas`` (the scale subresource's value):
+    replicas never need a plan, so a spec change that cannot be placed does not stop them."""
+    return tuple(
+        (ref, replicas)
+        for ref, live in sorted(children.items())
+        if _is_agent_workload(live) and (live.get("spec") or {}).get("replicas") != replicas
+    )
 
 
 def _keep_autoscaling(status: dict[str, Any], old_status: Mapping[str, Any]) -> None:

@@ -303,6 +303,9 @@ def carry_out(api: KubeApi, decision: core.Decision, *, logger: logging.Logger |
                 failures.append(f"{_what(manifest)}: HTTP {exc.status}: {exc}")
     for ref in decision.delete:
         attempt(f"deleting {ref.kind}/{ref.name}", api.delete, ref.api_version, ref.kind, ref.namespace, ref.name)
+    for ref, replicas in decision.scale:
+        attempt(f"scaling {ref.kind}/{ref.name} to {replicas}", api.scale, ref.api_version, ref.kind, ref.namespace,
+                ref.name, replicas)  # fmt: skip
     return failures
 
 

@@ -25,6 +25,8 @@ from node_agent.errors import UnavailableError
 FIELD_MANAGER = "hps-operator"
 #: who restarts pods (:meth:`KubeApi.restart_pods`): not FIELD_MANAGER, whose applies would drop the mark
 RESTART_MANAGER = "hps-operator-restart"
+#: who sets an agent set's replicas alone (``KubeApi.scale``), while the rest of the model waits
+SCALE_MANAGER = "hps-operator-scale"
 #: the pod template annotation a restart writes (the time it was asked)
 RESTARTED_AT_ANNOTATION = "hps.dev/restartedAt"
 
@@ -222,6 +224,15 @@ class KubeApi:
         path = resource_path(api_version, kind, namespace, name)
         body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at}}}}}
         result: dict[str, Any] = self._request("PATCH", path, query={"fieldManager": RESTART_MANAGER}, body=body,
+                                               content_type="application/merge-patch+json")  # fmt: skip
+        return result
+
+    def scale(self, api_version: str, kind: str, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        """Sets a workload's ``spec.replicas`` alone (a merge patch by :data:`SCALE_MANAGER`); the
+        operator's next server-side apply of the whole object takes the field back."""
+        path = resource_path(api_version, kind, namespace, name)
+        result: dict[str, Any] = self._request("PATCH", path, query={"fieldManager": SCALE_MANAGER},
+                                               body={"spec": {"replicas": replicas}},
                                                content_type="application/merge-patch+json")  # fmt: skip
         return result
 

@@ -313,6 +313,20 @@ def test_unplaceable_spec_reports_needed_and_available_and_keeps_serving() -> No
     # the next round, unchanged, posts no second event
     again = reconcile(observe(with_status(body, decision), children, nodes=small, now=T1), OPTIONS)
     assert again.events == () and again.status == decision.status
+    assert decision.scale == ()  # replicas as asked: nothing to size
+
+
+def test_replicas_still_scale_while_a_spec_cannot_be_placed() -> None:
+    """``kubectl scale`` (or the HPA) while the spec waits unplaceable: the running agent sets take
+    the new count alone, the rest of the deployment stays as it runs."""
+    body, children = deployed()
+    body = {**body, "spec": {**body["spec"], "replicas": 3}, "metadata": {**body["metadata"], "generation": 2}}
+    small = [node(8, 64)]
+    decision = reconcile(observe(body, children, nodes=small), OPTIONS)
+    assert decision.apply == () and decision.delete == ()
+    agent_sets = [c["metadata"]["name"] for c in children if c["kind"] == "StatefulSet" and "-p0-" in c["metadata"]["name"]]
+    assert [(ref.kind, ref.name, n) for ref, n in decision.scale] == [("StatefulSet", name, 3) for name in agent_sets]
+    assert condition(decision.status, "Placed")["reason"] == "InsufficientGPUMemory"
 
 
 def test_gpu_capacity_reads_allocatable_and_the_memory_label() -> None:
