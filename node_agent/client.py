@@ -297,12 +297,8 @@ class Client:
         k = wire.as_keys(keys)
         v = wire.as_vectors(vectors, rows=int(k.size))
         if self._redis is not None:
-            info = self._describe_cached(model)
-            if table not in info.tables:
-                raise NotFoundError(f"table {table!r} not found in model {model!r}")
-            if v.shape[1] != info.tables[table].dim:
-                raise InvalidArgumentError(f"vectors have dim {v.shape[1]}, table {table} has dim {info.tables[table].dim}")
-            self._publisher(model, info.updates_stream).publish(table, k, v)
+            v = self.checked_vectors(model, table, v)
+            self._publisher(model, self._describe_cached(model).updates_stream).publish(table, k, v)
             return int(k.size)
         request = hps_pb2.UpdateRequest(
             model=model,
@@ -314,6 +310,20 @@ class Client:
         )
         response, _ = self._call("Update", request)
         return int(response.updated)
+
+    def checked_vectors(self, model: str, table: str, vectors: Any) -> np.ndarray:
+        """``vectors`` for an update of ``table``, checked against what the agents Describe (the table
+        exists, the dim, values the table's dtype can hold) and in the table's dtype: what an agent
+        would reject from the update stream, refused before it is published. Raises
+        :class:`NotFoundError` / :class:`InvalidArgumentError` naming what is wrong."""
+        info = self._describe_cached(model)
+        spec = info.tables.get(table)
+        if spec is None:
+            raise NotFoundError(f"table {table!r} not found in model {model!r}")
+        v = np.asarray(vectors)
+        if v.ndim != 2 or v.shape[1] != spec.dim:
+            raise InvalidArgumentError(f"vectors have dim {v.shape[-1] if v.ndim else 0}, table {table} has dim {spec.dim}")
+        return wire.to_table_dtype(v, spec.dtype, where=f"vectors of {table}")
 
     def _publisher(self, model: str, stream: str) -> Any:
         from node_agent.updates import UpdatePublisher, stream_name

@@ -203,7 +203,8 @@ class EmbeddingServicer(hps_pb2_grpc.EmbeddingServiceServicer):
             vectors = wire.unpack_vectors(
                 request.vectors, dtype=sent, rows=int(keys.size), dim=spec.dim, where=f"vectors of {request.table}"
             )
-            entry = self._apply_update(request.table, keys, vectors.astype(spec.dtype, copy=False), context)
+            vectors = wire.to_table_dtype(vectors, spec.dtype, where=f"vectors of {request.table}")
+            entry = self._apply_update(request.table, keys, vectors, context)
             self._count(updates=1, updated_keys=int(keys.size))
             return hps_pb2.UpdateResponse(updated=int(keys.size), entry_id=entry)
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
@@ -1362,7 +1361,7 @@ class UpdateConsumer:
             raise _Rejected(f"table {table} has dim {spec.dim}, the update has dim {dim}")
         if keys.size:
             try:
-                self._lookup.update(table, keys, vectors.astype(np.dtype(spec.dtype), copy=False))
+                self._lookup.update(table, keys, wire.to_table_dtype(vectors, spec.dtype, where=f"vectors of {table}"))
             except (InvalidArgumentError, NotFoundError) as exc:
                 raise _Rejected(str(exc)) from None
             except HpsError as exc:

@@ -146,6 +146,22 @@ def as_vectors(vectors: Any, *, rows: int, dim: int | None = None) -> np.ndarray
     return arr
 
 
+def to_table_dtype(vectors: np.ndarray, dtype: str, *, where: str = "vectors") -> np.ndarray:
+    """``vectors`` in a table's ``dtype``; a finite value the dtype cannot hold (float32 beyond float16's
+    ±65504) is an :class:`InvalidArgumentError` naming it, not an ``inf`` written into the table."""
+    target = np.dtype(dtype)
+    out = vectors.astype(target, copy=False)
+    if out is not vectors and target.itemsize < vectors.dtype.itemsize:
+        lost = np.isfinite(vectors) & ~np.isfinite(out)
+        if lost.any():
+            row, col = (int(i[0]) for i in np.nonzero(lost))
+            raise InvalidArgumentError(
+                f"{where}: {int(lost.sum())} value(s) beyond {target.name}'s range (±{float(np.finfo(target).max):g}), "
+                f"the first {float(vectors[row, col]):g} at row {row}, column {col}"
+            )
+    return out
+
+
 def parse_keys_text(text: str) -> np.ndarray:
     """``"1,2, 3"`` (a CLI argument) → int64 keys; an empty entry (``1,,2``) is an error, not skipped."""
     parts: Sequence[str] = [p.strip() for p in text.split(",")] if text.strip() else []

@@ -20,7 +20,9 @@ def add_parser(subparsers: Any) -> None:
         "update",
         help="overwrite embedding rows (online update)",
         description="With --redis: publishes to the model's Redis Stream, which every agent applies "
-        "(with --endpoint too, the table and dim are checked and the stream name asked of the agent). "
+        "(with --endpoint or --state-dir too, the table, the dim and the values' range are checked first, "
+        "and with --endpoint the stream name is asked of the agent; with neither, an agent rejects a bad "
+        "entry and counts it in its stats). "
         "With --endpoint alone: the Update RPC of that agent, which needs a credential (--token-file, "
         "--token-env, or --state-dir for a stack started with hps local up).",
     )
@@ -81,8 +83,16 @@ def run(args: argparse.Namespace) -> int:
 def _send(args: argparse.Namespace, endpoint: str | None, keys: Any, vectors: Any, addresses: list[str],
           access: Any, security: dict[str, Any]) -> int:  # fmt: skip
     if addresses and (args.stream or not endpoint):
-        # straight to the stream: nothing to ask an agent
+        # straight to the stream; a stack given by --state-dir is asked first whether its agents would
+        # take it (without one nothing is checked here: an agent rejects a bad entry and counts it)
         from node_agent.updates import UpdatePublisher
+
+        checker = endpoint or endpoints_of(args)
+        if checker:
+            from node_agent.client import Client
+
+            with Client(checker, timeout=args.timeout, **client_security(args)) as client:
+                vectors = client.checked_vectors(args.model, args.table, vectors)
 
         with UpdatePublisher(addresses, access=access, cluster=args.redis_cluster, stream=args.stream,
                              model=args.model) as publisher:  # fmt: skip

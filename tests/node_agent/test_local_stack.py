@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from node_agent.client import Client
-from node_agent.errors import UnavailableError
+from node_agent.errors import InvalidArgumentError, UnavailableError
 from node_agent.redis_access import RedisAccess, RedisTLS
 
 CLI_TIMEOUT_S = 120
@@ -158,6 +158,29 @@ def test_each_process_reaches_redis_as_its_role_and_updates_need_the_stacks_toke
     hps(*update, "--state-dir", state_dir)
     with Client(endpoints[0]) as client:  # reads stay open in local mode
         np.testing.assert_array_equal(client.lookup("recs", "users", [key]), np.full((1, 8), 4.5, np.float32))
+
+
+def test_an_update_a_table_cannot_take_is_refused_before_it_is_published_or_applied(
+    running: tuple[Model, Path, list[str]], tmp_path: Path
+) -> None:
+    """A value beyond float16's range for the float16 table, an unknown table, a wrong dim: refused with
+    what is wrong, through the stream (--redis with --state-dir) and through the Update RPC, and no agent
+    serves an ``inf`` or anything else for the key afterwards."""
+    _, state_dir, endpoints = running
+    redis_address = json.loads((state_dir / "state.json").read_text())["redis"]["addresses"][0]
+    key = 10**15 + 7  # a key no other test of this stack writes
+    for table, rows, code, said in (("items", np.full((1, 4), 1e6, np.float32), 2, "beyond float16's range"),
+                                    ("nope", np.ones((1, 4), np.float32), 3, "table 'nope' not found"),
+                                    ("users", np.ones((1, 3), np.float32), 2, "vectors have dim 3")):  # fmt: skip
+        np.save(tmp_path / "v.npy", rows)
+        sent = hps("update", "--state-dir", state_dir, "--redis", redis_address, "--model", "recs", "--table", table,
+                   "--keys", str(key), "--vectors-file", tmp_path / "v.npy", check=False)  # fmt: skip
+        assert (sent.returncode, said in sent.stderr) == (code, True), sent.stderr
+    token = (state_dir / "auth.token").read_text().strip()
+    with Client(endpoints[0], token=token) as client, pytest.raises(InvalidArgumentError, match="float16's range"):
+        client.update("recs", "items", [key], np.full((1, 4), -7e4, np.float32))
+    with Client(endpoints[0]) as client:
+        assert np.array_equal(client.lookup("recs", "items", [key]), np.full((1, 4), 0.5, np.float16))  # the default
 
 
 def test_up_with_tls_serves_grpc_and_redis_over_tls_only(tmp_path: Path) -> None:
