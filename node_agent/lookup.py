@@ -443,6 +443,13 @@ class LookupPath:
             state.next_probe = now + self._probe_interval_s
             return True
 
+    def tier_answers(self, role: str) -> None:
+        """A health probe found the ``role`` tier (``volatile``, ``persistent``) answering: if a lookup
+        had set it down, it is up again now (a lookup that fails on it sets it down again)."""
+        for state in self._tiers:
+            if state.role == role:
+                self._tier_ok(state)
+
     def _tier_failed(self, state: _TierState, exc: Exception) -> None:
         with state.lock:
             if state.up:

@@ -316,6 +316,12 @@ class TierProbe:
         self._last_probe_ms = int(time.time() * 1000)
         if any(t.reset and t.up for t in self._targets):
             self._repair()
+        # a tier the lookup path found down answers the probe again (and holds its data): taken back
+        # now, so the agent stops reporting it degraded without waiting for a lookup to try it
+        if self._targets and all(t.up and not t.reset for t in self._targets):
+            self._lookup.tier_answers("volatile")
+        if self._persistent is not None and not self._rocksdb_error:
+            self._lookup.tier_answers("persistent")
 
     def _probe_redis(self, target: _Target) -> None:
         try:

@@ -223,6 +223,23 @@ def test_an_idle_agent_reports_degraded_within_a_second_of_its_redis_dying(share
         assert any("unreachable" in r and shared.redis.address in r for r in reasons), reasons
 
 
+def test_a_redis_a_lookup_found_down_stops_degrading_the_agent_once_it_answers_again(
+    shared: Stack, make_redis: Callable[..., RedisProcess]
+) -> None:
+    """The lookup path sets a tier down when a read fails; the background probe, seeing Redis answer
+    again, takes it back, so an idle agent stops reporting Degraded without waiting for a lookup."""
+    with Client(shared.endpoint(0), retries=0, token=TOKEN) as client:
+        port = shared.redis.port
+        shared.redis.stop(hard=True)
+        keys = [11, 12, 13]  # never asked before: not in L1, so the lookup reads past Redis to RocksDB
+        np.testing.assert_array_equal(client.lookup("demo", "user", keys), shared.data["user"].expected(keys))
+        assert client.stats("demo")["lookup"]["tiers"]["volatile"]["up"] is False
+        make_redis(port=port, password=PASSWORD)
+        # no lookup from here on: only the probe can see it back
+        wait_until(lambda: not client.describe("demo").degraded, 5.0, "Degraded cleared")
+        assert client.stats("demo")["lookup"]["tiers"]["volatile"]["up"] is True
+
+
 def test_a_redis_that_comes_back_empty_is_reported_repaired_and_loses_no_update(
     shared: Stack, make_redis: Callable[..., RedisProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
