@@ -874,7 +874,8 @@ def parse_model(manifest: Any) -> ModelSpec:
 
 
 def load_model_file(path: str | Path) -> ModelSpec:
-    """Reads the first ``EmbeddingModel`` document of a YAML file."""
+    """Reads the ``EmbeddingModel`` document of a YAML file (other kinds beside it are skipped; two
+    models in one file are an error naming them: every command taking ``-f`` serves or plans one)."""
     p = Path(path)
     try:
         # libyaml's loader where PyYAML has it: a model of a thousand tables parses in 30 ms, not 300
@@ -893,6 +894,9 @@ def load_model_file(path: str | Path) -> ModelSpec:
     models = [d for d in docs if isinstance(d, Mapping) and d.get("kind", KIND) == KIND]
     if not models:
         raise InvalidSpecError(str(p), f"holds no {KIND} document")
+    if len(models) > 1:
+        names = ", ".join(str((m.get("metadata") or {}).get("name", "?")) for m in models)
+        raise InvalidSpecError(str(p), f"holds {len(models)} {KIND} documents ({names}); give one model per file")
     return parse_model(models[0])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Convert a HugeCTR HPS JSON configuration into EmbeddingModel manifests (one per model) on "
             "stdout. Row counts are read from each table's sparse-model directory ('key' holds one "
-            "int64 per row); relative paths are read relative to the JSON file. Settings with no "
-            "equivalent are listed on stderr as '# note:' lines."
+            "int64 per row); relative paths are read relative to the JSON file and written relative to "
+            "where the YAML goes (the -o file's folder, else the current directory), where hps load and "
+            "hps local up read them. Settings with no equivalent are listed on stderr as '# note:' lines."
         ),
     )
     parser.add_argument("config", type=Path, help="the HPS JSON configuration file")
@@ -90,18 +92,42 @@ def measure_sparse_model(path: Path, *, as_written: str) -> Any:
     return SparseModelFiles(path=as_written, key_bytes=sizes["key"], vector_bytes=sizes["emb_vector"])
 
 
+def rebase_sparse_files(config: Any, json_dir: Path, yaml_dir: Path) -> dict[str, str]:
+    """Rewrites, in ``config``, each relative local ``sparse_files`` path (relative to ``json_dir``, as
+    HPS reads it) relative to ``yaml_dir`` instead; returns ``{new: as written in the JSON}`` for the
+    paths it changed. Absolute and remote paths stay as they are."""
+    changed: dict[str, str] = {}
+    for model in (config.get("models") or []) if isinstance(config, dict) else []:
+        files = model.get("sparse_files") if isinstance(model, dict) else None
+        if not isinstance(files, list):
+            continue
+        for i, written in enumerate(files):
+            if not isinstance(written, str):
+                continue
+            local = written[len("file://") :] if written.startswith("file://") else written
+            if "://" in local or local.startswith("/") or not local:
+                continue
+            moved = os.path.relpath(json_dir / local, yaml_dir)
+            if moved != written:
+                files[i] = moved
+                changed[moved] = local
+    return changed
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
     from hps_operator.core.hps_config import convert_hps_config, sparse_file_paths
 
     config = read_hps_config(args.config)
     base = args.config.resolve().parent
+    # a model file's relative sources are read from its own folder: rebase them from the JSON's to it
+    rebased = rebase_sparse_files(config, base, (args.output.resolve().parent if args.output else Path.cwd()))
     measured = {}
     for written in sparse_file_paths(config):
         local = written[len("file://") :] if written.startswith("file://") else written
         if "://" in local:
             continue  # remote (hdfs://, s3://): only --rows can give its size
-        files = measure_sparse_model(base / local, as_written=written)
+        files = measure_sparse_model(base / rebased.get(local, local), as_written=rebased.get(local, written))
         if files is not None:
             measured[written] = files
     conversion = convert_hps_config(

@@ -104,7 +104,7 @@ def render_objects(body: dict[str, Any], nodes: list[dict[str, Any]], *, image: 
 
 
 def read_model(path: Path) -> dict[str, Any]:
-    """The first EmbeddingModel document of a YAML file, as a manifest (validated when rendered)."""
+    """The EmbeddingModel document of a YAML file, as a manifest (validated when rendered)."""
     import yaml
 
     from node_agent.spec import KIND, load_model_file

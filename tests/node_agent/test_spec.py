@@ -140,6 +140,17 @@ def test_model_file_and_relative_sources(tmp_path: Path) -> None:
     assert resolve_source("file://localhost/abs/t", base=tmp_path) == Path("/abs/t")  # RFC 8089's host
 
 
+def test_a_file_of_two_models_is_an_error_naming_both(tmp_path: Path) -> None:
+    """As hps convert-hps-config writes for an HPS config of several models: -f takes one model."""
+    one = "apiVersion: hps.dev/v1alpha1\nkind: EmbeddingModel\nmetadata: {{name: {}}}\nspec: {{tables: [{{name: t, rows: 4, dim: 2}}]}}\n"
+    path = tmp_path / "two.yaml"
+    path.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n---\n" + one.format("wdl") + "---\n" + one.format("dcn"))
+    with pytest.raises(InvalidSpecError, match=r"holds 2 EmbeddingModel documents \(wdl, dcn\); give one model per file"):
+        load_model_file(path)
+    path.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n---\n" + one.format("wdl"))
+    assert load_model_file(path).name == "wdl"  # other kinds beside it are skipped
+
+
 @pytest.mark.parametrize("source", ["s3://bucket/t", "gs://b/t", "file://host/http://x"])
 def test_a_source_the_loader_cannot_open_is_an_invalid_spec_naming_the_table(source: str) -> None:
     """Caught when the model is read (plan, render, the operator's InvalidSpec), not at load time."""

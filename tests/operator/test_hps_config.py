@@ -18,6 +18,7 @@ from hps_operator.core.planner import plan_placement
 from hps_operator.core.topology import Topology
 
 from node_agent.errors import InvalidSpecError, TableSourceError
+from node_agent.loader import open_source
 from node_agent.spec import load_model_file, parse_model, parse_quantity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,8 +214,10 @@ def test_settings_without_equivalent_go_to_stderr_and_never_the_password(
 
 
 def test_dlrm_sample_relative_paths_default_names_and_hash_map(tmp_path: Path, dlrm_config: dict[str, Any],
-                                                               run_cli: Run) -> None:  # fmt: skip
-    # run from elsewhere: relative sparse paths are read next to the JSON file
+                                                               run_cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # relative sparse paths are read next to the JSON file, and written relative to where the YAML
+    # goes: on stdout, the current directory (here the JSON's own)
+    monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(str(write_json(tmp_path, dlrm_config)))
     assert code == 0, err
     (doc,) = list(yaml.safe_load_all(out))
@@ -325,6 +328,25 @@ def test_output_file_option_writes_the_yaml(
     code, out, _ = run_cli(str(write_json(tmp_path, dlrm_config)), "-o", str(target))
     assert code == 0 and out == ""
     assert load_model_file(target).tables[0].rows == 500
+
+
+def test_relative_sparse_paths_are_rebased_to_where_the_yaml_is_written(
+    tmp_path: Path, dlrm_config: dict[str, Any], run_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HPS reads them next to the JSON, a model file's sources are read next to the model file: the
+    converted model's source opens from where the YAML lands (-o elsewhere, or stdout in another
+    directory), so hps load and hps local up find the tables."""
+    config = write_json(tmp_path, dlrm_config)
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "m.yaml"
+    assert run_cli(str(config), "-o", str(target))[0] == 0
+    table = load_model_file(target).tables[0]
+    assert table.source == "../dlrm/1/dlrm0_sparse_20000.model"
+    assert open_source(table, base_dir=target.parent).rows == 500
+    monkeypatch.chdir(tmp_path / "out")
+    code, out, _ = run_cli(str(config))
+    (doc,) = list(yaml.safe_load_all(out))
+    assert code == 0 and doc["spec"]["tables"][0]["source"] == "../dlrm/1/dlrm0_sparse_20000.model"
 
 
 def test_cache_budget_is_gpucacheper_of_the_model_bytes() -> None:
