@@ -228,6 +228,7 @@ class Client:
             if remote:
                 log.warning("sending a bearer token in plaintext to %s: give the agents' CA (tls=) so it cannot "
                             "be read on the way", ", ".join(remote))  # fmt: skip
+        self._closed = False
         if self.tls is not None:
             credentials = self.tls.channel_credentials()
             options = [*wire.GRPC_MESSAGE_OPTIONS, *self.tls.channel_options()]
@@ -265,6 +266,8 @@ class Client:
         Each table's keys go out deduplicated (recommendation batches repeat hot keys: at Zipf 1.05
         half the keys of a 4096-key batch are repeats), so the answer carries each row once; the rows
         are spread back to the keys' positions here."""
+        if not isinstance(model, str) or not all(isinstance(t, str) for t in batch):
+            raise InvalidArgumentError("the model and table names must be strings")
         request = hps_pb2.LookupRequest(model=model)
         inverses: list[np.ndarray] = []
         for table, keys in batch.items():
@@ -384,6 +387,8 @@ class Client:
     def _call(self, method: str, request: Any) -> tuple[Any, str]:
         """Calls ``method`` with a deadline, moving to the next endpoint on UNAVAILABLE or
         DEADLINE_EXCEEDED at most ``retries`` times; returns the response and who answered."""
+        if self._closed:
+            raise InvalidArgumentError("the client is closed")
         with self._lock:
             index = self._current
         tried: list[str] = []
@@ -422,6 +427,7 @@ class Client:
         raise AssertionError("unreachable: the loop returns or raises")
 
     def close(self) -> None:
+        self._closed = True
         for channel in self._channels:
             channel.close()
         for publisher in self._publishers.values():

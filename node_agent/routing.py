@@ -446,6 +446,8 @@ class RoutedClient:
 
     def _ask_partitions(self, route: _Route, model: str, split: _Split) -> dict[int, dict[str, np.ndarray]]:
         items = list(split.items())
+        if not items:  # no table asked: nothing to ask anyone
+            return {}
         if len(items) == 1:
             partition, tables = items[0]
             return {partition: self._ask(route, model, partition, tables)}

@@ -29,6 +29,7 @@ import logging
 import mmap
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -36,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 
 from node_agent import wire
@@ -77,6 +79,19 @@ _ERROR_OF_STATUS: dict[int, type[HpsError]] = {
     UNAVAILABLE: UnavailableError,
 }
 _KEY = np.dtype("<i8")
+#: each status number as gRPC's StatusCode: the errors raised are also grpc.RpcError, as Client's are
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _failure(kind: type[HpsError], status: int, message: str) -> HpsError:
+    """``kind(message)`` that is also a :class:`grpc.RpcError` answering ``status``, as the gRPC client raises."""
+    from node_agent.client import rpc_failure
+
+    return rpc_failure(kind, _STATUS_CODES.get(status, grpc.StatusCode.UNKNOWN), message, message)
+
+
+def _unavailable(message: str) -> HpsError:
+    return _failure(UnavailableError, UNAVAILABLE, message)
 
 
 def _status_of(error: HpsError) -> int:
@@ -338,15 +353,15 @@ class _Lane:
             self.sock.sendall(request)
         reply = self.sock.recv(MAX_REQUEST_BYTES)
         if len(reply) < RESPONSE.size:
-            raise UnavailableError("the agent closed the same-node connection")
+            raise _unavailable("the agent closed the same-node connection")
         magic, status, dtype, answered, rows, dim, text_len = RESPONSE.unpack_from(reply)
         if magic != MAGIC or answered != request_id:
-            raise UnavailableError("the same-node connection is out of step (a reply to another request)")
+            raise _unavailable("the same-node connection is out of step (a reply to another request)")
         if status != OK:
             message = reply[RESPONSE.size : RESPONSE.size + text_len].decode(errors="replace")
             if status == OUT_OF_RANGE:
                 raise _TooSmall(rows, capacity)
-            raise _ERROR_OF_STATUS.get(status, HpsError)(message)
+            raise _failure(_ERROR_OF_STATUS.get(status, HpsError), status, message)
         return dtype, rows, dim
 
     def lookup(self, model: bytes, table: bytes, keys: np.ndarray) -> np.ndarray:
@@ -359,6 +374,17 @@ class _Lane:
         wire_dtype = wire.VECTOR_WIRE_DTYPES[wire.enum_to_dtype(dtype, where="same-node answer")]
         view = np.frombuffer(self.buffer, dtype=wire_dtype, count=rows * dim, offset=rows_at)
         return view.reshape(rows, dim)
+
+    def idle_and_open(self) -> bool:
+        """Nothing to read on an idle connection (a look without waiting): an agent that stopped left an
+        end of file here, and any bytes would be out of step."""
+        # poll, not a non-blocking recv: a socket with a timeout waits that long before any recv
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        try:
+            return not poller.poll(0)
+        except OSError:
+            return False
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -416,7 +442,7 @@ class SameNodeClient:
                     break
                 except _TooSmall as exc:
                     if attempt:
-                        raise UnavailableError(f"same-node socket {self.path}: {exc}") from None
+                        raise _unavailable(f"same-node socket {self.path}: {exc}") from None
                     need = unique.size * _KEY.itemsize + 64 + exc.needed
         return out
 
@@ -427,7 +453,8 @@ class SameNodeClient:
         lane: _Lane | None = None
         with contextlib.suppress(queue.Empty):
             lane = self._idle.get_nowait()
-        if lane is not None and lane.size < need:
+        if lane is not None and (lane.size < need or not lane.idle_and_open()):
+            # too small, or closed by the agent while idle (it restarted): a fresh connection instead
             lane.close()
             lane = None
         if lane is None:
@@ -435,14 +462,14 @@ class SameNodeClient:
             try:
                 lane = _Lane(self.path, buffer_bytes=size, timeout=self.timeout)
             except OSError as exc:
-                raise UnavailableError(f"same-node socket {self.path}: {exc}") from None
+                raise _unavailable(f"same-node socket {self.path}: {exc}") from None
         try:
             yield lane
         except (OSError, UnavailableError) as exc:
             lane.close()  # out of step, or the agent is gone: a later call connects afresh
             if isinstance(exc, UnavailableError):
                 raise
-            raise UnavailableError(f"same-node socket {self.path}: {exc}") from None
+            raise _unavailable(f"same-node socket {self.path}: {exc}") from None
         except BaseException:
             self._idle.put(lane)  # an answered error (NOT_FOUND, too small, ...): the lane is in step
             raise

@@ -58,6 +58,16 @@ def test_errors_are_typed_and_carry_the_servers_message(client: Client) -> None:
         client.lookup("demo", "user", [1.5, 2.0])
 
 
+def test_a_table_name_that_is_not_a_string_or_a_closed_client_is_a_clear_error(served: Served) -> None:  # noqa: F811
+    client = Client(served.endpoint)
+    with pytest.raises(InvalidArgumentError, match="names must be strings"):
+        client.lookup("demo", 5, [1])  # type: ignore[arg-type]
+    assert client.lookup_many("demo", {}) == {}
+    client.close()
+    with pytest.raises(InvalidArgumentError, match="the client is closed"):
+        client.lookup("demo", "user", [1])
+
+
 def test_errors_are_also_grpc_rpc_errors_with_the_status_the_agent_answered(served: Served, client: Client) -> None:  # noqa: F811
     """Code written against the raw stubs (``except grpc.RpcError``, ``e.code()``) works unchanged."""
     for call, code, error in (

@@ -153,6 +153,7 @@ def test_routed_lookups_are_exact_for_every_key(stack: Stack) -> None:
         np.testing.assert_array_equal(both["users"], stack.users[:50])
         empty = client.lookup(MODEL, "users", np.array([], dtype=np.int64))
         assert empty.shape == (0, 8) and empty.dtype == np.float32
+        assert client.lookup_many(MODEL, {}) == {}  # as Client and SameNodeClient answer
         with pytest.raises(NotFoundError):
             client.lookup(MODEL, "nope", [1, 2])
         with pytest.raises(InvalidArgumentError):

@@ -11,8 +11,10 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -83,6 +85,31 @@ def test_errors_are_the_typed_errors_of_grpc_and_the_connection_stays_usable(age
             client.lookup("demo", "user", [1.5])
         np.testing.assert_array_equal(client.lookup("demo", "user", [1, 4]), data["user"].expected([1, 4]))
         assert client._idle.qsize() == 1  # every answered error kept the one connection
+        # and each is a grpc.RpcError with the status gRPC would answer, as the gRPC client's are
+        for call, code in ((lambda: client.lookup("nope", "user", [1]), grpc.StatusCode.NOT_FOUND),
+                           (lambda: client.lookup("demo", "user", np.arange(1001)), grpc.StatusCode.RESOURCE_EXHAUSTED),
+                           (lambda: client.lookup("demo", "", [1]), grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as raised:
+                call()
+            assert raised.value.code() == code and raised.value.details() == str(raised.value)
+
+
+def test_an_agent_that_restarts_is_reached_again_without_a_failed_call(tmp_path: Path, agent: tuple) -> None:
+    """Idle connections to the agent that stopped are found closed and replaced before they are used:
+    after the agent is back, the next calls from every thread that had a connection answer."""
+    _, near, data = agent
+    client = SameNodeClient(near.path, timeout=2.0)
+    with ThreadPoolExecutor(4) as pool:  # four connections, all idle afterwards
+        list(pool.map(lambda _: client.lookup("demo", "user", [1]), range(16)))
+    assert client._idle.qsize() >= 2
+    near.stop()
+    again = SameNodeServer(near.servicer, near.path).start()
+    try:
+        for _ in range(6):
+            np.testing.assert_array_equal(client.lookup("demo", "user", [1, 4]), data["user"].expected([1, 4]))
+    finally:
+        client.close()
+        again.stop()
 
 
 def test_a_buffer_too_small_for_the_rows_grows_and_the_call_still_answers(agent: tuple) -> None:
