@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from e2e.conftest import (
 )
 from e2e.control_plane import NodePool
 from e2e.metrics_api import CustomMetrics
+from node_agent.local.redis_servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -801,11 +803,24 @@ def test_a_second_replica_takes_over_within_15_s_of_the_leaders_death(kube: Kube
     """Two replicas, as the chart runs them: one leads, the other waits and writes nothing; SIGKILL the
     leader and the follower leads and reconciles within 15 s."""
     wait_for("the leader", lambda: lease_holder(kube) == operator.identity)
-    follower = OperatorProcess(kube, operator.log_path.with_name("follower.log"), identity="operator-1")
+    metrics_port = free_port()
+    follower = OperatorProcess(kube, operator.log_path.with_name("follower.log"), identity="operator-1",
+                               extra_args=("--metrics-port", str(metrics_port)))  # fmt: skip
     follower.start()
+
+    def leader_gauge() -> str | None:
+        # a follower answers a scrape too (every replica sits behind the chart's metrics Service)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        return next((line.split()[-1] for line in text.splitlines() if line.startswith("hps_operator_leader ")), None)
+
     try:
         time.sleep(2 * LEASE_S / 5 + 1)  # a few of the follower's tries
         assert lease_holder(kube) == operator.identity
+        assert wait_for("the follower's metrics", leader_gauge) == "0.0"
         kube.apply(model("before"), namespace=namespace)
         ready(kube, namespace, "before")
         killed_at = time.time()
@@ -815,6 +830,7 @@ def test_a_second_replica_takes_over_within_15_s_of_the_leaders_death(kube: Kube
         ready(kube, namespace, "after", within_s=15 - (time.time() - killed_at))
         took = time.time() - killed_at
         assert took < 15, took
+        assert leader_gauge() == "1.0"
         # while it followed, the follower asked for the Lease and nothing else
         followed = [r for r in audit(kube, until=killed_at) if "operator-1" in r.get("userAgent", "")]
         assert followed and {(r.get("objectRef") or {}).get("resource") for r in followed} == {"leases"}

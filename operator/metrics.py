@@ -31,6 +31,8 @@ class OperatorMetrics:
         self.duration = Histogram("hps_operator_reconcile_duration_seconds", "Time one reconcile took, "
                                   "reading the cluster and writing to it included.", registry=r,
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
+        self.leader = Gauge("hps_operator_leader", "1 while this replica reconciles (it holds the leader Lease, "
+                            "or runs without leader election), 0 while it waits to take over.", registry=r)  # fmt: skip
         self.plan_version = Gauge(
             "hps_model_plan_version", "Version of the newest placement plan.", _MODEL, registry=r
         )

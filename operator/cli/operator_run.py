@@ -139,16 +139,24 @@ def run_operator(args: argparse.Namespace) -> int:
     settings = kopf.OperatorSettings()
     configure(settings)
     stop, lost = threading.Event(), threading.Event()
+    config = operator_config(args)
     elector = None
     if args.leader_elect:
         elector = _elector(args)
         _stop_on_signals(stop)
+        # a follower serves its metrics too (hps_operator_leader 0): every replica behind the metrics
+        # Service answers a scrape, and kopf's start-up finds the endpoint already open
+        if config.metrics_port is not None:
+            config.metrics.serve(config.metrics_port, config.metrics_address)
+        config.metrics.leader.set(0)
         with _follower_probe(args.liveness_endpoint):
             leading = elector.wait_for_leadership(stop)
         if not leading:
+            config.metrics.stop()
             return 0
         threading.Thread(target=elector.keep_leading, args=(lost, stop), name="leader-lease", daemon=True).start()
-    registry = build_registry(operator_config(args))
+    config.metrics.leader.set(1)
+    registry = build_registry(config)
     lost_before_stop: list[bool] = []
     if elector is not None:
 

@@ -45,7 +45,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "custom": {
         "image": {"repository": "registry.example.com/hps/operator", "tag": "1.2.3", "pullPolicy": "Always"},
-        "imagePullSecrets": [{"name": "regcred"}],
+        "imagePullSecrets": [{"name": "regcred"}, "plain"],  # values.schema.json allows both forms
         "agent": {"image": {"repository": "registry.example.com/hps/agent", "tag": "1.2.3-cuda12",
                             "pullPolicy": "Always"}},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
@@ -396,7 +396,7 @@ def test_deployment_follows_non_default_values(helm: str, tmp_path: Path) -> Non
     c = container(docs)
     assert c["image"] == "registry.example.com/hps/operator:1.2.3" and c["imagePullPolicy"] == "Always"
     assert c["args"][0] == "-v"
-    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "plain"}]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert "nodeAffinity" in pod["affinity"]
