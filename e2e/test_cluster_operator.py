@@ -644,6 +644,24 @@ def test_deleting_a_model_removes_its_children_and_finalizer(kube: Kube, namespa
     wait_for("the garbage collector to remove the children", lambda: not children(kube, namespace, "brief"))
 
 
+def test_a_model_installed_with_helm_is_served_and_goes_with_its_release(kube: Kube, namespace: str,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    """``helm install`` of ``charts/hps-model`` with the model's spec as values; ``helm upgrade`` with
+    more replicas scales it; ``helm uninstall`` deletes it and the operator's children with it."""
+    values = tmp_path / "model-values.yaml"
+    values.write_text(yaml.safe_dump({"spec": model("helmed")["spec"]}))
+    chart = str(Path(__file__).resolve().parents[1] / "charts" / "hps-model")
+    kube.helm("install", "helmed", chart, "-n", namespace, "-f", str(values))
+    first = ready(kube, namespace, "helmed")
+    assert first["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    kube.helm("upgrade", "helmed", chart, "-n", namespace, "-f", str(values), "--set", "spec.replicas=2")
+    wait_for("2 ready replicas", lambda: get_model(kube, namespace, "helmed")["status"].get("readyReplicas") == 2)
+    assert get_model(kube, namespace, "helmed")["status"]["placement"]["version"] == first["status"]["placement"]["version"]
+    kube.helm("uninstall", "helmed", "-n", namespace)
+    wait_for("the model gone", lambda: kube.get("embeddingmodel", "helmed", namespace=namespace) is None, within_s=30)
+    wait_for("its children gone", lambda: not children(kube, namespace, "helmed"))
+
+
 def _auth_args(statefulset: dict[str, Any]) -> list[str]:
     """The ``--auth-*`` flags (with their values) the operator gave the agent container."""
     (container,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
