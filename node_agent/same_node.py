@@ -418,7 +418,9 @@ class SameNodeClient:
         return self.lookup_many(model, {table: keys})[table]
 
     def lookup_many(self, model: str, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``{table: keys}`` → ``{table: (len(keys), dim)}``; keys go out deduplicated, as with gRPC."""
+        """``{table: keys}`` → ``{table: (len(keys), dim)}``; keys go out deduplicated, as with gRPC. Each
+        table is one request here, so the agent's batch limit applies to each table's distinct keys (over
+        gRPC, to the tables of one call together)."""
         model_name = model.encode()
         for table in batch:
             if REQUEST.size + len(model_name) + len(table.encode()) > MAX_REQUEST_BYTES:
