@@ -214,6 +214,8 @@ class Plan:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Plan:
         """A plan document of either format; a malformed one is a ``ValueError`` naming what is wrong."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected a plan document (a JSON object), got {type(raw).__name__}")
         fmt = raw.get("format", PLAN_FORMAT_V1)
         if fmt not in (PLAN_FORMAT, PLAN_FORMAT_V1):
             raise ValueError(

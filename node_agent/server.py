@@ -554,6 +554,8 @@ def serve(
     """
     if max_batch_keys < 1:
         raise InvalidArgumentError(f"max_batch_keys must be at least 1, got {max_batch_keys}")
+    if not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"port must be 0 (any free one) to 65535, got {port}")
     reloader = CertificateReloader(tls) if tls is not None else None  # a bad pair fails here, before binding
     servicer = EmbeddingServicer(
         lookup,
@@ -573,7 +575,9 @@ def serve(
     if guard is not None:
         servicer.add_stats_source("auth", guard)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hps-grpc")
-    server = grpc.server(pool, options=wire.GRPC_MESSAGE_OPTIONS)
+    # no SO_REUSEPORT (gRPC's default): a second agent on a port already served must fail to bind,
+    # not share it and answer half the calls from another model or an empty cache
+    server = grpc.server(pool, options=[*wire.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
     add_embedding_service(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

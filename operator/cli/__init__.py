@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from node_agent.allocator import keep_freed_memory
-from node_agent.errors import HpsError
+from node_agent.errors import HpsError, InvalidArgumentError, UnavailableError
 
 #: subcommand modules, in the order ``hps --help`` lists them
 SUBCOMMANDS = (
@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hps`` console script; returns the process exit code.
 
     Errors the core raises on purpose (:class:`HpsError`) become one line on stderr and the
-    error's exit code; anything else is a bug and keeps its traceback."""
+    error's exit code; so do a path the system refuses (a directory for a file, no permission: exit 2)
+    and a peer that refuses or drops the connection (exit 5). Anything else is a bug and keeps its
+    traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in LOOKUP_COMMANDS:
@@ -75,6 +77,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader went away (`hps render | head`): nothing is wrong, and nothing more to say
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout's flush at exit must not fail again
         return 0
+    except ConnectionError as exc:  # a peer refused or dropped us: the same as an unavailable service
+        print(f"hps {args.command}: error: {exc}", file=sys.stderr)
+        return UnavailableError.exit_code
+    except OSError as exc:
+        # a path given that cannot be used as asked (a directory for a file, no permission, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"hps {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return InvalidArgumentError.exit_code
+    except Exception as exc:
+        if _is_redis_unreachable(exc):
+            print(f"hps {args.command}: error: Redis: {exc}", file=sys.stderr)
+            return UnavailableError.exit_code
+        raise
+
+
+def _is_redis_unreachable(exc: BaseException) -> bool:
+    """redis-py's connection and timeout errors (not imported unless a command used Redis)."""
+    redis = sys.modules.get("redis")
+    return redis is not None and isinstance(exc, redis.ConnectionError | redis.TimeoutError)
 
 
 if __name__ == "__main__":

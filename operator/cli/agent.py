@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hps_operator.cli.security_flags import add_redis_arguments, redis_access, secret_from_env
+from hps_operator.cli.security_flags import add_redis_arguments, port_number, redis_access, secret_from_env
 
 
 def add_parser(subparsers: Any) -> None:
@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--plan", type=Path, help="placement plan JSON (default: every table whole)")
     p.add_argument("--partition", type=int, default=0, help="model-parallel partition this agent serves")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=50051, help="gRPC port (0 picks a free one)")
     p.add_argument("--redis", help="L2 Redis as HOST:PORT[,HOST:PORT...] (rediss://... for TLS; default: "
                    "in-process hash map)")  # fmt: skip
     p.add_argument("--redis-cluster", action="store_true", help="the --redis addresses are a Redis Cluster")

@@ -97,7 +97,8 @@ def rebase_sparse_files(config: Any, json_dir: Path, yaml_dir: Path) -> dict[str
     HPS reads it) relative to ``yaml_dir`` instead; returns ``{new: as written in the JSON}`` for the
     paths it changed. Absolute and remote paths stay as they are."""
     changed: dict[str, str] = {}
-    for model in (config.get("models") or []) if isinstance(config, dict) else []:
+    models = config.get("models") if isinstance(config, dict) else None
+    for model in models if isinstance(models, list) else []:  # anything else: the converter names it
         files = model.get("sparse_files") if isinstance(model, dict) else None
         if not isinstance(files, list):
             continue

@@ -8,6 +8,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from hps_operator.cli.security_flags import port_number
+
 if TYPE_CHECKING:
     from node_agent.local.rebalance import PhaseChange, RebalanceResult
     from node_agent.plan import Plan
@@ -48,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     help="override spec.gpusPerPod for the plan (each partition's L1 spans G GPUs)")  # fmt: skip
     up.add_argument("--agents-per-partition", type=int, default=None, metavar="R",
                     help="agents serving each partition (same as --agents)")  # fmt: skip
-    up.add_argument("--port", type=int, default=0, metavar="P",
+    up.add_argument("--port", type=port_number, default=0, metavar="P",
                     help="first agent's port; agent i listens on P+i (default: free ports)")  # fmt: skip
     up.add_argument("--no-redis", action="store_true",
                     help="no Redis: agents keep the volatile tier in process (RocksDB still holds the tables)")  # fmt: skip

@@ -53,7 +53,9 @@ def read_plan(path: Path) -> Plan:
         return Plan.from_json(path.read_text())
     except FileNotFoundError:
         raise InvalidSpecError(str(path), "file not found") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except KeyError as exc:
+        raise InvalidSpecError(str(path), f"not a placement plan: it has no {exc} field") from None
+    except (ValueError, TypeError, AttributeError) as exc:
         raise InvalidSpecError(str(path), f"not a placement plan: {exc}") from None
 
 

@@ -61,6 +61,8 @@ def read_nodes(path: Path) -> list[dict[str, Any]]:
         raise InvalidSpecError(str(path), "file not found") from None
     except IsADirectoryError:
         raise InvalidSpecError(str(path), "is a directory; give the nodes' YAML file") from None
+    except UnicodeDecodeError:
+        raise InvalidSpecError(str(path), "is not a text file; give the nodes' YAML file") from None
     except yaml.YAMLError as exc:
         raise InvalidSpecError(str(path), f"not YAML: {exc}") from None
     nodes: list[dict[str, Any]] = []
@@ -76,6 +78,9 @@ def read_nodes(path: Path) -> list[dict[str, Any]]:
         for item in items:
             if not isinstance(item, dict) or item.get("kind", "Node") != "Node":
                 raise InvalidSpecError(str(path), f"expected Node objects, found {str(item)[:80]!r}")
+            for part in ("metadata", "status"):
+                if not isinstance(item.get(part, {}), dict):
+                    raise InvalidSpecError(str(path), f"a Node's {part} must be a mapping, found {item[part]!r}")
             nodes.append(item)
     return nodes
 

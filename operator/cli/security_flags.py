@@ -144,3 +144,15 @@ def redis_access(args: argparse.Namespace, *, local_role: str | None = None) -> 
         tls=tls,
     )
     return addresses, access
+
+
+def port_number(text: str) -> int:
+    """argparse ``type`` of a TCP port flag: 0 (any free port) to 65535, else a usage error (the kernel
+    would otherwise take a number out of range modulo 65536)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 (any free one) to 65535, got {port}")
+    return port

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from node_agent import wire
-from node_agent.errors import InvalidArgumentError
+from node_agent.errors import InvalidArgumentError, UnavailableError
 from node_agent.lookup import LookupPath, build_lookup_path
 from node_agent.proto.hps.v1 import hps_pb2, hps_pb2_grpc
 from node_agent.server import SERVICE_NAME, RunningServer, serve
@@ -316,6 +316,15 @@ def test_stats_count_lookups_keys_and_errors(stub: Any) -> None:
 
 
 # -- health and reflection ---------------------------------------------------------------------
+
+
+def test_a_port_already_served_is_refused_not_shared(served: Served) -> None:
+    """gRPC binds with SO_REUSEPORT unless told not to: a second agent on the same port would share it
+    and answer a share of the callers from its own, other tables. It must fail to bind instead."""
+    with pytest.raises(UnavailableError, match=f"cannot listen on 127.0.0.1:{served.server.port}"):
+        serve(served.lookup, model=served.model.name, port=served.server.port)
+    with pytest.raises(InvalidArgumentError, match="port must be 0"):
+        serve(served.lookup, model=served.model.name, port=70000)
 
 
 def test_health_service_answers_serving_until_stopped(served: Served) -> None:
