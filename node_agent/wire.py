@@ -147,9 +147,17 @@ def as_vectors(vectors: Any, *, rows: int, dim: int | None = None) -> np.ndarray
 
 
 def to_table_dtype(vectors: np.ndarray, dtype: str, *, where: str = "vectors") -> np.ndarray:
-    """``vectors`` in a table's ``dtype``; a finite value the dtype cannot hold (float32 beyond float16's
-    ±65504) is an :class:`InvalidArgumentError` naming it, not an ``inf`` written into the table."""
+    """``vectors`` in a table's ``dtype``. A value that is not a number (NaN, ±inf: what a diverged
+    training step writes) or that the dtype cannot hold (float32 beyond float16's ±65504) is an
+    :class:`InvalidArgumentError` naming it, not a vector every lookup of the key would then serve."""
     target = np.dtype(dtype)
+    bad = ~np.isfinite(vectors)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise InvalidArgumentError(
+            f"{where}: {int(bad.sum())} value(s) that are not finite numbers, the first {float(vectors[row, col])} "
+            f"at row {row}, column {col}"
+        )
     out = vectors.astype(target, copy=False)
     if out is not vectors and target.itemsize < vectors.dtype.itemsize:
         lost = np.isfinite(vectors) & ~np.isfinite(out)

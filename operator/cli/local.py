@@ -8,7 +8,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from hps_operator.cli.security_flags import port_number
+from hps_operator.cli.security_flags import help_from_doc, port_number
 
 if TYPE_CHECKING:
     from node_agent.local.rebalance import PhaseChange, RebalanceResult
@@ -96,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     autoscale = verbs.add_parser(
         "autoscale",
         help="widen or narrow the running stack's partitions with its L1 hit rate",
-        description=local_autoscale.__doc__.split("\n\n")[0].replace("``", ""),
+        description=help_from_doc(local_autoscale.__doc__),
     )
     local_autoscale.add_arguments(autoscale, state_help)
     autoscale.set_defaults(func=local_autoscale.run)

@@ -72,9 +72,14 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise InvalidArgumentError(f"{flag} must be at least {least}, got {value}")
     model = load_model_file(args.file)
-    topology = Topology.from_model(
-        model, gpus_per_pod=args.gpus_per_pod, partitions=args.partitions, gpu_memory=args.gpu_memory
-    )
+    try:
+        topology = Topology.from_model(
+            model, gpus_per_pod=args.gpus_per_pod, partitions=args.partitions, gpu_memory=args.gpu_memory
+        )
+    except InvalidSpecError as exc:
+        if exc.field != "gpuMemory":
+            raise
+        raise InvalidArgumentError(f"--gpu-memory: {exc.detail}") from None
     previous = read_plan(args.previous) if args.previous is not None else None
     if previous is not None and previous.model and previous.model != model.name:
         # its version, bucket count and assignments would be carried over into an unrelated plan

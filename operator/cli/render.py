@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hps_operator.cli.security_flags import help_from_doc
+
 from node_agent.errors import HpsError, InvalidSpecError
 
 
@@ -35,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "render",
         help="print every object the operator would create for a model (a dry run)",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
+        description=help_from_doc(__doc__),
     )
     parser.add_argument("-f", "--file", type=Path, required=True, help="the EmbeddingModel YAML file")
     parser.add_argument("--nodes", type=Path, metavar="NODES.yaml",

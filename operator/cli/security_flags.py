@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,14 @@ def client_security(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def endpoints_of(args: argparse.Namespace) -> str | None:
-    """``--endpoint``, else the endpoints of the stack in ``--state-dir`` (None: neither)."""
+    """``--endpoint``, else the endpoints of the stack in ``--state-dir``, else in ``$HPS_STATE_DIR`` (None:
+    none of them)."""
     if getattr(args, "endpoint", None):
         return str(args.endpoint)
     if getattr(args, "state_dir", None) is None:
-        return None
+        if not os.environ.get("HPS_STATE_DIR"):
+            return None
+        args.state_dir = os.environ["HPS_STATE_DIR"]  # the stack hps local up started there
     from node_agent.errors import NotFoundError
     from node_agent.local.stack import LocalStack
 
@@ -156,3 +160,11 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0 (any free one) to 65535, got {port}")
     return port
+
+
+def help_from_doc(doc: str | None) -> str:
+    """A module docstring's first paragraph as ``--help`` text: reStructuredText roles and literals
+    (``:func:`x.y```, ````z````) become plain words."""
+    first = (doc or "").split("\n\n")[0]
+    first = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], first)
+    return first.replace("``", "")

@@ -177,8 +177,11 @@ def test_an_update_a_table_cannot_take_is_refused_before_it_is_published_or_appl
                    "--keys", str(key), "--vectors-file", tmp_path / "v.npy", check=False)  # fmt: skip
         assert (sent.returncode, said in sent.stderr) == (code, True), sent.stderr
     token = (state_dir / "auth.token").read_text().strip()
-    with Client(endpoints[0], token=token) as client, pytest.raises(InvalidArgumentError, match="float16's range"):
-        client.update("recs", "items", [key], np.full((1, 4), -7e4, np.float32))
+    with Client(endpoints[0], token=token) as client:
+        with pytest.raises(InvalidArgumentError, match="float16's range"):
+            client.update("recs", "items", [key], np.full((1, 4), -7e4, np.float32))
+        with pytest.raises(InvalidArgumentError, match="not finite numbers, the first nan at row 0, column 2"):
+            client.update("recs", "items", [key], np.array([[0, 1, np.nan, 3]], np.float32))
     with Client(endpoints[0]) as client:
         assert np.array_equal(client.lookup("recs", "items", [key]), np.full((1, 4), 0.5, np.float16))  # the default
 
@@ -363,11 +366,19 @@ def test_two_agents_each_serve_every_table_and_reflection_when_asked(tmp_path: P
         hps("local", "down", "--state-dir", state, "--purge", check=False)
 
 
-def test_state_dir_defaults_to_the_environment_variable(tmp_path: Path) -> None:
+def test_state_dir_defaults_to_the_environment_variable(tmp_path: Path, running: tuple[Model, Path, list[str]]) -> None:
     env = {**os.environ, "HPS_STATE_DIR": str(tmp_path / "from-env")}
     proc = subprocess.run([sys.executable, "-m", "hps_operator", "local", "status"], capture_output=True,
                           text=True, timeout=CLI_TIMEOUT_S, env=env)  # fmt: skip
     assert proc.returncode == 3 and str(tmp_path / "from-env") in proc.stdout
+    # hps lookup finds the stack there too, as --state-dir would
+    model, state_dir, _ = running
+    key = int(model.users_keys[3])
+    proc = subprocess.run([sys.executable, "-m", "hps_operator", "lookup", "--model", "recs", "--table", "users",
+                           "--keys", str(key), "-o", "json"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+                          env={**os.environ, "HPS_STATE_DIR": str(state_dir)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.asarray(json.loads(proc.stdout)["vectors"], dtype=np.float32), model.users[[3]])
 
 
 def test_a_single_partition_stack_routes_everything_to_its_agents(running: tuple[Model, Path, list[str]]) -> None:
