@@ -323,6 +323,8 @@ class _Lane:
         self._next_id = 1
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
+        self._poller = select.poll()  # made once: asked before every call that reuses the connection
+        self._poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.buffer: mmap.mmap | None = None
         fd = os.memfd_create("hps-same-node", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -379,10 +381,8 @@ class _Lane:
         """Nothing to read on an idle connection (a look without waiting): an agent that stopped left an
         end of file here, and any bytes would be out of step."""
         # poll, not a non-blocking recv: a socket with a timeout waits that long before any recv
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
-            return not poller.poll(0)
+            return not self._poller.poll(0)
         except OSError:
             return False
 

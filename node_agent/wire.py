@@ -151,23 +151,20 @@ def to_table_dtype(vectors: np.ndarray, dtype: str, *, where: str = "vectors") -
     training step writes) or that the dtype cannot hold (float32 beyond float16's ±65504) is an
     :class:`InvalidArgumentError` naming it, not a vector every lookup of the key would then serve."""
     target = np.dtype(dtype)
-    bad = ~np.isfinite(vectors)
+    _refuse_any(~np.isfinite(vectors), vectors, f"{where}: {{}} value(s) that are not finite numbers")
+    out = vectors.astype(target, copy=False)
+    if target.itemsize < vectors.dtype.itemsize:  # every value was finite: one that is not now overflowed
+        _refuse_any(~np.isfinite(out), vectors,
+                    f"{where}: {{}} value(s) beyond {target.name}'s range (±{float(np.finfo(target).max):g})")  # fmt: skip
+    return out
+
+
+def _refuse_any(bad: np.ndarray, vectors: np.ndarray, what: str) -> None:
+    """An :class:`InvalidArgumentError` saying ``what`` (its ``{}`` the count) and the first such value."""
     if bad.any():
         row, col = (int(i[0]) for i in np.nonzero(bad))
-        raise InvalidArgumentError(
-            f"{where}: {int(bad.sum())} value(s) that are not finite numbers, the first {float(vectors[row, col])} "
-            f"at row {row}, column {col}"
-        )
-    out = vectors.astype(target, copy=False)
-    if out is not vectors and target.itemsize < vectors.dtype.itemsize:
-        lost = np.isfinite(vectors) & ~np.isfinite(out)
-        if lost.any():
-            row, col = (int(i[0]) for i in np.nonzero(lost))
-            raise InvalidArgumentError(
-                f"{where}: {int(lost.sum())} value(s) beyond {target.name}'s range (±{float(np.finfo(target).max):g}), "
-                f"the first {float(vectors[row, col]):g} at row {row}, column {col}"
-            )
-    return out
+        raise InvalidArgumentError(f"{what.format(int(bad.sum()))}, the first {float(vectors[row, col]):g} at row "
+                                   f"{row}, column {col}")  # fmt: skip
 
 
 def parse_keys_text(text: str) -> np.ndarray:
